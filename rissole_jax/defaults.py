@@ -1,0 +1,178 @@
+"""Default configuration shared by every config file in configs/.
+
+Config files call `base_config()` and override what differs; the `smoke`
+variant shrinks everything so the whole pipeline runs in seconds (tests use it).
+Every key here is read by some code path, and a test shows it acts.
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+
+def base_config() -> mlc.ConfigDict:
+  c = mlc.ConfigDict()
+  c.seed = 0
+  c.stages = ("vqgan", "encode", "index", "diffusion", "sample", "evaluate")
+
+  # ---- data --------------------------------------------------------------
+  c.data = d = mlc.ConfigDict()
+  d.name = "mnist_embedded"     # mnist_embedded | folder | celeb_a | imagenette | imagenet100
+  d.data_dir = mlc.config_dict.placeholder(str)  # tfds data dir (default: tfds's own)
+  d.folder = mlc.config_dict.placeholder(str)    # for name=folder
+  d.heldout_fraction = 0.1      # for name=folder
+  d.classes = ()                # label subset for catalogue datasets (imagenet100)
+  d.image_size = 32
+  d.channels = 1
+
+  # ---- VQ-GAN ------------------------------------------------------------
+  c.vqgan = v = mlc.ConfigDict()
+  v.ch = 64                     # base channels
+  v.ch_mult = (1, 2, 2)         # len-1 downsamplings: f = 2**(len-1)
+  v.num_res_blocks = 1
+  v.attn_lowest = True          # self-attention at the lowest resolution
+  v.z_channels = 4              # latent channels (= code dimension)
+  v.codebook_size = 256
+  v.beta = 0.25                 # commitment loss weight
+  v.ema_decay = 0.99            # EMA codebook updates
+  v.dead_code_threshold = 1e-3  # restart codes whose EMA usage falls below this
+  v.disc_ch = 32
+  v.disc_layers = 2
+  v.disc_start = 1500           # step at which the GAN loss switches on
+  v.disc_weight = 0.5           # on top of the adaptive weight
+  v.l1_weight = 1.0
+  v.l2_weight = 1.0
+  v.perceptual_weights = mlc.config_dict.placeholder(str)  # LPIPS weights file (optional)
+  v.train = t = mlc.ConfigDict()
+  t.steps = 3000
+  t.batch_size = 64
+  t.lr = 3e-4
+  t.disc_lr = 3e-4
+  t.warmup_steps = 200
+  t.schedule = "cosine"         # cosine | constant
+  t.grad_clip = 1.0
+  t.log_every = 100
+  t.ckpt_every = 500
+  t.keep_checkpoints = 2
+
+  # ---- latent database and retrieval --------------------------------------
+  c.encode = e = mlc.ConfigDict()
+  e.batch_size = 256
+
+  c.retrieval = r = mlc.ConfigDict()
+  r.k = 10                      # neighbours per query
+  r.embedding = "full"          # full | first_block
+  r.backend = "auto"            # auto | scann | exact
+  r.structure = "auto"          # auto | brute | ah | tree (auto: by database size)
+  r.brute_max = 20_000          # auto: brute force below this many rows
+  r.ah_max = 100_000            # auto: asymmetric hashing below this, tree above
+  r.num_leaves = 0              # 0: about sqrt(N)
+  r.num_leaves_to_search = 0    # 0: about num_leaves / 10
+  r.dims_per_block = 2
+  r.anisotropic_threshold = 0.2
+  r.reorder = 0                 # 0: 10 * k
+  r.training_sample_size = 0    # 0: min(N, 250k)
+  r.query_batch = 1024
+  r.database = mlc.config_dict.placeholder(str)  # database swap: a workdir/encode dir
+
+  # ---- blocks and denoiser -------------------------------------------------
+  c.blocks = b = mlc.ConfigDict()
+  b.grid = (2, 2)               # blocks per (row, column) of the latent
+
+  c.model = m = mlc.ConfigDict()
+  m.variant = "rissole"         # rissole | full | blocks_only | rdm
+  m.ch = 64
+  m.ch_mult = (1, 2)
+  m.num_res_blocks = 2
+  m.attn_lowest = True
+  m.dropout = 0.0
+  m.num_groups = 8              # GroupNorm groups
+  m.cond = "concat"             # concat | cross_attn
+  m.use_position = True
+  m.use_prev_block = False
+
+  c.diffusion = f = mlc.ConfigDict()
+  f.timesteps = 1000
+  f.schedule = "linear"         # linear | cosine
+  f.beta_start = 1e-4
+  f.beta_end = 0.02
+  f.prediction = "eps"          # eps | x0 | v
+  f.cond_dropout = 0.0          # drop the retrieval condition (for guidance)
+  f.train = t = mlc.ConfigDict()
+  t.steps = 6000
+  t.batch_size = 64
+  t.lr = 2e-4
+  t.warmup_steps = 200
+  t.schedule = "cosine"
+  t.grad_clip = 1.0
+  t.ema_decay = 0.999
+  t.log_every = 100
+  t.ckpt_every = 1000
+  t.keep_checkpoints = 2
+  t.gather = "device"           # device | host: where neighbour blocks are gathered
+
+  # ---- sampling and evaluation ----------------------------------------------
+  c.sample = s = mlc.ConfigDict()
+  s.num = 256
+  s.batch_size = 128
+  s.sampler = "ddim"            # ddpm | ddim
+  s.steps = 100                 # DDIM steps
+  s.eta = 0.0                   # DDIM eta
+  s.guidance_scale = 1.0        # 1: no guidance (needs cond_dropout > 0 otherwise)
+  s.pseudo_query = "uniform"    # uniform | frequent
+  s.show = 8                    # rows in the query/neighbours/sample figure
+
+  c.evaluate = ev = mlc.ConfigDict()
+  ev.classifier_steps = 1500
+  ev.classifier_batch = 128
+  ev.confidence = 0.9
+
+  # ---- parallelism -------------------------------------------------------------
+  c.mesh = ms = mlc.ConfigDict()
+  ms.axes = ("data", "fsdp")
+  ms.shape = (-1, 1)            # -1: inferred from the device count
+  ms.logical_axis_rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"))
+  return c
+
+
+def smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
+  """Shrinks a config so that every stage runs in seconds."""
+  c.vqgan.ch = 16
+  c.vqgan.ch_mult = (1, 2, 2)
+  c.vqgan.codebook_size = 32
+  c.vqgan.disc_ch = 8
+  c.vqgan.disc_start = 2
+  c.vqgan.train.update(steps=4, batch_size=8, warmup_steps=1, log_every=2,
+                       ckpt_every=2)
+  c.encode.batch_size = 64
+  c.retrieval.k = 3
+  c.model.update(ch=16, ch_mult=(1,), num_res_blocks=1, num_groups=4)
+  c.diffusion.timesteps = 50
+  c.diffusion.train.update(steps=4, batch_size=8, warmup_steps=1, log_every=2,
+                           ckpt_every=2)
+  c.sample.update(num=8, batch_size=8, steps=5, show=2)
+  c.evaluate.update(classifier_steps=5, classifier_batch=32)
+  return c
+
+
+# Denoiser baselines and ablations, as configs of the same code.
+VARIANTS = {
+    "rissole": lambda c: c.model.update(variant="rissole"),
+    "full": lambda c: c.model.update(variant="full"),
+    "blocks_only": lambda c: c.model.update(variant="blocks_only"),
+    "rdm": lambda c: c.model.update(variant="rdm"),
+    "no_position": lambda c: c.model.update(use_position=False),
+    "prev_block": lambda c: c.model.update(use_prev_block=True),
+    "cross_attn": lambda c: c.model.update(cond="cross_attn"),
+    "smoke": smoke,
+}
+
+
+def apply_variants(c: mlc.ConfigDict, arg: str) -> mlc.ConfigDict:
+  """Applies comma-separated variant names from `--config FILE:arg`; smoke last."""
+  names = [a.strip() for a in (arg or "").split(",") if a.strip()]
+  unknown = [a for a in names if a not in VARIANTS]
+  if unknown:
+    raise ValueError(f"Unknown config variant(s) {unknown}; known: {sorted(VARIANTS)}")
+  for name in sorted(names, key=lambda a: a == "smoke"):
+    VARIANTS[name](c)
+  return c

@@ -1,0 +1,118 @@
+"""The one entry point: runs the configured stages in order.
+
+  python -m rissole_jax.main --config configs/mnist.py[:variant] --workdir DIR \
+      [--config.some.key=value ...] [--overwrite] [--only STAGE,...]
+
+Stages whose outputs exist and match the config are skipped; an interrupted
+stage resumes from its last checkpoint; a workdir made with another config is
+refused unless --overwrite is given.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from rissole_jax import workdir as wd
+from rissole_jax.context import Context
+from rissole_jax.errors import RissoleError
+
+# name -> (module with `run(ctx) -> metrics`, config sections it reads).
+# Each stage's fingerprint also covers its upstream stages (the ones before it).
+STAGES = {
+    "vqgan": ("rissole_jax.train.vqgan", ("seed", "data", "vqgan")),
+    "encode": ("rissole_jax.stages.encode", ("encode",)),
+    "index": ("rissole_jax.stages.index", ("retrieval",)),
+    "diffusion": ("rissole_jax.train.diffusion", ("blocks", "model", "diffusion")),
+    "sample": ("rissole_jax.stages.sample", ("sample",)),
+    "evaluate": ("rissole_jax.stages.evaluate", ("evaluate",)),
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file [:variant].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (local path or bucket).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Redo stages made with another config.")
+_ONLY = flags.DEFINE_list("only", [], "Run only these stages (their inputs must exist).")
+_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Hide progress bars.")
+
+
+def stage_records(config, root: Path) -> list[wd.StageRecord]:
+  """One record per configured stage, fingerprints chained through upstream ones."""
+  unknown = [s for s in config.stages if s not in STAGES]
+  if unknown:
+    raise ValueError(f"Unknown stage(s) {unknown} in config.stages; known: {list(STAGES)}")
+  records, upstream = [], ""
+  for name in config.stages:
+    sections = wd.config_sections(config, STAGES[name][1])
+    fp = wd.fingerprint({"stage": name, "config": sections, "upstream": upstream})
+    records.append(wd.StageRecord(name, root / name, fp, sections))
+    upstream = fp
+  return records
+
+
+def run(config, root: Path, overwrite: bool = False, only=(), progress: bool = True) -> dict:
+  """Runs the stages; returns {stage: metrics}. Importable, for tests and notebooks."""
+  from rissole_jax import parallel
+  pidx, pcount = parallel.process_info()
+  root = Path(root)
+  records = stage_records(config, root)
+  for rec in records:  # refuse a mismatched workdir before doing any work
+    if not only or rec.name in only:
+      # With --overwrite a mismatched stage is cleared; the fingerprints chain,
+      # so every stage after it is redone too.
+      rec.check(overwrite) if pidx == 0 else None
+  parallel.sync("checked-workdir")
+  results = {}
+  for rec in records:
+    if only and rec.name not in only:
+      continue
+    logger = wd.file_logger(rec.name, rec.directory / "log.txt", to_console=pidx == 0)
+    if rec.is_done():
+      logger.info("skipped: finished earlier with the same config (%s)", rec.directory)
+      results[rec.name] = wd.read_metrics(rec.directory)
+      continue
+    if pidx == 0:
+      rec.start()
+    parallel.sync(f"start-{rec.name}")
+    ctx = Context(config=config, root=root, stage=rec.name, logger=logger,
+                  process_index=pidx, process_count=pcount, progress_bars=progress)
+    module = importlib.import_module(STAGES[rec.name][0])
+    t0 = time.time()
+    logger.info("starting")
+    metrics = module.run(ctx)
+    seconds = time.time() - t0
+    metrics = {**metrics, "seconds": seconds}
+    if pidx == 0:
+      rec.finish(metrics, seconds)
+    parallel.sync(f"finish-{rec.name}")
+    logger.info("finished in %.1fs: %s", seconds,
+                ", ".join(f"{k}={v:.4g}" for k, v in wd.flat_numbers(metrics).items()))
+    results[rec.name] = wd.flat_numbers(metrics)
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError("Both --config and --workdir are required.")
+  from rissole_jax import parallel
+  parallel.initialize_distributed()
+  try:
+    run(_CONFIG.value, Path(_WORKDIR.value), _OVERWRITE.value, tuple(_ONLY.value),
+        progress=not _NO_PROGRESS.value)
+  except RissoleError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_cli():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run_cli()

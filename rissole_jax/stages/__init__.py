@@ -1,0 +1,1 @@
+"""Pipeline stages that are not trainers: encode, index, sample, evaluate."""

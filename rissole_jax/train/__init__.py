@@ -1,0 +1,1 @@
+"""Trainers (one per stage), optimizers and checkpoints."""

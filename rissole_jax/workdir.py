@@ -1,0 +1,170 @@
+"""The workdir: one folder per stage, each with a record of the config that
+made it, its final metrics, a human-readable log and TensorBoard events.
+
+A stage is skipped when its record says it finished with the same config
+fingerprint (its own config sections plus its upstream stages' fingerprints);
+a stage made with a different config is refused unless the caller overwrites.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ml_collections as mlc
+
+
+from rissole_jax.errors import WorkdirMismatch
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+  """Writes to a temporary file in the same folder, then renames over `path`."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+  atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def atomic_save_npy(path: Path, array) -> None:
+  import io
+  import numpy as np
+  buf = io.BytesIO()
+  np.save(buf, np.asarray(array))
+  atomic_write_bytes(path, buf.getvalue())
+
+
+def _json_default(o):
+  import numpy as np
+  if isinstance(o, (np.integer, np.floating)):
+    return o.item()
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  if isinstance(o, Path):
+    return str(o)
+  raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def config_sections(config: mlc.ConfigDict, keys) -> dict:
+  out = {}
+  for k in keys:
+    v = config.get(k)
+    out[k] = v.to_dict() if isinstance(v, mlc.ConfigDict) else v
+  return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def fingerprint(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _diff(a: dict, b: dict, prefix="") -> list[str]:
+  out = []
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out += _diff(va, vb, f"{prefix}{k}.")
+    elif va != vb:
+      out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+  return out
+
+
+@dataclasses.dataclass
+class StageRecord:
+  """What one stage's `stage.json` holds."""
+  name: str
+  directory: Path
+  fingerprint: str
+  config: dict
+
+  @property
+  def path(self) -> Path:
+    return self.directory / "stage.json"
+
+  def load(self) -> dict | None:
+    try:
+      return json.loads(self.path.read_text())
+    except FileNotFoundError:
+      return None
+
+  def is_done(self) -> bool:
+    rec = self.load()
+    return bool(rec and rec.get("done") and rec.get("fingerprint") == self.fingerprint)
+
+  def check(self, overwrite: bool) -> None:
+    """Refuses (or, with overwrite, clears) a stage made with another config."""
+    rec = self.load()
+    if rec is None or rec.get("fingerprint") == self.fingerprint:
+      return
+    if overwrite:
+      shutil.rmtree(self.directory)
+      return
+    changes = _diff(rec.get("config", {}), self.config) or ["(an upstream stage changed)"]
+    raise WorkdirMismatch(
+        f"{self.directory} was made with a different config:\n  " + "\n  ".join(changes[:20])
+        + "\nFix: use another --workdir, or pass --overwrite to redo this stage and the ones after it.")
+
+  def start(self) -> None:
+    self.directory.mkdir(parents=True, exist_ok=True)
+    rec = self.load() or {}
+    atomic_write_json(self.path, {"name": self.name, "fingerprint": self.fingerprint,
+                                  "config": self.config, "done": False,
+                                  "attempts": rec.get("attempts", 0) + 1})
+
+  def finish(self, metrics: dict, seconds: float) -> None:
+    atomic_write_json(self.directory / "metrics.json", flat_numbers(metrics))
+    rec = self.load() or {}
+    rec.update(done=True, seconds=seconds)
+    atomic_write_json(self.path, rec)
+
+
+def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
+  """A flat {name: number} dict (nested dicts are joined with '/')."""
+  out = {}
+  for k, v in metrics.items():
+    if isinstance(v, dict):
+      out.update(flat_numbers(v, f"{prefix}{k}/"))
+    elif v is not None and not isinstance(v, str):
+      out[f"{prefix}{k}"] = float(v) if not isinstance(v, bool) else bool(v)
+  return out
+
+
+def read_metrics(stage_dir: Path) -> dict:
+  return json.loads((Path(stage_dir) / "metrics.json").read_text())
+
+
+def file_logger(name: str, path: Path, to_console: bool = True) -> logging.Logger:
+  """A logger writing to `path` (and the console) with timestamps."""
+  logger = logging.getLogger(f"rissole.{name}")
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+  for h in list(logger.handlers):
+    logger.removeHandler(h)
+    h.close()
+  fmt = logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fh = logging.FileHandler(path)
+  fh.setFormatter(fmt)
+  logger.addHandler(fh)
+  if to_console:
+    sh = logging.StreamHandler()
+    sh.setFormatter(fmt)
+    logger.addHandler(sh)
+  return logger
