@@ -72,7 +72,6 @@ def base_config() -> mlc.ConfigDict:
   r.reorder = 0                 # 0: 10 * k
   r.training_sample_size = 0    # 0: min(N, 250k)
   r.query_batch = 1024
-  r.database = mlc.config_dict.placeholder(str)  # database swap: a workdir/encode dir
 
   # ---- blocks and denoiser -------------------------------------------------
   c.blocks = b = mlc.ConfigDict()
@@ -120,6 +119,10 @@ def base_config() -> mlc.ConfigDict:
   s.guidance_scale = 1.0        # 1: no guidance (needs cond_dropout > 0 otherwise)
   s.pseudo_query = "uniform"    # uniform | frequent
   s.show = 8                    # rows in the query/neighbours/sample figure
+  # Database swap (RDM-style): retrieve from another dataset at sampling time,
+  # without retraining. A dataset spec: "mnist_embedded", "folder:/path", a
+  # catalogue name; its train split is encoded and indexed under DIR/sample/.
+  s.database = mlc.config_dict.placeholder(str)
 
   c.evaluate = ev = mlc.ConfigDict()
   ev.classifier_steps = 1500
@@ -130,7 +133,10 @@ def base_config() -> mlc.ConfigDict:
   c.mesh = ms = mlc.ConfigDict()
   ms.axes = ("data", "fsdp")
   ms.shape = (-1, 1)            # -1: inferred from the device count
-  ms.logical_axis_rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"))
+  # Models name logical axes (see models/layers.py); these rules map them to
+  # mesh axes. Parameters are sharded over fsdp along their output features.
+  ms.logical_axis_rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"),
+                           ("vocab", "fsdp"))
   return c
 
 

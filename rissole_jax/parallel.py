@@ -40,3 +40,119 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+# ---------------------------------------------------------------------------
+# The mesh and shardings.
+
+import math  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+from rissole_jax.errors import ConfigError  # noqa: E402
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """A Mesh with `mesh_cfg.axes` and `mesh_cfg.shape` (one entry may be -1)."""
+  devices = list(jax.devices() if devices is None else devices)
+  axes, shape = tuple(mesh_cfg.axes), list(mesh_cfg.shape)
+  if len(axes) != len(shape):
+    raise ConfigError(f"mesh.axes {axes} and mesh.shape {tuple(shape)} differ in length.")
+  n = len(devices)
+  if shape.count(-1) > 1:
+    raise ConfigError(f"mesh.shape {tuple(shape)}: at most one size may be -1 (inferred).")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if n % known:
+      raise ConfigError(f"mesh.shape {tuple(shape)} does not fit {n} devices: {n} is not "
+                        f"divisible by {known}. Fix: choose sizes whose product divides {n}.")
+    shape[shape.index(-1)] = n // known
+  if math.prod(shape) != n:
+    raise ConfigError(f"mesh.shape {tuple(shape)} needs {math.prod(shape)} devices but "
+                      f"{n} are available. Fix: set --config.mesh.shape so that the sizes "
+                      f"multiply to {n} (use -1 for one size to infer it).")
+  dev = np.asarray(devices).reshape(shape)
+  return Mesh(dev, axes)
+
+
+def _rules(rules) -> tuple:
+  return tuple((name, tuple(ax) if isinstance(ax, (list, tuple)) else ax) for name, ax in rules)
+
+
+def batch_axes(mesh: Mesh, rules) -> tuple[str, ...]:
+  """Mesh axes the batch dimension is split over (the rule for 'batch')."""
+  for name, ax in _rules(rules):
+    if name == "batch":
+      ax = ax if isinstance(ax, tuple) else (ax,)
+      return tuple(a for a in ax if a in mesh.axis_names)
+  return ()
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
+  """Leading dimension split over the batch axes, the rest replicated."""
+  return NamedSharding(mesh, P(batch_axes(mesh, rules), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _fit(spec: P, shape, mesh: Mesh) -> P:
+  """Drops mesh axes from dimensions they do not divide (those stay replicated)."""
+  out = []
+  for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if ax is None else (ax if isinstance(ax, tuple) else (ax,))
+    size = math.prod(mesh.shape[a] for a in names)
+    out.append(ax if names and dim % size == 0 else None)
+  return P(*out)
+
+
+def shardings_for(abstract_boxed, mesh: Mesh, rules):
+  """NamedShardings for a pytree that may hold flax LogicallyPartitioned boxes."""
+  logical = nn.get_partition_spec(abstract_boxed)
+  unboxed = nn.meta.unbox(abstract_boxed)
+  mesh_specs = nn.logical_to_mesh(logical, _rules(rules))
+  return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+                      mesh_specs, unboxed, is_leaf=lambda s: isinstance(s, P))
+
+
+def sharded_init(init_fn, mesh: Mesh, rules, *args):
+  """Creates a state already sharded: shape evaluation, shardings, jitted init.
+
+  `init_fn(*args)` may return flax LogicallyPartitioned boxes (from
+  models/layers.py); the result is unboxed. Returns (state, shardings).
+  """
+  abstract = jax.eval_shape(init_fn, *args)
+  shardings = shardings_for(abstract, mesh, rules)
+  state = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+  return state, shardings
+
+
+def put_batch(batch, mesh: Mesh, rules):
+  """This process's part of a global batch -> global jax.Arrays on the mesh.
+
+  Every leaf's leading dimension is this process's rows; together the
+  processes form the global batch (see data/pipeline.py)."""
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, rules, x.ndim), x)
+  return jax.tree.map(put, batch)
+
+
+def to_host(x) -> np.ndarray:
+  """A global array gathered onto every host as NumPy."""
+  if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def bytes_per_device(tree) -> dict:
+  """Bytes of `tree` held by each local device (for the fsdp benchmark/tests)."""
+  out: dict = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+  return out

@@ -1,0 +1,1 @@
+"""Flax Linen models: the VQ-GAN and the block denoiser."""
