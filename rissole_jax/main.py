@@ -38,6 +38,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (local path or bu
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Redo stages made with another config.")
 _ONLY = flags.DEFINE_list("only", [], "Run only these stages (their inputs must exist).")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Hide progress bars.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def stage_records(config, root: Path) -> list[wd.StageRecord]:
@@ -101,7 +105,7 @@ def main(argv):
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("Both --config and --workdir are required.")
   from rissole_jax import parallel
-  parallel.initialize_distributed()
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     run(_CONFIG.value, Path(_WORKDIR.value), _OVERWRITE.value, tuple(_ONLY.value),
         progress=not _NO_PROGRESS.value)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Start the job on every worker of a Cloud TPU VM slice.
+#
+#   launch/tpu_pod.sh --tpu NAME --zone ZONE --accelerator v4-32 \
+#       --workdir gs://BUCKET/runs/celeba64 [--config configs/celeba64.py] \
+#       [--project PROJECT] [--create] [--dry-run] [-- extra main.py flags]
+#
+# --create makes the TPU VM first; --dry-run prints the exact commands only.
+# Every worker installs this checkout (copied with scp) and runs the same
+# program; jax.distributed finds the other workers by itself on TPU
+# (RISSOLE_DISTRIBUTED=auto). Only process 0 writes logs and images.
+set -euo pipefail
+TPU="" ZONE="" ACCEL="" WORKDIR="" CONFIG="configs/celeba64.py" PROJECT="" CREATE=0 DRY=0
+VERSION="${TPU_SOFTWARE_VERSION:-tpu-ubuntu2204-base}"
+EXTRA=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --tpu) TPU="$2"; shift 2;;
+    --zone) ZONE="$2"; shift 2;;
+    --accelerator) ACCEL="$2"; shift 2;;
+    --workdir) WORKDIR="$2"; shift 2;;
+    --config) CONFIG="$2"; shift 2;;
+    --project) PROJECT="$2"; shift 2;;
+    --create) CREATE=1; shift;;
+    --dry-run) DRY=1; shift;;
+    --) shift; EXTRA=("$@"); break;;
+    *) echo "unknown argument: $1 (see the header of $0)" >&2; exit 2;;
+  esac
+done
+for v in TPU ZONE ACCEL WORKDIR; do
+  [[ -n "${!v}" ]] || { echo "missing --$(echo $v | tr A-Z a-z | sed 's/accel/accelerator/') (see the header of $0)" >&2; exit 2; }
+done
+PROJ=(); [[ -n "$PROJECT" ]] && PROJ=(--project "$PROJECT")
+cd "$(dirname "$0")/.."
+
+run() {  # print the command, shell-quoted; run it unless --dry-run
+  printf '%q ' "$@"; echo
+  [[ $DRY -eq 1 ]] || "$@"
+}
+
+REMOTE="cd ~/rissole_jax && pip install -q '.[tpu]' && RISSOLE_DISTRIBUTED=auto python3 -m rissole_jax.main --config $(printf '%q' "$CONFIG") --workdir $(printf '%q' "$WORKDIR") --no_progress"
+for a in "${EXTRA[@]+"${EXTRA[@]}"}"; do REMOTE+=" $(printf '%q' "$a")"; done
+
+if [[ $CREATE -eq 1 ]]; then
+  run gcloud compute tpus tpu-vm create "$TPU" --zone "$ZONE" --accelerator-type "$ACCEL" \
+      --version "$VERSION" "${PROJ[@]+"${PROJ[@]}"}"
+fi
+run gcloud compute tpus tpu-vm scp --recurse --worker=all --zone "$ZONE" "${PROJ[@]+"${PROJ[@]}"}" \
+    "$PWD" "$TPU:~/rissole_jax"
+run gcloud compute tpus tpu-vm ssh "$TPU" --worker=all --zone "$ZONE" "${PROJ[@]+"${PROJ[@]}"}" \
+    --command "$REMOTE"

@@ -1,0 +1,44 @@
+"""The launch scripts' dry runs print well-formed commands."""
+import os
+import shlex
+import subprocess
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def _dry(script, *args):
+  out = subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args, "--dry-run"],
+                       capture_output=True, text=True, check=True).stdout
+  return [shlex.split(line) for line in out.strip().splitlines()]
+
+
+def test_tpu_pod_dry_run():
+  cmds = _dry("tpu_pod.sh", "--tpu", "my-tpu", "--zone", "us-central2-b", "--accelerator",
+              "v4-32", "--workdir", "gs://bucket/run 1", "--create", "--project", "p")
+  assert [c[:4] for c in cmds] == [["gcloud", "compute", "tpus", "tpu-vm"]] * 3
+  create, scp, ssh = cmds
+  assert create[4:6] == ["create", "my-tpu"] and "v4-32" in create
+  assert "--worker=all" in scp and "--worker=all" in ssh
+  remote = shlex.split(ssh[ssh.index("--command") + 1])
+  main = remote[remote.index("rissole_jax.main") - 2:]
+  assert main[main.index("--workdir") + 1] == "gs://bucket/run 1"
+  assert "RISSOLE_DISTRIBUTED=auto" in remote
+
+
+def test_tpu_pod_requires_arguments():
+  r = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "--dry-run"],
+                     capture_output=True, text=True)
+  assert r.returncode == 2 and "missing --tpu" in r.stderr
+
+
+def test_multihost_dry_run():
+  cmds = _dry("multihost.sh", "--local", "--num-processes", "3", "--workdir", "/tmp/w",
+              "--config", "configs/mnist.py:smoke", "--", "--only=vqgan")
+  assert len(cmds) == 3
+  for i, c in enumerate(cmds):
+    assert c[1:3] == ["-m", "rissole_jax.main"]
+    assert c[c.index("--process_id") + 1] == str(i)
+    assert c[c.index("--num_processes") + 1] == "3" and c[-1] == "--only=vqgan"
+  one = _dry("multihost.sh", "--num-processes", "2", "--process-id", "1",
+             "--coordinator", "10.0.0.1:1234", "--workdir", "/w")
+  assert len(one) == 1 and one[0][one[0].index("--coordinator_address") + 1] == "10.0.0.1:1234"
