@@ -7,7 +7,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def _dry(script, *args):
-  out = subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args, "--dry-run"],
+  out = subprocess.run(["bash", os.path.join(ROOT, "launch", script), "--dry-run", *args],
                        capture_output=True, text=True, check=True).stdout
   return [shlex.split(line) for line in out.strip().splitlines()]
 
