@@ -9,6 +9,9 @@
 # Every worker installs this checkout (copied with scp) and runs the same
 # program; jax.distributed finds the other workers by itself on TPU
 # (RISSOLE_DISTRIBUTED=auto). Only process 0 writes logs and images.
+# A gs://BUCKET/PATH workdir is mounted with gcsfuse (preinstalled on TPU VM
+# images) at ~/gcs/BUCKET on every worker, so all workers share one POSIX
+# folder for checkpoints and stage outputs.
 set -euo pipefail
 TPU="" ZONE="" ACCEL="" WORKDIR="" CONFIG="configs/celeba64.py" PROJECT="" CREATE=0 DRY=0
 VERSION="${TPU_SOFTWARE_VERSION:-tpu-ubuntu2204-base}"
@@ -38,7 +41,14 @@ run() {  # print the command, shell-quoted; run it unless --dry-run
   [[ $DRY -eq 1 ]] || "$@"
 }
 
-REMOTE="cd ~/rissole_jax && pip install -q '.[tpu]' && RISSOLE_DISTRIBUTED=auto python3 -m rissole_jax.main --config $(printf '%q' "$CONFIG") --workdir $(printf '%q' "$WORKDIR") --no_progress"
+MOUNT=""
+if [[ "$WORKDIR" == gs://* ]]; then
+  BUCKET="${WORKDIR#gs://}"; BUCKET="${BUCKET%%/*}"
+  REST="${WORKDIR#gs://$BUCKET}"
+  MOUNT="mkdir -p ~/gcs/$BUCKET && (mountpoint -q ~/gcs/$BUCKET || gcsfuse --implicit-dirs $BUCKET ~/gcs/$BUCKET) && "
+  WORKDIR="\$HOME/gcs/$BUCKET$REST"
+fi
+REMOTE="${MOUNT}cd ~/rissole_jax && pip install -q '.[tpu]' && RISSOLE_DISTRIBUTED=auto python3 -m rissole_jax.main --config $(printf '%q' "$CONFIG") --workdir \"$WORKDIR\" --no_progress"
 for a in "${EXTRA[@]+"${EXTRA[@]}"}"; do REMOTE+=" $(printf '%q' "$a")"; done
 
 if [[ $CREATE -eq 1 ]]; then

@@ -21,7 +21,8 @@ def test_tpu_pod_dry_run():
   assert "--worker=all" in scp and "--worker=all" in ssh
   remote = shlex.split(ssh[ssh.index("--command") + 1])
   main = remote[remote.index("rissole_jax.main") - 2:]
-  assert main[main.index("--workdir") + 1] == "gs://bucket/run 1"
+  assert main[main.index("--workdir") + 1] == "$HOME/gcs/bucket/run 1"
+  assert "gcsfuse" in remote
   assert "RISSOLE_DISTRIBUTED=auto" in remote
 
 
