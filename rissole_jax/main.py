@@ -21,12 +21,16 @@ from rissole_jax import workdir as wd
 from rissole_jax.context import Context
 from rissole_jax.errors import RissoleError
 
-# name -> (module with `run(ctx) -> metrics`, config sections it reads).
+# name -> (module with `run(ctx) -> metrics`, config sections it reads, or a
+# function of the config giving them).
 # Each stage's fingerprint also covers its upstream stages (the ones before it).
 STAGES = {
     "vqgan": ("rissole_jax.train.vqgan", ("seed", "data", "vqgan")),
     "encode": ("rissole_jax.stages.encode", ("encode",)),
-    "index": ("rissole_jax.stages.index", ("retrieval",)),
+    # The first-block embedding depends on the grid; the full one does not.
+    "index": ("rissole_jax.stages.index",
+              lambda c: ("retrieval", "blocks") if c.retrieval.embedding == "first_block"
+              else ("retrieval",)),
     "diffusion": ("rissole_jax.train.diffusion", ("blocks", "model", "diffusion")),
     "sample": ("rissole_jax.stages.sample", ("sample",)),
     "evaluate": ("rissole_jax.stages.evaluate", ("evaluate",)),
@@ -51,7 +55,8 @@ def stage_records(config, root: Path) -> list[wd.StageRecord]:
     raise ValueError(f"Unknown stage(s) {unknown} in config.stages; known: {list(STAGES)}")
   records, upstream = [], ""
   for name in config.stages:
-    sections = wd.config_sections(config, STAGES[name][1])
+    keys = STAGES[name][1]
+    sections = wd.config_sections(config, keys(config) if callable(keys) else keys)
     fp = wd.fingerprint({"stage": name, "config": sections, "upstream": upstream})
     records.append(wd.StageRecord(name, root / name, fp, sections))
     upstream = fp

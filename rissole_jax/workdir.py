@@ -29,6 +29,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are for everyone
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
@@ -38,6 +39,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
