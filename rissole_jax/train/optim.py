@@ -5,11 +5,12 @@ import optax
 
 
 def learning_rate(lr: float, warmup_steps: int, total_steps: int, schedule: str):
+  warmup = max(warmup_steps, 1)
   if schedule == "constant":
-    return optax.warmup_constant_schedule(0.0, lr, max(warmup_steps, 1))
-  if schedule == "cosine":
+    return optax.warmup_constant_schedule(0.0, lr, warmup)
+  if schedule == "cosine":  # decays to lr/10 at total_steps (at least one step after warm-up)
     return optax.warmup_cosine_decay_schedule(
-        0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), end_value=lr * 0.1)
+        0.0, lr, warmup, max(total_steps, warmup + 1), end_value=lr * 0.1)
   raise ValueError(f"Unknown learning-rate schedule {schedule!r}: use 'cosine' or 'constant'.")
 
 
