@@ -156,3 +156,14 @@ def bytes_per_device(tree) -> dict:
     for shard in leaf.addressable_shards:
       out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
   return out
+
+
+def put_replicated(tree, mesh: Mesh):
+  """Host values (the same on every process) -> arrays replicated on the mesh.
+
+  Unlike jax.device_put, this works when the mesh spans several processes."""
+  def put(x):
+    x = np.asarray(x)
+    sharding = replicated(mesh)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree.map(put, tree)

@@ -1,0 +1,166 @@
+"""Config-driven benchmark: a matrix of runs of the main job, one table.
+
+  python -m rissole_jax.benchmark --config configs/bench/default.py --out runs/bench.json
+
+For every run in `config.runs` (the base config plus overrides) the main job
+runs in its own workdir under `<out>.d/<name>/`, in a subprocess so that its
+peak memory is its own. Stages whose fingerprint matches a run done earlier
+are linked, not redone, so runs share one VQ-GAN, one set of latents and,
+where retrieval settings agree, one index. Sampling throughput is timed for
+each sampler in `config.samplers` (extra `sample` stages on the same
+denoiser). Results go to FILE.json and a markdown table FILE.md.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from rissole_jax import main as main_lib
+from rissole_jax import workdir as wd
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config [:variant].",
+                                          lock_config=False)
+_OUT = flags.DEFINE_string("out", None, "Output JSON file (a .md table is written beside it).")
+_ONLY = flags.DEFINE_list("runs", [], "Run only these names from config.runs.")
+
+# (column, stage, metrics.json key); the first key found is used.
+COLUMNS = [
+    ("denoiser params", "diffusion", ("denoiser_params",)),
+    ("train img/s", "diffusion", ("train_images_per_sec", "images_per_sec")),
+    ("compile s", "diffusion", ("compile_seconds",)),
+    ("FID (Inception)", "evaluate", ("inception/fid",)),
+    ("FD (classifier)", "evaluate", ("classifier/fd",)),
+    ("precision", "evaluate", ("classifier/precision",)),
+    ("recall", "evaluate", ("classifier/recall",)),
+    ("seam score", "evaluate", ("seam_score", "seams/seam_score")),
+    ("memorisation (median ratio)", "evaluate", ("memorization/median_ratio",)),
+    ("confident", "evaluate", ("classifier/confident_fraction",)),
+]
+
+
+def with_overrides(base, overrides: dict):
+  c = copy.deepcopy(base)
+  c.unlock()
+  for key, value in overrides.items():
+    node, *path = key.split(".")
+    target = c
+    for p in [node] + path[:-1]:
+      target = target[p]
+    target[path[-1] if path else node] = value
+  return c
+
+
+def link_upstream(config, root: Path, done: dict[str, Path]) -> None:
+  """Links stage folders already made (same fingerprint) into this run's workdir."""
+  root.mkdir(parents=True, exist_ok=True)
+  for rec in main_lib.stage_records(config, root):
+    if rec.is_done():
+      done.setdefault(rec.fingerprint, rec.directory)
+      continue
+    src = done.get(rec.fingerprint)
+    if src is not None and not rec.directory.exists():
+      rec.directory.symlink_to(src.resolve(), target_is_directory=True)
+
+
+def run_job(config, root: Path) -> dict:
+  """The main job in a subprocess; returns its peak RSS in MiB."""
+  fd, cfg_path = tempfile.mkstemp(suffix=".pkl")
+  with os.fdopen(fd, "wb") as f:
+    pickle.dump(config, f)
+  cmd = [sys.executable, "-m", "rissole_jax.benchmark", "--_job", cfg_path, "--_root", str(root)]
+  proc = subprocess.Popen(cmd)
+  _, status, usage = os.wait4(proc.pid, 0)
+  os.unlink(cfg_path)
+  if os.waitstatus_to_exitcode(status) != 0:
+    raise RuntimeError(f"run in {root} failed (exit {os.waitstatus_to_exitcode(status)}); see its log.txt files")
+  return {"peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def collect(root: Path, columns=COLUMNS) -> dict:
+  out = {}
+  for col, stage, keys in columns:
+    try:
+      metrics = wd.read_metrics(root / stage)
+    except FileNotFoundError:
+      continue
+    for k in keys:
+      if k in metrics:
+        out[col] = metrics[k]
+        break
+  return out
+
+
+def benchmark(bench, out: Path, only=()) -> list[dict]:
+  rows, done = [], {}
+  runs_dir = out.with_suffix(".d")
+  for name, overrides in bench.runs:
+    if only and name not in only:
+      continue
+    config = with_overrides(bench.base, dict(overrides))
+    root = runs_dir / name
+    link_upstream(config, root, done)
+    row = {"name": name, "overrides": {k: list(v) if isinstance(v, tuple) else v
+                                       for k, v in dict(overrides).items()}}
+    row.update(run_job(config, root))
+    row.update(collect(root))
+    for sampler in bench.samplers:  # sampling throughput per sampler, same denoiser
+      sconf = with_overrides(config, {"sample.sampler": sampler,
+                                      "stages": ("vqgan", "encode", "index", "diffusion", "sample")})
+      if sampler != config.sample.sampler:
+        sconf.sample.num = sconf.sample.batch_size * (bench.timing_batches + 1)
+      sroot = runs_dir / f"{name}.{sampler}" if sampler != config.sample.sampler else root
+      link_upstream(sconf, sroot, done)
+      if sroot != root:
+        run_job(sconf, sroot)
+      m = wd.read_metrics(sroot / "sample")
+      row[f"sample img/s ({sampler})"] = m.get("samples_per_sec")
+    rows.append(row)
+    wd.atomic_write_json(out, rows)  # after every run: a long benchmark loses nothing
+    wd.atomic_write_bytes(out.with_suffix(".md"), markdown(rows).encode())
+  return rows
+
+
+def markdown(rows: list[dict]) -> str:
+  cols = ["name"] + [c for c, _, _ in COLUMNS[:3]] + sorted(
+      {k for r in rows for k in r if k.startswith("sample img/s")}) + [
+          c for c, _, _ in COLUMNS[3:]] + ["peak_rss_mib"]
+  def fmt(v):
+    if v is None:
+      return "–"
+    if isinstance(v, float):
+      return f"{v:.4g}"
+    return str(v)
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  for r in rows:
+    lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+  return "\n".join(lines) + "\n"
+
+
+_JOB = flags.DEFINE_string("_job", None, "internal: pickled config of one run")
+_ROOT = flags.DEFINE_string("_root", None, "internal: workdir of one run")
+
+
+def main(argv):
+  del argv
+  if _JOB.value:
+    with open(_JOB.value, "rb") as f:
+      config = pickle.load(f)
+    main_lib.run(config, Path(_ROOT.value), progress=False)
+    return
+  if _CONFIG.value is None or _OUT.value is None:
+    raise app.UsageError("--config and --out are required.")
+  rows = benchmark(_CONFIG.value, Path(_OUT.value), tuple(_ONLY.value))
+  print(markdown(rows))
+
+
+if __name__ == "__main__":
+  app.run(main)

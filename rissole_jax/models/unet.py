@@ -1,0 +1,325 @@
+"""The denoiser: a small U-Net over one latent block (or the whole latent).
+
+Variants (config.model.variant):
+  rissole      one block, conditioned on the same block of the k neighbours
+  blocks_only  one block, no retrieval (shows the coherence problem)
+  full         the whole latent, no retrieval (a plain latent diffusion model)
+  rdm          the whole latent, cross-attending to one token per neighbour (RDM)
+
+Block variants also take the block's position (an embedding added to the time
+embedding) and, optionally, the previous block in raster order (as channels).
+Neighbour blocks enter by channel concatenation through a small conv encoder
+(cond='concat') or as tokens for cross-attention (cond='cross_attn'). A learned
+"null" neighbour set replaces the real one where `keep` is False: condition
+dropout in training, the unconditional half of classifier-free guidance.
+
+One set of weights serves every block: the callers fold blocks into the batch
+(`model_inputs`), so all blocks of all examples go through one call.
+"""
+from __future__ import annotations
+
+import math
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rissole_jax import blocks as blk
+from rissole_jax.errors import ConfigError
+from rissole_jax.models.layers import conv, dense, embedding, group_norm
+
+VARIANTS = ("rissole", "blocks_only", "full", "rdm")
+CONDS = ("concat", "cross_attn")
+HEAD_DIM = 32
+
+
+def uses_blocks(variant: str) -> bool:
+  return variant in ("rissole", "blocks_only")
+
+
+def uses_retrieval(variant: str) -> bool:
+  return variant in ("rissole", "rdm")
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
+  """Sinusoidal embedding (B,) -> (B, dim), as in Transformer/DDPM."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], -1)
+
+
+class ResBlock(nn.Module):
+  out_ch: int
+  groups: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, emb, train: bool):
+    h = conv(self.out_ch, name="conv1")(nn.silu(group_norm(self.groups, x.shape[-1], "norm1")(x)))
+    h = h + dense(self.out_ch, name="emb")(nn.silu(emb))[:, None, None, :]
+    h = nn.silu(group_norm(self.groups, self.out_ch, "norm2")(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    # Zero-initialised last conv: each block starts as the identity (ADM).
+    h = conv(self.out_ch, name="conv2", zero_init=True)(h)
+    if x.shape[-1] != self.out_ch:
+      x = conv(self.out_ch, 1, name="skip")(x)
+    return x + h
+
+
+class Attention(nn.Module):
+  """Multi-head attention of the feature map over itself or over `context` tokens."""
+  groups: int
+
+  @nn.compact
+  def __call__(self, x, context=None):
+    B, H, W, C = x.shape
+    heads = C // HEAD_DIM if C % HEAD_DIM == 0 and C >= HEAD_DIM else 1
+    h = group_norm(self.groups, C, "norm")(x).reshape(B, H * W, C)
+    ctx = h if context is None else context
+    split = lambda a: a.reshape(a.shape[0], a.shape[1], heads, C // heads)
+    q, k, v = (split(dense(C, name=n)(a)) for n, a in (("q", h), ("k", ctx), ("v", ctx)))
+    out = nn.dot_product_attention(q, k, v).reshape(B, H * W, C)
+    return x + dense(C, name="out", zero_init=True)(out).reshape(B, H, W, C)
+
+
+class ConcatEncoder(nn.Module):
+  """(B, k, bh, bw, c) neighbour blocks -> (B, bh, bw, ch): the k*c channels
+  stacked, through two convs (the learned fusion of the concat condition)."""
+  ch: int
+
+  @nn.compact
+  def __call__(self, nb):
+    h = einops.rearrange(nb, "b k h w c -> b h w (k c)")
+    h = nn.silu(conv(self.ch, name="conv1")(h))
+    return conv(self.ch, name="conv2")(h)
+
+
+class BlockTokens(nn.Module):
+  """(B, k, bh, bw, c) -> (B, k*bh*bw, dim) tokens: one per neighbour pixel, with
+  learned embeddings of the pixel's place in the block and the neighbour's rank."""
+  dim: int
+
+  @nn.compact
+  def __call__(self, nb):
+    B, k, bh, bw, c = nb.shape
+    h = dense(self.dim, name="proj")(nb)
+    h = h + embedding(bh * bw, self.dim, "pixel")(jnp.arange(bh * bw)).reshape(1, 1, bh, bw, -1)
+    h = h + embedding(k, self.dim, "rank")(jnp.arange(k)).reshape(1, k, 1, 1, -1)
+    return nn.LayerNorm(name="norm")(h.reshape(B, k * bh * bw, self.dim))
+
+
+class LatentTokens(nn.Module):
+  """(B, k, h, w, c) whole neighbour latents -> (B, k, dim): one embedding per
+  neighbour (RDM conditions on per-neighbour embeddings), plus a rank embedding."""
+  dim: int
+
+  @nn.compact
+  def __call__(self, nb):
+    B, k = nb.shape[:2]
+    h = dense(self.dim, name="proj1")(nb.reshape(B, k, -1))
+    h = dense(self.dim, name="proj2")(nn.silu(h))
+    h = h + embedding(k, self.dim, "rank")(jnp.arange(k))[None]
+    return nn.LayerNorm(name="norm")(h)
+
+
+class Denoiser(nn.Module):
+  """Predicts eps (or x0, v) for a batch of noisy blocks (or whole latents).
+
+  x: (B, bh, bw, c); t: (B,) int; pos: (B,) int block index; neighbours:
+  (B, k, bh, bw, c) (whole latents for rdm); prev: (B, bh, bw, c); keep: (B,)
+  bool, False where the retrieval condition is replaced by the learned null
+  (only with learn_null; pass keep whenever the model has one, also at init).
+  """
+  variant: str = "rissole"
+  grid: tuple = (2, 2)
+  ch: int = 64
+  ch_mult: tuple = (1, 2)
+  num_res_blocks: int = 2
+  attn_lowest: bool = True
+  dropout: float = 0.0
+  num_groups: int = 8
+  cond: str = "concat"
+  use_position: bool = True
+  use_prev_block: bool = False
+  learn_null: bool = False    # a learned stand-in for the neighbours (condition dropout)
+  out_channels: int = 4
+
+  @property
+  def blocks(self) -> bool:
+    return uses_blocks(self.variant)
+
+  @property
+  def retrieval(self) -> bool:
+    return uses_retrieval(self.variant)
+
+  @property
+  def position(self) -> bool:
+    return self.blocks and self.use_position
+
+  @property
+  def prev_block(self) -> bool:
+    return self.blocks and self.use_prev_block
+
+  @nn.compact
+  def __call__(self, x, t, pos=None, neighbours=None, prev=None, keep=None, train=False):
+    B, g, emb_dim = x.shape[0], self.num_groups, 4 * self.ch
+    emb = dense(emb_dim, name="time1")(timestep_embedding(t, self.ch))
+    emb = dense(emb_dim, name="time2")(nn.silu(emb))
+    if self.position:
+      _need(pos, "pos")
+      emb = emb + embedding(blk.num_blocks(self.grid), emb_dim, "position")(pos)
+
+    inputs, context = [x], None
+    if self.prev_block:
+      inputs.append(_need(prev, "prev"))
+    if self.retrieval:
+      nb = _need(neighbours, "neighbours")
+      if keep is not None:
+        if not self.learn_null:
+          raise ValueError("`keep` needs a model trained with condition dropout "
+                           "(diffusion.cond_dropout > 0).")
+        null = self.param("null_neighbours", nn.with_logical_partitioning(
+            nn.initializers.zeros, (None,) * (nb.ndim - 1)), nb.shape[1:])
+        nb = jnp.where(keep.reshape((B,) + (1,) * (nb.ndim - 1)), nb, null[None].astype(nb.dtype))
+      if self.variant == "rdm":
+        context = LatentTokens(self.ch, name="neighbour_tokens")(nb)
+      elif self.cond == "concat":
+        inputs.append(ConcatEncoder(self.ch, name="neighbour_concat")(nb))
+      else:
+        context = BlockTokens(self.ch, name="neighbour_tokens")(nb)
+
+    h = conv(self.ch, name="conv_in")(jnp.concatenate(inputs, -1))
+    # Down, middle and up paths. Cross-attention (when there is a context)
+    # follows every residual block; self-attention only at the lowest level.
+    levels = len(self.ch_mult)
+    skips = [h]
+    for lvl, mult in enumerate(self.ch_mult):
+      for i in range(self.num_res_blocks):
+        h = ResBlock(self.ch * mult, g, self.dropout, name=f"down{lvl}_res{i}")(h, emb, train)
+        h = self._attend(h, context, lvl == levels - 1, f"down{lvl}_{i}")
+        skips.append(h)
+      if lvl < levels - 1:
+        h = conv(h.shape[-1], stride=2, name=f"down{lvl}_sample")(h)
+        skips.append(h)
+    h = ResBlock(h.shape[-1], g, self.dropout, name="mid_res0")(h, emb, train)
+    h = self._attend(h, context, True, "mid")
+    h = ResBlock(h.shape[-1], g, self.dropout, name="mid_res1")(h, emb, train)
+    for lvl, mult in reversed(list(enumerate(self.ch_mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], -1)
+        h = ResBlock(self.ch * mult, g, self.dropout, name=f"up{lvl}_res{i}")(h, emb, train)
+        h = self._attend(h, context, lvl == levels - 1, f"up{lvl}_{i}")
+      if lvl > 0:
+        b, hh, ww, c = h.shape
+        h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), "nearest")
+        h = conv(c, name=f"up{lvl}_sample")(h)
+    h = nn.silu(group_norm(g, h.shape[-1], "norm_out")(h))
+    return conv(self.out_channels, name="conv_out", zero_init=True)(h)
+
+  def _attend(self, h, context, lowest: bool, name: str):
+    if lowest and self.attn_lowest:
+      h = Attention(self.num_groups, name=f"{name}_attn")(h)
+    if context is not None:
+      h = Attention(self.num_groups, name=f"{name}_xattn")(h, context)
+    return h
+
+
+def _need(x, name):
+  if x is None:
+    raise ValueError(f"The denoiser needs `{name}` with this config.")
+  return x
+
+
+# ---------------------------------------------------------------------------
+# Config -> model, and the layout of its inputs.
+
+def check_model_config(config, latent_shape) -> None:
+  """Refuses inconsistent model/blocks/diffusion settings before any work."""
+  m, v = config.model, config.model.variant
+  if v not in VARIANTS:
+    raise ConfigError(f"Unknown model.variant {v!r}: use one of {VARIANTS}.")
+  if m.cond not in CONDS:
+    raise ConfigError(f"Unknown model.cond {m.cond!r}: use one of {CONDS}.")
+  bh, bw = blk.check_grid(latent_shape, config.blocks.grid)
+  if m.use_prev_block and not uses_blocks(v):
+    raise ConfigError(f"model.use_prev_block needs a block variant (rissole, blocks_only); "
+                      f"variant {v!r} denoises the whole latent. Fix: drop prev_block.")
+  size = (bh, bw) if uses_blocks(v) else tuple(latent_shape[:2])
+  f = 2 ** (len(m.ch_mult) - 1)
+  if size[0] % f or size[1] % f:
+    raise ConfigError(
+        f"model.ch_mult {tuple(m.ch_mult)} halves the input {len(m.ch_mult) - 1} times, but "
+        f"the denoiser's input is {size[0]}x{size[1]} (not divisible by {f}). Fix: use fewer "
+        f"levels in model.ch_mult or a coarser blocks.grid.")
+  if config.diffusion.cond_dropout > 0 and not uses_retrieval(v):
+    raise ConfigError(f"diffusion.cond_dropout={config.diffusion.cond_dropout} drops the "
+                      f"retrieval condition, but variant {v!r} has none. Fix: set it to 0.")
+  if not 0 <= config.diffusion.cond_dropout < 1:
+    raise ConfigError("diffusion.cond_dropout must be in [0, 1).")
+
+
+def make_denoiser(config, latent_shape) -> Denoiser:
+  check_model_config(config, latent_shape)
+  m = config.model
+  return Denoiser(variant=m.variant, grid=tuple(int(g) for g in config.blocks.grid), ch=m.ch,
+                  ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+                  attn_lowest=m.attn_lowest, dropout=m.dropout, num_groups=m.num_groups,
+                  cond=m.cond, use_position=m.use_position, use_prev_block=m.use_prev_block,
+                  learn_null=uses_retrieval(m.variant) and config.diffusion.cond_dropout > 0,
+                  out_channels=int(latent_shape[-1]))
+
+
+def fold(x):
+  """(B, n, ...) -> (B*n, ...): blocks become batch rows."""
+  return einops.rearrange(x, "b n ... -> (b n) ...")
+
+
+def unfold(x, n: int):
+  return einops.rearrange(x, "(b n) ... -> b n ...", n=n)
+
+
+def condition(model: Denoiser, neighbours, batch: int) -> dict:
+  """Position and neighbour rows for `batch` latents whose neighbours' latents
+  are (B, k, h, w, c): folded to B*n rows for block variants."""
+  if not model.blocks:
+    return {"neighbours": neighbours if model.retrieval else None}
+  n = blk.num_blocks(model.grid)
+  cond = {"pos": jnp.tile(jnp.arange(n, dtype=jnp.int32), batch), "neighbours": None}
+  if model.retrieval:
+    nb = jnp.swapaxes(blk.split(neighbours, model.grid), 1, 2)  # (B, n, k, bh, bw, c)
+    cond["neighbours"] = fold(nb)
+  return cond
+
+
+def model_inputs(model: Denoiser, z0, neighbours=None):
+  """Denoiser inputs for clean latents z0 (B, h, w, c) and their neighbours'
+  latents (B, k, h, w, c): (x0 rows, dict of condition rows). Block variants
+  fold the n blocks into the rows (B*n of them, example-major)."""
+  cond = condition(model, neighbours, z0.shape[0])
+  if not model.blocks:
+    return z0, cond
+  zb = blk.split(z0, model.grid)                       # (B, n, bh, bw, c)
+  if model.prev_block:
+    # Teacher forcing: block i sees the clean block i-1 (at sampling, the one just made).
+    cond["prev"] = fold(blk.previous(zb, axis=1))
+  return fold(zb), cond
+
+
+def init_inputs(model: Denoiser, latent_shape, k: int, batch: int = 1):
+  """Dummy inputs of the right shapes (for init / eval_shape); `keep` is among
+  them when the model has a learned null, so that it is created."""
+  h, w, c = latent_shape
+  z0 = jnp.zeros((batch, h, w, c), jnp.float32)
+  nb = jnp.zeros((batch, k, h, w, c), jnp.float32)
+  x, cond = model_inputs(model, z0, nb)
+  t = jnp.zeros((x.shape[0],), jnp.int32)
+  if model.retrieval and model.learn_null:
+    cond["keep"] = jnp.ones((x.shape[0],), bool)
+  return x, t, cond
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))

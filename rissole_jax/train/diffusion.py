@@ -1,0 +1,364 @@
+"""The diffusion stage: trains the (block) denoiser on the latent database.
+
+One jitted step: gather the batch's latents and its neighbours' latents (on
+the devices by default, from the database held replicated there), cut them
+into blocks folded into the batch, draw one timestep per denoiser example
+(per block), noise, predict, update, EMA. Randomness is fold_in(key, step) and
+batches are a pure function of (seed, step), so a resumed run continues
+exactly where the interrupted one stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rissole_jax import blocks as blk
+from rissole_jax import parallel
+from rissole_jax import workdir as wd
+from rissole_jax.data.pipeline import TrainStream
+from rissole_jax.diffusion import samplers
+from rissole_jax.diffusion.schedule import PREDICTIONS, make_schedule
+from rissole_jax.errors import ConfigError, DataError
+from rissole_jax.models import unet
+from rissole_jax.train import checkpoints, optim
+
+GATHERS = ("device", "host")
+
+
+# ---------------------------------------------------------------------------
+# The latent database (from the encode and index stages).
+
+def load_database(config, root: Path):
+  """retrieval.Database of the encode and index stages under `root`: .latents
+  (N, h, w, c), .neighbours (N, k), .labels, held-out arrays."""
+  from rissole_jax import retrieval
+  return retrieval.load_database(config, Path(root))
+
+
+def check_database(db) -> None:
+  n, k = db.neighbours.shape
+  if n != len(db.latents):
+    raise DataError(f"neighbour table has {n} rows but the database {len(db.latents)} latents.")
+  if db.neighbours.min() < 0 or db.neighbours.max() >= len(db.latents):
+    raise DataError("neighbour table holds ids outside the database.")
+  if np.any(db.neighbours == np.arange(n)[:, None]):
+    raise DataError("neighbour table lists an item as its own neighbour: a query must "
+                    "never retrieve itself. Rebuild the index.")
+
+
+def latent_stats(latents: np.ndarray) -> dict:
+  """Per-channel mean and std of the training latents: the diffusion sees
+  (z - mean) / std, about unit variance whatever scale the VQ-GAN chose."""
+  z = np.asarray(latents, np.float64).reshape(-1, latents.shape[-1])
+  return {"mean": z.mean(0).astype(np.float32), "std": np.maximum(z.std(0), 1e-6).astype(np.float32)}
+
+
+def normalise(z, stats):
+  return (z - stats["mean"]) / stats["std"]
+
+
+def denormalise(z, stats):
+  return z * stats["std"] + stats["mean"]
+
+
+# ---------------------------------------------------------------------------
+# Config checks, model, state.
+
+def check_config(config, latent_shape, k: int | None = None) -> None:
+  """Everything this stage and sampling read, refused early with the fix."""
+  unet.check_model_config(config, latent_shape)
+  f, t = config.diffusion, config.diffusion.train
+  make_schedule(f)
+  if f.prediction not in PREDICTIONS:
+    raise ConfigError(f"Unknown diffusion.prediction {f.prediction!r}: use one of {PREDICTIONS}.")
+  if t.gather not in GATHERS:
+    raise ConfigError(f"Unknown diffusion.train.gather {t.gather!r}: use one of {GATHERS}.")
+  if t.steps < 1 or t.batch_size < 1:
+    raise ConfigError("diffusion.train.steps and batch_size must be positive.")
+  if not 0 <= t.ema_decay < 1:
+    raise ConfigError(f"diffusion.train.ema_decay={t.ema_decay} must be in [0, 1).")
+  if k is not None and k < 1 and unet.uses_retrieval(config.model.variant):
+    raise ConfigError(f"variant {config.model.variant!r} needs neighbours, but k={k}.")
+
+
+def expected_latent_shape(config) -> tuple[int, int, int]:
+  """The latent shape the config's VQ-GAN makes (the data, once encoded, has the last word)."""
+  from rissole_jax.models import vqgan
+  return tuple(vqgan.latent_shape(config.vqgan, config.data.image_size))
+
+
+def make_optimizer(config):
+  return optim.adam(config.diffusion.train)
+
+
+def init_fn(model, tx, latent_shape, k):
+  """key -> the train state (params boxed with logical axes, for sharded_init)."""
+  def init(key):
+    x, t, cond = unet.init_inputs(model, latent_shape, k)
+    params = model.init({"params": key}, x, t, **cond)["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "ema": jax.tree.map(jnp.copy, params), "opt": tx.init(params)}
+  return init
+
+
+def ema_update(ema, params, step, decay: float):
+  # Warm-up (as in many DDPM codebases): early EMA follows the weights closely,
+  # so short runs still sample from a trained average, not the initialisation.
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+
+
+def loss_fn(model, schedule, prediction: str, cond_dropout: float, per_image: bool = False):
+  """(params, z0, neighbours, key) -> mean squared error of the prediction
+  (or one per image of z0, its blocks together)."""
+  def loss(params, z0, nb, key):
+    x0, cond = unet.model_inputs(model, z0, nb)
+    M = x0.shape[0]
+    kt, kn, kc, kd = jax.random.split(key, 4)
+    t = jax.random.randint(kt, (M,), 0, schedule.T)     # one timestep per example
+    noise = samplers.normal(kn, x0.shape, x0.dtype)
+    xt = schedule.q_sample(x0, t, noise)
+    keep = None
+    if model.retrieval and cond_dropout > 0:
+      keep = jax.random.bernoulli(kc, 1.0 - cond_dropout, (M,))
+    out = model.apply({"params": params}, xt, t, **cond, keep=keep, train=True,
+                      rngs={"dropout": kd})
+    err = jnp.square(out - schedule.target(prediction, x0, noise, t))
+    return err.reshape(z0.shape[0], -1).mean(1) if per_image else jnp.mean(err)
+  return loss
+
+
+def make_train_step(model, schedule, tx, config):
+  """step(state, key, z0, neighbours) -> (state, metrics): one jittable update."""
+  f = config.diffusion
+  loss = loss_fn(model, schedule, f.prediction, f.cond_dropout)
+
+  def step(state, key, z0, nb):
+    key = jax.random.fold_in(key, state["step"])
+    value, grads = jax.value_and_grad(loss)(state["params"], z0, nb, key)
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    ema = ema_update(state["ema"], params, state["step"], f.train.ema_decay)
+    new = {"step": state["step"] + 1, "params": params, "ema": ema, "opt": opt}
+    return new, {"loss": value, "grad_norm": optax.tree.norm(grads)}
+  return step
+
+
+def device_gather_step(step):
+  """The step with the batch gathered inside the jit: the database latents and
+  neighbour table live on the devices, only the batch's ids travel."""
+  def gstep(state, key, latents, table, ids):
+    return step(state, key, latents[ids], latents[table[ids]])
+  return gstep
+
+
+class _Rows:
+  """A stand-in source of N rows: TrainStream only needs the length to
+  produce its (seed, step)-pure ids."""
+  def __init__(self, n: int):
+    self.name, self._n = "latents", n
+
+  def __len__(self):
+    return self._n
+
+
+# ---------------------------------------------------------------------------
+# The stage.
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """What a config's training needs, as functions; see `parts`."""
+  model: unet.Denoiser
+  schedule: object
+  tx: optax.GradientTransformation
+  step: object          # (state, key, z0, nb) -> (state, metrics)
+  gather_step: object   # (state, key, latents, table, ids) -> (state, metrics)
+  eval_loss: object     # (params, z0, nb, key) -> per-image loss, no condition dropout
+
+
+_PARTS: dict = {}
+
+
+def parts(config, latent_shape) -> Parts:
+  """The model and step functions for a config, memoised on the config: a
+  resumed or repeated run in the same process (tests, notebooks, benchmarks)
+  passes the same function objects to jax.jit and so reuses their compiled code."""
+  key = (wd.fingerprint(wd.config_sections(config, ("blocks", "model", "diffusion"))),
+         tuple(latent_shape))
+  if key not in _PARTS:
+    model = unet.make_denoiser(config, latent_shape)
+    schedule, tx = make_schedule(config.diffusion), make_optimizer(config)
+    step = make_train_step(model, schedule, tx, config)
+    eval_loss = loss_fn(model, schedule, config.diffusion.prediction, 0.0, per_image=True)
+    if len(_PARTS) >= 4:
+      _PARTS.pop(next(iter(_PARTS)))
+    _PARTS[key] = Parts(model, schedule, tx, step, device_gather_step(step), eval_loss)
+  return _PARTS[key]
+
+
+def build(config, latent_shape, k, mesh, seed: int):
+  """(model, schedule, tx, state, state shardings) for a config, sharded on `mesh`."""
+  p = parts(config, latent_shape)
+  model, schedule, tx = p.model, p.schedule, p.tx
+  # The partitionable threefry takes XLA:CPU seconds to compile per 4-d random
+  # array (every conv kernel); the classic one compiles in a blink. Init runs
+  # once, so it need not be partitionable.
+  with jax.threefry_partitionable(False):
+    state, shardings = parallel.sharded_init(init_fn(model, tx, latent_shape, k), mesh,
+                                             config.mesh.logical_axis_rules,
+                                             jax.random.PRNGKey(seed))
+  return model, schedule, tx, state, shardings
+
+
+def abstract_state(config, model, latent_shape, k, mesh):
+  """(shape/dtype/sharding tree of the train state, its shardings): a restore
+  target that costs no initialisation."""
+  init = init_fn(model, make_optimizer(config), latent_shape, k)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = parallel.shardings_for(abstract, mesh, config.mesh.logical_axis_rules)
+  like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.meta.unbox(abstract), shardings)
+  return like, shardings
+
+
+def run(ctx) -> dict:
+  config, t = ctx.config, ctx.config.diffusion.train
+  check_config(config, expected_latent_shape(config))  # config errors before reading anything
+  db = load_database(config, ctx.root)
+  latent_shape = tuple(db.latents.shape[1:])
+  k = db.neighbours.shape[1]
+  check_config(config, latent_shape, k)   # the grid et al., before any work
+  check_database(db)
+  stats = latent_stats(db.latents)
+  latents = normalise(db.latents, stats).astype(np.float32)
+  ctx.log("database: %d latents of %s, k=%d; grid %s -> blocks %s; latent std %s",
+          len(latents), latent_shape, k, tuple(config.blocks.grid),
+          blk.block_shape(latent_shape, config.blocks.grid), np.round(stats["std"], 3))
+
+  mesh = parallel.make_mesh(config.mesh)
+  rules = config.mesh.logical_axis_rules
+  mngr = checkpoints.manager(ctx.stage_dir / "checkpoints", t.keep_checkpoints, t.ckpt_every)
+  fns = parts(config, latent_shape)
+  model = fns.model
+  if mngr.latest_step() is None:
+    _, _, _, state, state_sh = build(config, latent_shape, k, mesh, config.seed)
+    start = 0
+  else:  # resuming: restore straight into the sharded layout, no init needed
+    like, state_sh = abstract_state(config, model, latent_shape, k, mesh)
+    state, start = checkpoints.restore_latest(mngr, like)
+    ctx.log("resumed from step %d", start)
+  n_params = unet.count_params(state["params"])
+  ctx.log("denoiser (%s): %s parameters", config.model.variant, f"{n_params:,}")
+  print(f"denoiser ({config.model.variant}): {n_params:,} parameters")
+
+  stats_out = {"mean": stats["mean"].tolist(), "std": stats["std"].tolist(),
+               "latent_shape": list(latent_shape), "k": int(k)}
+  if ctx.is_main:
+    wd.atomic_write_json(ctx.stage_dir / "latent_stats.json", stats_out)
+
+  repl = parallel.replicated(mesh)
+  key = jax.device_put(jax.random.PRNGKey(config.seed + 1), repl)
+  if t.gather == "device":
+    db_lat = jax.device_put(latents, repl)
+    db_nbr = jax.device_put(db.neighbours, repl)
+    jstep = jax.jit(fns.gather_step, donate_argnums=(0,),
+                    in_shardings=(state_sh, repl, repl, repl, parallel.batch_sharding(mesh, rules, 1)),
+                    out_shardings=(state_sh, repl))
+    def train_step(state, ids):
+      return jstep(state, key, db_lat, db_nbr, parallel.put_batch(ids, mesh, rules))
+  else:
+    bs = lambda nd: parallel.batch_sharding(mesh, rules, nd)
+    jstep = jax.jit(fns.step, donate_argnums=(0,), in_shardings=(state_sh, repl, bs(4), bs(5)),
+                    out_shardings=(state_sh, repl))
+    def train_step(state, ids):
+      z0, nb = latents[ids], latents[db.neighbours[ids]]
+      return jstep(state, key, *parallel.put_batch((z0, nb), mesh, rules))
+
+  stream = TrainStream(_Rows(len(latents)), t.batch_size, config.seed,
+                       ctx.process_index, ctx.process_count, cache=False)
+
+  writer = ctx.writer()
+  bar = ctx.progress(t.steps, start, "diffusion")
+  window, last, t_first, timed_from = [], {}, None, start
+  for s in range(start, t.steps):
+    state, m = train_step(state, stream.indices(s))
+    window.append(m)
+    if s == start:  # the first call compiles: time the rest
+      jax.block_until_ready(m)
+      t_first, timed_from = time.time(), s + 1
+    checkpoints.save(mngr, s + 1, state)
+    if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
+      last = {n: float(np.mean([float(x[n]) for x in window])) for n in window[0]}
+      window = []
+      writer.scalars(s + 1, last)
+      ctx.log("step %d/%d: loss %.4f, grad norm %.3f", s + 1, t.steps, last["loss"],
+              last["grad_norm"])
+      bar.set_postfix(loss=f"{last['loss']:.4f}")
+    bar.update(1)
+  jax.block_until_ready(state)
+  elapsed = time.time() - t_first if t_first else 0.0
+  steps_timed = t.steps - timed_from
+  if mngr.latest_step() != t.steps:  # the final state, whatever ckpt_every says
+    checkpoints.save(mngr, t.steps, state, force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  bar.close()
+  writer.close()
+  if not last:  # resumed at the very end: nothing new to report
+    last = {"loss": float("nan")}
+  heldout = heldout_loss(fns.eval_loss, state["ema"], db, stats, latents)
+  if heldout is not None:
+    ctx.log("held-out loss (EMA weights): %.4f", heldout)
+  return {"loss": last["loss"], "heldout_loss": heldout, "denoiser_params": n_params,
+          "steps_per_sec": steps_timed / elapsed if elapsed > 0 and steps_timed else 0.0,
+          "latent_std": float(np.mean(stats["std"])), "latent_mean": float(np.mean(stats["mean"])),
+          "devices": jax.device_count()}
+
+
+def heldout_loss(eval_loss, params, db, stats, latents, batch: int = 64, seed: int = 1234):
+  """The training loss of `params` on the held-out latents (their neighbours
+  from the database), with fixed noise and timesteps: comparable across
+  variants and runs with the same prediction target. None without held-out items."""
+  held = getattr(db, "heldout_latents", None)
+  if held is None or len(held) == 0:
+    return None
+  held = normalise(np.asarray(held, np.float32), stats).astype(np.float32)
+  nbr = np.asarray(db.heldout_neighbours)
+  loss = jax.jit(eval_loss)
+  key, values = jax.random.PRNGKey(seed), []
+  for b, start in enumerate(range(0, len(held), batch)):
+    idx = np.arange(start, start + batch) % len(held)   # static shape; the tail wraps
+    v = loss(params, held[idx], latents[nbr[idx]], jax.random.fold_in(key, b))
+    values.append(np.asarray(v)[:min(batch, len(held) - start)])
+  return float(np.mean(np.concatenate(values)))
+
+
+# ---------------------------------------------------------------------------
+# For sampling and notebooks: the trained denoiser back from its checkpoint.
+
+def load_denoiser(config, root: Path, mesh=None):
+  """(model, EMA params, stats) of the diffusion stage under `root`; stats holds
+  the latent normalisation (mean, std) and the k and latent shape it trained with."""
+  root = Path(root)
+  sdir = root / "diffusion"
+  path = sdir / "latent_stats.json"
+  if not path.exists():
+    raise DataError(f"{path} is missing: the 'diffusion' stage has not run in {root}.")
+  meta = json.loads(path.read_text())
+  latent_shape, k = tuple(meta["latent_shape"]), int(meta["k"])
+  stats = {"mean": np.asarray(meta["mean"], np.float32), "std": np.asarray(meta["std"], np.float32),
+           "k": k, "latent_shape": latent_shape}
+  mesh = mesh or parallel.make_mesh(config.mesh)
+  model = unet.make_denoiser(config, latent_shape)
+  like, _ = abstract_state(config, model, latent_shape, k, mesh)
+  state = checkpoints.restore_params(sdir / "checkpoints", like=like)
+  return model, state["ema"], stats
+

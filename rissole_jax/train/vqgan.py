@@ -1,0 +1,462 @@
+"""The VQ-GAN stage: trains the autoencoder, evaluates it on the held-out split,
+and gives the trained autoencoder to the later stages (`load_autoencoder`).
+
+One jitted step updates the generator (encoder, decoder), the discriminator and
+the EMA codebook together. Randomness is fold_in(key, step) and batches are a
+pure function of (seed, step), so a resumed run ends with exactly the
+parameters of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rissole_jax import parallel
+from rissole_jax.data import TrainStream, eval_batches, load_source, to_uint8
+from rissole_jax.errors import DataError, ConfigError
+from rissole_jax.models import vqgan as vq
+from rissole_jax.train import checkpoints, optim
+
+
+# ---------------------------------------------------------------------------
+# Losses and the train step.
+
+def init_fn(model, disc, g_tx, d_tx, config):
+  """key -> the train state (boxed with logical axes, for parallel.sharded_init)."""
+  v, size, ch = config.vqgan, config.data.image_size, config.data.channels
+
+  def init(key):
+    kg, kd = jax.random.split(key)
+    x = jnp.zeros((1, size, size, ch), jnp.float32)
+    g_params = model.init(kg, x)["params"]
+    d_params = disc.init(kd, x)["params"]
+    return {"step": jnp.zeros((), jnp.int32), "g_params": g_params, "d_params": d_params,
+            "g_opt": g_tx.init(g_params), "d_opt": d_tx.init(d_params),
+            "ema": vq.init_ema_stats(v.codebook_size, v.z_channels)}
+  return init
+
+
+def generator_loss(model, disc, v):
+  """(g_params, d_params, images, gan_on) -> (loss, aux)."""
+  last = vq.last_layer(model.out_channels)
+
+  def gan_terms(x, x_rec, feats, last_params, d_params):
+    g_loss = vq.hinge_g_loss(disc.apply({"params": d_params}, x_rec))
+    # Adaptive weight: gradients of both losses w.r.t. the last layer's kernel.
+    # Its inputs are cut from the outer gradient (the weight is a constant there).
+    feats, last_params = jax.lax.stop_gradient((feats, last_params))
+    out = lambda k: last.apply({"params": {**last_params, "kernel": k}}, feats)
+    rec = lambda k: vq.reconstruction_loss(x, out(k), v.l1_weight, v.l2_weight)[0]
+    gan = lambda k: vq.hinge_g_loss(disc.apply({"params": d_params}, out(k)))
+    w = vq.adaptive_weight(jax.grad(rec)(last_params["kernel"]),
+                           jax.grad(gan)(last_params["kernel"]), v.disc_weight)
+    return g_loss, w
+
+  def no_gan(*_):
+    return jnp.zeros(()), jnp.zeros(())
+
+  def loss(g_params, d_params, x, gan_on):
+    x_rec, aux = model.apply({"params": g_params}, x, return_features=True)
+    rec, parts = vq.reconstruction_loss(x, x_rec, v.l1_weight, v.l2_weight)
+    g_loss, w = jax.lax.cond(gan_on, gan_terms, no_gan, x, x_rec, aux["features"],
+                             g_params["decoder"]["conv_out"], d_params)
+    total = rec + aux["commit_loss"] + w * g_loss
+    return total, {"x_rec": x_rec, "z_e": aux["z_e"], "indices": aux["indices"],
+                   "rec_loss": rec, "commit_loss": aux["commit_loss"], "gan_g_loss": g_loss,
+                   "d_weight": w, **parts}
+  return loss
+
+
+def discriminator_grads(disc):
+  """(d_params, real, fake, gan_on) -> (grads, metrics); zero grads (so no
+  update: Adam moves nothing on zero gradients) before the GAN switches on."""
+  def loss(d_params, real, fake):
+    lr = disc.apply({"params": d_params}, real)
+    lf = disc.apply({"params": d_params}, fake)
+    return vq.hinge_d_loss(lr, lf), {"logits_real": jnp.mean(lr), "logits_fake": jnp.mean(lf)}
+
+  def on(d_params, real, fake):
+    (value, m), grads = jax.value_and_grad(loss, has_aux=True)(d_params, real, fake)
+    return grads, {"d_loss": value, **m}
+
+  def off(d_params, real, fake):
+    zeros = {"d_loss": jnp.zeros(()), "logits_real": jnp.zeros(()), "logits_fake": jnp.zeros(())}
+    return jax.tree.map(jnp.zeros_like, d_params), zeros
+
+  return lambda d_params, real, fake, gan_on: jax.lax.cond(gan_on, on, off, d_params, real, fake)
+
+
+def code_stats(indices, k: int, weights=None) -> dict:
+  """Fraction of the k codes used and the perplexity exp(H) of their frequencies."""
+  counts = jnp.zeros((k,)).at[indices.reshape(-1)].add(
+      1.0 if weights is None else weights.reshape(-1))
+  p = counts / jnp.maximum(jnp.sum(counts), 1.0)
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0))
+  return {"usage": jnp.mean(counts > 0), "perplexity": jnp.exp(entropy)}
+
+
+def make_train_step(model, disc, g_tx, d_tx, config):
+  """step(state, key, images) -> (state, metrics): one jittable update."""
+  v = config.vqgan
+  g_loss = generator_loss(model, disc, v)
+  d_grads = discriminator_grads(disc)
+
+  def step(state, key, images):
+    key = jax.random.fold_in(key, state["step"])
+    gan_on = state["step"] >= v.disc_start
+    (loss, aux), g_grads = jax.value_and_grad(g_loss, has_aux=True)(
+        state["g_params"], state["d_params"], images, gan_on)
+    d_g, d_metrics = d_grads(state["d_params"], images, jax.lax.stop_gradient(aux["x_rec"]), gan_on)
+
+    updates, g_opt = g_tx.update(g_grads, state["g_opt"], state["g_params"])
+    g_params = optax.apply_updates(state["g_params"], updates)
+    updates, d_opt = d_tx.update(d_g, state["d_opt"], state["d_params"])
+    d_params = optax.apply_updates(state["d_params"], updates)
+
+    # The codebook follows the EMA of its assigned encoder outputs, not the optimizer.
+    z = jax.lax.stop_gradient(aux["z_e"]).reshape(-1, v.z_channels)
+    ema, codebook = vq.ema_update(state["ema"], z, aux["indices"].reshape(-1), v.ema_decay)
+    ema, codebook, restarted = vq.restart_dead_codes(ema, codebook, z, v.dead_code_threshold, key)
+    g_params = {**g_params, "quantizer": {**g_params["quantizer"], "codebook": codebook}}
+
+    new = {"step": state["step"] + 1, "g_params": g_params, "d_params": d_params,
+           "g_opt": g_opt, "d_opt": d_opt, "ema": ema}
+    stats = code_stats(aux["indices"], v.codebook_size)
+    metrics = {"loss": loss, "rec_loss": aux["rec_loss"], "l1": aux["l1"], "l2": aux["l2"],
+               "commit_loss": aux["commit_loss"], "gan_g_loss": aux["gan_g_loss"],
+               "d_weight": aux["d_weight"], **d_metrics,
+               "batch_usage": stats["usage"], "batch_perplexity": stats["perplexity"],
+               "restarted": restarted, "g_grad_norm": optax.tree.norm(g_grads)}
+    return new, metrics
+  return step
+
+
+# ---------------------------------------------------------------------------
+# Building (cached: tests and the stage reuse one compiled step per config).
+
+@dataclasses.dataclass
+class Trainer:
+  model: vq.VQModel
+  disc: vq.Discriminator
+  init: Callable            # key -> boxed state
+  init_state: Callable      # key -> the state, created sharded (jitted once)
+  state_shardings: Any
+  abstract_state: Any       # ShapeDtypeStructs with shardings (for restoring)
+  step: Callable            # jitted (state, key, images) -> (state, metrics)
+  mesh: Any
+
+
+_TRAINERS: dict = {}
+
+
+def make_optimizers(config):
+  """(generator, discriminator) optimizers: same schedule, their own learning rates."""
+  t = config.vqgan.train
+  return optim.adam(t), optim.adam(t, lr=t.disc_lr)
+
+
+def _trainer_key(config, mesh) -> str:
+  keys = {"vqgan": config.vqgan.to_dict(), "size": config.data.image_size,
+          "channels": config.data.channels, "rules": config.mesh.logical_axis_rules,
+          "mesh": (mesh.axis_names, mesh.devices.shape, [d.id for d in mesh.devices.flat])}
+  for k in ("log_every", "ckpt_every", "keep_checkpoints"):  # no effect on the step
+    keys["vqgan"]["train"].pop(k, None)
+  return json.dumps(keys, sort_keys=True, default=str)
+
+
+def build(config, mesh) -> Trainer:
+  """The models, optimizers and jitted step for `config` on `mesh` (cached)."""
+  vq.check_config(config)
+  key = _trainer_key(config, mesh)
+  if key in _TRAINERS:
+    return _TRAINERS[key]
+  v, rules = config.vqgan, config.mesh.logical_axis_rules
+  model, disc = vq.make_model(config), vq.make_discriminator(config)
+  g_tx, d_tx = make_optimizers(config)
+  init = init_fn(model, disc, g_tx, d_tx, config)
+  abstract = jax.eval_shape(init, keys(0)[0])
+  shardings = parallel.shardings_for(abstract, mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.meta.unbox(abstract), shardings)
+  # As parallel.sharded_init, but compiled once per config: tests, resumed runs
+  # and load_autoencoder reuse it.
+  init_state = jax.jit(lambda key: nn.meta.unbox(init(key)), out_shardings=shardings)
+  repl = parallel.replicated(mesh)
+  step = jax.jit(make_train_step(model, disc, g_tx, d_tx, config), donate_argnums=(0,),
+                 in_shardings=(shardings, repl, parallel.batch_sharding(mesh, rules, 4)),
+                 out_shardings=(shardings, repl))
+  _TRAINERS[key] = Trainer(model, disc, init, init_state, shardings, abstract, step, mesh)
+  return _TRAINERS[key]
+
+
+def keys(seed: int):
+  """(init key, step key): model initialisation and per-step randomness."""
+  # "rbg" keys: XLA on CPU compiles threefry slowly (one unrolled hash per
+  # parameter initialiser: tens of seconds for a small model); rbg compiles in a
+  # fraction of that and is as deterministic for a given mesh.
+  return jax.random.split(jax.random.key(seed, impl="rbg"))
+
+
+def check_batch(config, mesh) -> None:
+  rules = config.mesh.logical_axis_rules
+  shards = int(np.prod([mesh.shape[a] for a in parallel.batch_axes(mesh, rules)]))
+  bs = config.vqgan.train.batch_size
+  if bs % shards:
+    raise ConfigError(f"vqgan.train.batch_size={bs} must be divisible by the {shards} "
+                      f"devices the batch is split over (mesh {dict(mesh.shape)}).")
+
+
+# ---------------------------------------------------------------------------
+# The stage.
+
+def train(ctx, trainer: Trainer, init_key, step_key) -> tuple[Any, dict]:
+  """Trains from the latest checkpoint to train.steps; returns (state, last metrics)."""
+  config, t = ctx.config, ctx.config.vqgan.train
+  mesh, rules = trainer.mesh, config.mesh.logical_axis_rules
+  state = trainer.init_state(init_key)
+  mngr = checkpoints.manager(ctx.stage_dir / "checkpoints", t.keep_checkpoints, t.ckpt_every)
+  state, start = checkpoints.restore_latest(mngr, state)
+  if start:
+    ctx.log("resumed from step %d", start)
+  stream = TrainStream(load_source(config.data, "train"), t.batch_size, config.seed,
+                       ctx.process_index, ctx.process_count)
+  step_key = jax.device_put(step_key, parallel.replicated(mesh))
+  writer, bar = ctx.writer(), ctx.progress(t.steps, start, "vqgan")
+  window, last, t0, timed_from = [], {}, None, start
+  for s in range(start, t.steps):
+    images = parallel.put_batch(stream.batch(s)["image"], mesh, rules)
+    state, m = trainer.step(state, step_key, images)
+    window.append(m)
+    if s == start:  # the first call compiles: time the rest
+      jax.block_until_ready(m)
+      t0, timed_from = time.time(), s + 1
+    # Orbax would also save the very first step; only every ckpt_every is wanted.
+    if (s + 1) % t.ckpt_every == 0 and checkpoints.save(mngr, s + 1, state):
+      mngr.wait_until_finished()  # the next step donates these buffers
+    if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
+      last = {n: float(np.mean([float(x[n]) for x in window])) for n in window[0]}
+      window = []
+      writer.scalars(s + 1, {f"train/{n}": x for n, x in last.items()})
+      ctx.log("step %d: %s", s + 1, ", ".join(f"{n}={x:.4g}" for n, x in last.items()))
+      bar.set_postfix(rec=f"{last['rec_loss']:.4f}", usage=f"{last['batch_usage']:.2f}")
+    bar.update(1)
+  jax.block_until_ready(state)
+  elapsed = time.time() - t0 if t0 else 0.0
+  if mngr.latest_step() != t.steps:  # the final state, whatever ckpt_every says
+    checkpoints.save(mngr, t.steps, state, force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  bar.close()
+  writer.close()
+  timed = t.steps - timed_from
+  last["steps_per_sec"] = timed / elapsed if elapsed > 0 and timed > 0 else 0.0
+  last["train_seconds"] = elapsed
+  return state, last
+
+
+def run(ctx) -> dict:
+  config = ctx.config
+  vq.check_config(config)
+  mesh = parallel.make_mesh(config.mesh)
+  check_batch(config, mesh)
+  trainer = build(config, mesh)
+  n_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state["g_params"]))
+  n_disc = sum(x.size for x in jax.tree.leaves(trainer.abstract_state["d_params"]))
+  ctx.log("VQ-GAN: f=%d, latent %s, %s generator / %s discriminator parameters, %d devices",
+          vq.downsampling_factor(config.vqgan), vq.latent_shape(config.vqgan, config.data.image_size),
+          f"{n_params:,}", f"{n_disc:,}", jax.device_count())
+  init_key, step_key = keys(config.seed)
+  state, last = train(ctx, trainer, init_key, step_key)
+  ae = Autoencoder.from_params(config, state["g_params"], mesh)
+  metrics = evaluate(ctx, ae)
+  ctx.log("held-out: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+  return {**metrics, "generator_params": n_params, "discriminator_params": n_disc,
+          "steps_per_sec": last.get("steps_per_sec", 0.0),
+          "train_seconds": last.get("train_seconds", 0.0), "devices": jax.device_count()}
+
+
+# ---------------------------------------------------------------------------
+# Held-out evaluation.
+
+def evaluate(ctx, ae: "Autoencoder", show: int = 16) -> dict:
+  """PSNR (images in [0, 1]), l1/rec loss, codebook usage and perplexity over
+  the whole held-out split; saves originals above reconstructions as a PNG."""
+  config = ctx.config
+  v = config.vqgan
+  mesh, rules = ae.mesh, config.mesh.logical_axis_rules
+  k = v.codebook_size
+
+  @jax.jit
+  def eval_fn(params, x, mask):
+    z, idx = ae._model.apply({"params": params}, x, method=vq.VQModel.encode)
+    x_rec = jnp.clip(ae._model.apply({"params": params}, z, method=vq.VQModel.decode), -1, 1)
+    mse01 = jnp.mean(jnp.square((x - x_rec) / 2.0), axis=(1, 2, 3))  # [0,1] scale
+    l1 = jnp.mean(jnp.abs(x - x_rec), axis=(1, 2, 3))
+    l2 = jnp.mean(jnp.square(x - x_rec), axis=(1, 2, 3))
+    w = jnp.broadcast_to(mask[:, None, None], idx.shape).astype(jnp.float32)
+    counts = jnp.zeros((k,)).at[idx.reshape(-1)].add(w.reshape(-1))
+    return x_rec, {"mse01": mse01, "l1": l1, "l2": l2}, counts
+
+  per_image, counts, grid = {"mse01": [], "l1": [], "l2": []}, np.zeros(k), None
+  source = load_source(config.data, "heldout")
+  for batch in eval_batches(source, v.train.batch_size, ctx.process_index, ctx.process_count):
+    x, mask = parallel.put_batch((batch["image"], batch["mask"]), mesh, rules)
+    x_rec, m, c = eval_fn(ae.params, x, mask)
+    keep = parallel.to_host(mask)
+    for n in per_image:
+      per_image[n].append(parallel.to_host(m[n])[keep])
+    counts += parallel.to_host(c)
+    if grid is None:
+      grid = (parallel.to_host(x)[:show], parallel.to_host(x_rec)[:show])
+  per_image = {n: np.concatenate(x).astype(np.float64) for n, x in per_image.items()}
+  p = counts / max(counts.sum(), 1.0)
+  entropy = -np.sum(p[p > 0] * np.log(p[p > 0]))
+  mse = per_image["mse01"]
+  metrics = {
+      # Over all pixels of the split (stricter than the mean of per-image PSNRs).
+      "psnr": float(10 * np.log10(1.0 / max(mse.mean(), 1e-12))),
+      "psnr_image_mean": float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12)))),
+      "l1": float(per_image["l1"].mean()),
+      "rec_loss": float(v.l1_weight * per_image["l1"].mean() + v.l2_weight * per_image["l2"].mean()),
+      "codebook_usage": float(np.mean(counts > 0)),
+      "perplexity": float(np.exp(entropy)),
+      "heldout_images": float(len(mse)),
+  }
+  if ctx.is_main and grid is not None:
+    image = save_grid(ctx.stage_dir / "reconstructions.png", *grid)
+    writer = ctx.writer()
+    writer.image(config.vqgan.train.steps, "reconstructions", image)
+    writer.close()
+  return metrics
+
+
+def save_grid(path: Path, originals, reconstructions, cols: int = 8, pad: int = 2) -> np.ndarray:
+  """Originals (rows of `cols`) above their reconstructions, as a uint8 PNG."""
+  def tile(x):
+    x = to_uint8(x)
+    n, h, w, c = x.shape
+    rows = -(-n // cols)
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+      r, q = divmod(i, cols)
+      out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
+    return out
+  image = np.concatenate([tile(originals), tile(reconstructions)], axis=0)
+  from PIL import Image
+  from rissole_jax.workdir import atomic_write_bytes
+  import io
+  buf = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+  atomic_write_bytes(Path(path), buf.getvalue())
+  return image
+
+
+# ---------------------------------------------------------------------------
+# The downstream API.
+
+class Autoencoder:
+  """The trained VQ-GAN generator for the later stages.
+
+  .params       generator params (replicated on the mesh)
+  .fingerprint  sha256 of the params and the vqgan config (stable across loads)
+  .latent_shape (h, w, c);  .f  the downsampling factor
+  .encode(images in [-1,1], batch_size) -> quantized latents (N, h, w, c), float32
+  .decode(latents) -> images in [-1, 1], float32
+  .encode_fn(params, x) / .decode_fn(params, z): pure, for use inside other jits.
+  """
+
+  def __init__(self, config, params, mesh):
+    self.config, self.mesh = config, mesh
+    self._model = vq.make_model(config)
+    self.params = jax.device_put(params, parallel.replicated(mesh))
+    self.f = vq.downsampling_factor(config.vqgan)
+    self.latent_shape = vq.latent_shape(config.vqgan, config.data.image_size)
+    self.fingerprint = params_fingerprint(self.params, config.vqgan)
+    self._encode = jax.jit(self.encode_fn)
+    self._decode = jax.jit(self.decode_fn)
+
+  @classmethod
+  def from_params(cls, config, params, mesh=None):
+    return cls(config, params, mesh or parallel.make_mesh(config.mesh))
+
+  def encode_fn(self, params, x):
+    """Quantized latents (B, h, w, c) of images (B, H, W, C) in [-1, 1]."""
+    return self._model.apply({"params": params}, x, method=vq.VQModel.encode)[0]
+
+  def decode_fn(self, params, z):
+    """Images (B, H, W, C), unclipped, of latents (B, h, w, c)."""
+    return self._model.apply({"params": params}, z, method=vq.VQModel.decode)
+
+  def encode(self, images, batch_size: int = 256) -> np.ndarray:
+    return self._batched(self._encode, images, batch_size, self.latent_shape)
+
+  def decode(self, latents, batch_size: int = 256) -> np.ndarray:
+    size, ch = self.config.data.image_size, self.config.data.channels
+    return np.clip(self._batched(self._decode, latents, batch_size, (size, size, ch)), -1, 1)
+
+  def _batched(self, fn, x, batch_size: int, out_shape) -> np.ndarray:
+    """fn over x in batches of one static size (the last one padded), each split
+    over the mesh's batch axes. Every process passes the same x and gets all rows."""
+    x = np.asarray(x, np.float32)
+    rules = self.config.mesh.logical_axis_rules
+    shards = int(np.prod([self.mesh.shape[a] for a in parallel.batch_axes(self.mesh, rules)]))
+    bs = -(-min(batch_size, max(len(x), 1)) // shards) * shards
+    sharding = parallel.batch_sharding(self.mesh, rules, x.ndim)
+    out = []
+    for s in range(0, len(x), bs):
+      chunk = x[s:s + bs]
+      padded = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk), 0)])
+      arr = jax.make_array_from_callback(padded.shape, sharding, lambda i: padded[i])
+      out.append(parallel.to_host(fn(self.params, arr))[:len(chunk)])
+    if not out:
+      return np.zeros((0, *out_shape), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+def params_fingerprint(params, vq_cfg) -> str:
+  """sha256 over the vqgan config and every parameter (path, shape, dtype, bytes)."""
+  h = hashlib.sha256(json.dumps(vq_cfg.to_dict(), sort_keys=True, default=str).encode())
+  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params),
+                           key=lambda pl: jax.tree_util.keystr(pl[0])):
+    a = np.ascontiguousarray(parallel.to_host(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}:{a.shape}:{a.dtype}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
+def load_autoencoder(config, vqgan_dir) -> Autoencoder:
+  """The generator trained by the vqgan stage in `vqgan_dir` (its final checkpoint).
+
+  Raises DataError when the stage has not finished there."""
+  import orbax.checkpoint as ocp
+  vq.check_config(config)
+  ckpt_dir = Path(vqgan_dir) / "checkpoints"
+  steps = config.vqgan.train.steps
+  found = []
+  if ckpt_dir.is_dir():
+    mngr = ocp.CheckpointManager(ckpt_dir.absolute())
+    found = list(mngr.all_steps())
+  if steps not in found:
+    raise DataError(
+        f"No finished VQ-GAN checkpoint in {ckpt_dir}: need step {steps} "
+        f"(vqgan.train.steps), found {sorted(found) or 'none'}. Fix: run the vqgan stage "
+        "first (python -m rissole_jax.main --config ... --workdir DIR --only vqgan); it "
+        "resumes from its last checkpoint.")
+  mesh = parallel.make_mesh(config.mesh)
+  trainer = build(config, mesh)
+  repl = parallel.replicated(mesh)
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                        trainer.abstract_state)
+  state = mngr.restore(steps, args=ocp.args.StandardRestore(target))
+  mngr.close()
+  return Autoencoder(config, state["g_params"], mesh)
