@@ -27,10 +27,7 @@ from ml_collections import config_flags
 from rissole_jax import main as main_lib
 from rissole_jax import workdir as wd
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config [:variant].",
-                                          lock_config=False)
-_OUT = flags.DEFINE_string("out", None, "Output JSON file (a .md table is written beside it).")
-_ONLY = flags.DEFINE_list("runs", [], "Run only these names from config.runs.")
+FLAGS = flags.FLAGS
 
 # (column, stage, metrics.json key); the first key found is used.
 COLUMNS = [
@@ -51,11 +48,11 @@ def with_overrides(base, overrides: dict):
   c = copy.deepcopy(base)
   c.unlock()
   for key, value in overrides.items():
-    node, *path = key.split(".")
+    *parents, leaf = key.split(".")
     target = c
-    for p in [node] + path[:-1]:
+    for p in parents:
       target = target[p]
-    target[path[-1] if path else node] = value
+    target[leaf] = value
   return c
 
 
@@ -145,22 +142,24 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-_JOB = flags.DEFINE_string("_job", None, "internal: pickled config of one run")
-_ROOT = flags.DEFINE_string("_root", None, "internal: workdir of one run")
-
-
 def main(argv):
   del argv
-  if _JOB.value:
-    with open(_JOB.value, "rb") as f:
+  if FLAGS._job:
+    with open(FLAGS._job, "rb") as f:
       config = pickle.load(f)
-    main_lib.run(config, Path(_ROOT.value), progress=False)
+    main_lib.run(config, Path(FLAGS._root), progress=False)
     return
-  if _CONFIG.value is None or _OUT.value is None:
+  if FLAGS.config is None or FLAGS.out is None:
     raise app.UsageError("--config and --out are required.")
-  rows = benchmark(_CONFIG.value, Path(_OUT.value), tuple(_ONLY.value))
+  rows = benchmark(FLAGS.config, Path(FLAGS.out), tuple(FLAGS.runs))
   print(markdown(rows))
 
 
 if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Benchmark config [:variant].",
+                                  lock_config=False)
+  flags.DEFINE_string("out", None, "Output JSON file (a .md table is written beside it).")
+  flags.DEFINE_list("runs", [], "Run only these names from config.runs.")
+  flags.DEFINE_string("_job", None, "internal: pickled config of one run")
+  flags.DEFINE_string("_root", None, "internal: workdir of one run")
   app.run(main)

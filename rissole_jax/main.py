@@ -36,16 +36,19 @@ STAGES = {
     "evaluate": ("rissole_jax.stages.evaluate", ("evaluate",)),
 }
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file [:variant].",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (local path or bucket).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Redo stages made with another config.")
-_ONLY = flags.DEFINE_list("only", [], "Run only these stages (their inputs must exist).")
-_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Hide progress bars.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0, for multi-process runs.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The CLI's flags (defined on demand, so other CLIs can import this module)."""
+  config_flags.DEFINE_config_file("config", None, "Config file [:variant].", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output folder.")
+  flags.DEFINE_bool("overwrite", False, "Redo stages made with another config.")
+  flags.DEFINE_list("only", [], "Run only these stages (their inputs must exist).")
+  flags.DEFINE_bool("no_progress", False, "Hide progress bars.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes.")
+  flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def stage_records(config, root: Path) -> list[wd.StageRecord]:
@@ -63,11 +66,20 @@ def stage_records(config, root: Path) -> list[wd.StageRecord]:
   return records
 
 
+def check_config(config) -> None:
+  """Refuses an inconsistent config (e.g. a block grid that does not divide the
+  latent) before any stage does work."""
+  if "diffusion" in config.stages or "sample" in config.stages:
+    from rissole_jax.train import diffusion
+    diffusion.check_config(config, diffusion.expected_latent_shape(config))
+
+
 def run(config, root: Path, overwrite: bool = False, only=(), progress: bool = True) -> dict:
   """Runs the stages; returns {stage: metrics}. Importable, for tests and notebooks."""
   from rissole_jax import parallel
   pidx, pcount = parallel.process_info()
   root = Path(root)
+  check_config(config)
   records = stage_records(config, root)
   for rec in records:  # refuse a mismatched workdir before doing any work
     if not only or rec.name in only:
@@ -107,21 +119,23 @@ def run(config, root: Path, overwrite: bool = False, only=(), progress: bool = T
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError("Both --config and --workdir are required.")
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/tfds chatter; our log is per stage
   from rissole_jax import parallel
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)
   try:
-    run(_CONFIG.value, Path(_WORKDIR.value), _OVERWRITE.value, tuple(_ONLY.value),
-        progress=not _NO_PROGRESS.value)
+    run(FLAGS.config, Path(FLAGS.workdir), FLAGS.overwrite, tuple(FLAGS.only),
+        progress=not FLAGS.no_progress)
   except RissoleError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
 def run_cli():
+  define_flags()
   app.run(main)
 
 

@@ -126,7 +126,10 @@ def sharded_init(init_fn, mesh: Mesh, rules, *args):
   """
   abstract = jax.eval_shape(init_fn, *args)
   shardings = shardings_for(abstract, mesh, rules)
-  state = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+  # Non-partitionable threefry: XLA:CPU compiles each 4-d random draw (every
+  # conv kernel init) several times faster; values do not depend on the mesh.
+  with jax.threefry_partitionable(False):
+    state = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
   return state, shardings
 
 

@@ -1,0 +1,89 @@
+"""The main job's smoke variant end to end through the real CLI, then the
+runner's behaviour on a finished workdir, and the benchmark runner on it."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+STAGES = ("vqgan", "encode", "index", "diffusion", "sample", "evaluate")
+
+
+def _cli(workdir, data_dir, *extra, check=True):
+  cmd = [sys.executable, "-m", "rissole_jax.main", "--config", "configs/mnist.py:smoke",
+         "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
+         f"--config.evaluate.cache_dir={workdir}/../cache", "--no_progress", *extra]
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  if check and r.returncode:
+    raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+  return r
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_dir):
+  wd = tmp_path_factory.mktemp("cli") / "run"
+  _cli(wd, data_dir)
+  return wd, data_dir
+
+
+def test_every_stage_writes_its_outputs(smoke_run):
+  wd, _ = smoke_run
+  for s in STAGES:
+    m = json.loads((wd / s / "metrics.json").read_text())
+    assert m and all(isinstance(v, (int, float)) for v in m.values()), s
+    assert (wd / s / "log.txt").exists() and json.loads((wd / s / "stage.json").read_text())["done"]
+  assert {"psnr", "codebook_usage", "perplexity"} <= set(json.loads((wd / "vqgan/metrics.json").read_text()))
+  train = np.load(wd / "encode" / "train.npy")
+  assert train.dtype == np.float32 and train.shape == (4500, 8, 8, 4)
+  nb = np.load(wd / "index" / "neighbours_train.npy")
+  assert nb.dtype == np.int32 and nb.shape == (4500, 3)
+  assert not (nb == np.arange(4500)[:, None]).any()  # never itself
+  samples = np.load(wd / "sample" / "samples.npy")
+  assert samples.dtype == np.uint8 and samples.shape == (8, 32, 32, 1)
+  for png in ("vqgan/reconstructions.png", "sample/samples.png", "sample/figure.png"):
+    assert (wd / png).stat().st_size > 100, png
+  assert list((wd / "vqgan" / "tensorboard").iterdir())
+
+
+def test_rerun_skips_and_mismatch_is_refused(smoke_run):
+  wd, data_dir = smoke_run
+  before = {s: json.loads((wd / s / "stage.json").read_text()) for s in STAGES}
+  r = _cli(wd, data_dir)
+  assert "skipped" in r.stderr
+  assert before == {s: json.loads((wd / s / "stage.json").read_text()) for s in STAGES}
+  r = _cli(wd, data_dir, "--config.sample.num=16", "--only=sample", check=False)
+  assert r.returncode == 2 and "sample.num: 8 -> 16" in r.stderr and "--overwrite" in r.stderr
+
+
+def test_bad_grid_is_refused_before_any_work(tmp_path, data_dir):
+  r = _cli(tmp_path / "w", data_dir, "--config.blocks.grid=(3,3)", check=False)
+  assert r.returncode == 2 and "does not divide the latent" in r.stderr
+  assert not (tmp_path / "w" / "vqgan").exists()
+
+
+def test_benchmark_runner_tiny_matrix(smoke_run, tmp_path):
+  """Two runs sharing the smoke run's upstream stages; a JSON and a table."""
+  wd, data_dir = smoke_run
+  from configs.bench import default as bench_default
+  from rissole_jax import benchmark
+  bench = bench_default.get_config("smoke")
+  bench.base.data.data_dir = data_dir
+  bench.base.evaluate.cache_dir = str(wd / ".." / "cache")
+  bench.runs = [("rissole", {}), ("blocks_only", {"model.variant": "blocks_only"})]
+  bench.samplers = ("ddim",)
+  out = tmp_path / "bench.json"
+  # Seed the benchmark's run folder with the finished smoke stages.
+  (tmp_path / "bench.d").mkdir()
+  (tmp_path / "bench.d" / "rissole").symlink_to(wd)
+  rows = benchmark.benchmark(bench, out)
+  assert [r["name"] for r in rows] == ["rissole", "blocks_only"]
+  assert rows[1]["denoiser params"] < rows[0]["denoiser params"]
+  for r in rows:
+    assert r["seam score"] > 0 and r["sample img/s (ddim)"] > 0 and r["peak_rss_mib"] > 0
+  # blocks_only reused the VQ-GAN, latents and index of the first run.
+  assert (tmp_path / "bench.d" / "blocks_only" / "vqgan").is_symlink()
+  table = out.with_suffix(".md").read_text()
+  assert table.count("\n") == 4 and "blocks_only" in table
