@@ -165,8 +165,12 @@ def put_replicated(tree, mesh: Mesh):
   """Host values (the same on every process) -> arrays replicated on the mesh.
 
   Unlike jax.device_put, this works when the mesh spans several processes."""
+  sharding = replicated(mesh)
+
   def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      impl = jax.random.key_impl(x)  # typed keys travel as their raw data
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=impl)
     x = np.asarray(x)
-    sharding = replicated(mesh)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
   return jax.tree.map(put, tree)

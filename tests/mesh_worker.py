@@ -24,6 +24,10 @@ parallel.initialize_distributed()
 c = mnist.get_config("smoke")
 c.data.data_dir = data_dir
 c.mesh.shape = tuple(int(s) for s in shape.split("x"))
+# GAN off: with the hinge loss and the adaptive weight on, a few near-zero
+# discriminator moments differ by ~5% between meshes (reduction-order noise
+# that Adam amplifies), which would hide real layout bugs behind a loose tolerance.
+c.vqgan.disc_start = 10**6
 os.makedirs(workdir, exist_ok=True)
 if link_from:  # reuse upstream stages made by another run (same config)
   for s in ("vqgan", "encode", "index"):

@@ -251,16 +251,19 @@ def test_learning_rates_act():
 # Training (one compiled step for all of these).
 
 def fresh_state(config):
+  """(trainer, initial state, step key). The key (and batches) are placed as
+  the stage places them: otherwise the step compiles again for the stage."""
   mesh = parallel.make_mesh(config.mesh)
   trainer = T.build(config, mesh)
   ik, sk = T.keys(config.seed)
-  return trainer, trainer.init_state(ik), sk
+  return trainer, trainer.init_state(ik), parallel.put_replicated(sk, mesh)
 
 
 def test_training_lowers_loss_and_disc_switches_on_at_disc_start(fake_data):
   config = tiny_config()
   trainer, state, sk = fresh_state(config)
-  images = jnp.asarray(TrainStream(fake_data["train"], 8, 0).batch(0)["image"])
+  images = parallel.put_batch(TrainStream(fake_data["train"], 8, 0).batch(0)["image"],
+                              trainer.mesh, config.mesh.logical_axis_rules)
   d0 = jax.tree.map(np.asarray, state["d_params"])
   history, d_params = [], []
   for _ in range(config.vqgan.train.steps):
@@ -362,3 +365,12 @@ def test_image_size_not_divisible_by_f():
   c.data.image_size = 20
   with pytest.raises(ConfigError, match=r"f=8.*Fix: use a ch_mult of length \[1, 2, 3\]"):
     vq.check_config(c)
+
+
+def test_batch_must_split_over_the_devices():
+  from types import SimpleNamespace
+  mesh = SimpleNamespace(shape={"data": 3, "fsdp": 1}, axis_names=("data", "fsdp"))
+  with pytest.raises(ConfigError, match=r"batch_size=8 must be divisible by the 3 devices"):
+    T.check_batch(tiny_config(), mesh)
+  T.check_batch(tiny_config(), SimpleNamespace(shape={"data": 2, "fsdp": 2},
+                                               axis_names=("data", "fsdp")))

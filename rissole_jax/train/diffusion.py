@@ -265,10 +265,10 @@ def run(ctx) -> dict:
     wd.atomic_write_json(ctx.stage_dir / "latent_stats.json", stats_out)
 
   repl = parallel.replicated(mesh)
-  key = jax.device_put(jax.random.PRNGKey(config.seed + 1), repl)
+  key = parallel.put_replicated(jax.random.PRNGKey(config.seed + 1), mesh)
   if t.gather == "device":
-    db_lat = jax.device_put(latents, repl)
-    db_nbr = jax.device_put(db.neighbours, repl)
+    db_lat = parallel.put_replicated(latents, mesh)
+    db_nbr = parallel.put_replicated(db.neighbours, mesh)
     jstep = jax.jit(fns.gather_step, donate_argnums=(0,),
                     in_shardings=(state_sh, repl, repl, repl, parallel.batch_sharding(mesh, rules, 1)),
                     out_shardings=(state_sh, repl))
