@@ -89,7 +89,11 @@ class Attention(nn.Module):
   def __call__(self, x):
     b, h, w, c = x.shape
     y = layers.group_norm(NUM_GROUPS, c, name="norm")(x).reshape(b, h * w, 1, c)
-    q, k, v = (layers.dense(c, name=n)(y) for n in ("q", "k", "v"))
+    # No key bias: it adds q.b to every logit of a query, which softmax ignores,
+    # so its gradient is float noise that Adam would turn into a random walk.
+    q = layers.dense(c, name="q")(y)
+    k = layers.dense(c, name="k", use_bias=False)(y)
+    v = layers.dense(c, name="v")(y)
     y = jax.nn.dot_product_attention(q, k, v).reshape(b, h * w, c)
     return x + layers.dense(c, name="proj")(y).reshape(b, h, w, c)
 
