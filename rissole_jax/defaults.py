@@ -26,7 +26,8 @@ def base_config() -> mlc.ConfigDict:
 
   # ---- VQ-GAN ------------------------------------------------------------
   # Sized for the MNIST default on a 2-core CPU (f=4, latent 8x8x4): ~0.55M
-  # generator parameters; held-out PSNR ~26 dB after 900 steps of 32 images.
+  # generator parameters; held-out PSNR 25.8 dB, all 256 codes used, after 900
+  # steps of 32 images (~5-6 min on a shared 2-core CPU).
   c.vqgan = v = mlc.ConfigDict()
   v.ch = 16                     # base channels
   v.ch_mult = (1, 2, 4)         # channel multiplier per resolution; f = 2**(len-1)

@@ -340,7 +340,8 @@ def evaluate(ctx, ae: "Autoencoder", show: int = 16) -> dict:
 
 
 def save_grid(path: Path, originals, reconstructions, cols: int = 8, pad: int = 2) -> np.ndarray:
-  """Originals (rows of `cols`) above their reconstructions, as a uint8 PNG."""
+  """Originals (rows of `cols`) above their reconstructions, as a uint8 PNG
+  (returned as an HWC array too)."""
   def tile(x):
     x = to_uint8(x)
     n, h, w, c = x.shape
@@ -350,7 +351,9 @@ def save_grid(path: Path, originals, reconstructions, cols: int = 8, pad: int = 
       r, q = divmod(i, cols)
       out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
     return out
-  image = np.concatenate([tile(originals), tile(reconstructions)], axis=0)
+  top, bottom = tile(originals), tile(reconstructions)
+  band = np.full((2 * pad, *top.shape[1:]), 128, np.uint8)  # grey line between the two
+  image = np.concatenate([top, band, bottom], axis=0)
   from PIL import Image
   buf = io.BytesIO()
   Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
