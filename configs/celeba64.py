@@ -11,12 +11,15 @@ def get_config(arg: str = ""):
   c = base_config()
   c.data.update(name="celeb_a", image_size=64, channels=3)
   c.vqgan.update(ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=10,
-                 codebook_size=1024, disc_ch=64, disc_layers=3, disc_start=20_000)
-  c.vqgan.train.update(steps=100_000, batch_size=64, ckpt_every=5000, log_every=500)
+                 codebook_size=1024, disc_ch=64, disc_layers=3, disc_start=20_000,
+                 disc_weight=0.8)  # the VQ-GAN paper's rates and GAN weight at this size
+  c.vqgan.train.update(steps=100_000, batch_size=64, lr=2e-4, disc_lr=2e-4,
+                       warmup_steps=1000, ckpt_every=5000, log_every=500)
   c.retrieval.k = 10
   c.blocks.grid = (2, 2)
   c.model.update(ch=128, ch_mult=(1, 2), num_res_blocks=2, num_groups=32)
-  c.diffusion.train.update(steps=200_000, batch_size=128, ckpt_every=5000, log_every=500)
+  c.diffusion.train.update(steps=200_000, batch_size=128, lr=1e-4, warmup_steps=1000,
+                           ckpt_every=5000, log_every=500)
   c.sample.update(num=10_000, batch_size=256, sampler="ddpm")
   c.evaluate.update(classifier_steps=0)
   return apply_variants(c, arg)

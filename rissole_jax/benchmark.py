@@ -7,8 +7,8 @@ runs in its own workdir under `<out>.d/<name>/`, in a subprocess so that its
 peak memory is its own. Stages whose fingerprint matches a run done earlier
 are linked, not redone, so runs share one VQ-GAN, one set of latents and,
 where retrieval settings agree, one index. Sampling throughput is timed for
-each sampler in `config.samplers` (extra `sample` stages on the same
-denoiser). Results go to FILE.json and a markdown table FILE.md.
+each sampler in `config.samplers` by an extra `sample` stage on the same
+denoiser with `config.timing_batch` images per batch. Results go to FILE.json and a markdown table FILE.md.
 """
 from __future__ import annotations
 
@@ -109,17 +109,14 @@ def benchmark(bench, out: Path, only=()) -> list[dict]:
                                        for k, v in dict(overrides).items()}}
     row.update(run_job(config, root))
     row.update(collect(root))
-    for sampler in bench.samplers:  # sampling throughput per sampler, same denoiser
-      sconf = with_overrides(config, {"sample.sampler": sampler,
-                                      "stages": ("vqgan", "encode", "index", "diffusion", "sample")})
-      if sampler != config.sample.sampler:
-        sconf.sample.num = sconf.sample.batch_size * (bench.timing_batches + 1)
-      sroot = runs_dir / f"{name}.{sampler}" if sampler != config.sample.sampler else root
+    for sampler in bench.samplers:  # throughput per sampler, same denoiser, same batch
+      sconf = with_overrides(config, {"stages": ("vqgan", "encode", "index", "diffusion", "sample")})
+      sconf.sample.update(sampler=sampler, batch_size=bench.timing_batch,
+                          num=bench.timing_batch * (bench.timing_batches + 1))
+      sroot = runs_dir / f"{name}.{sampler}"
       link_upstream(sconf, sroot, done)
-      if sroot != root:
-        run_job(sconf, sroot)
-      m = wd.read_metrics(sroot / "sample")
-      row[f"sample img/s ({sampler})"] = m.get("samples_per_sec")
+      run_job(sconf, sroot)
+      row[f"sample img/s ({sampler})"] = wd.read_metrics(sroot / "sample").get("samples_per_sec")
     rows.append(row)
     wd.atomic_write_json(out, rows)  # after every run: a long benchmark loses nothing
     wd.atomic_write_bytes(out.with_suffix(".md"), markdown(rows).encode())

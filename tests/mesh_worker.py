@@ -1,18 +1,32 @@
-"""Runs stages of the smoke config on a given mesh (in a subprocess, so the
+"""Runs stages of the smoke config on given meshes (in a subprocess, so the
 device count can be forced before jax is imported), then dumps the final
-parameters of the trained stages to an .npz for comparison.
+parameters of the trained stages to WORKDIR/params.npz for comparison.
 
-  python tests/mesh_worker.py DEVICES MESH_SHAPE WORKDIR DATA_DIR STAGES [LINK_FROM]
+  python tests/mesh_worker.py DEVICES DATA_DIR JOB [JOB ...]
+      JOB = MESH_SHAPE:WORKDIR:STAGES[:LINK_FROM]   e.g. 2x4:/tmp/w:vqgan,diffusion:/tmp/ref
+  python tests/mesh_worker.py DEVICES fsdp-bytes MESH_SHAPE OUT.json
+
+The device count is fixed per process, so one 8-device process runs several
+meshes one after another (each into its own workdir). Upstream stages that a
+job does not run (vqgan, encode, index) are linked from LINK_FROM, so runs on
+different meshes train from the same inputs.
+
+The `fsdp-bytes` form builds the diffusion train state of the smoke config
+sharded on the mesh (no training) and writes its per-device bytes as JSON.
+
+Several processes: the usual environment variables (RISSOLE_COORDINATOR,
+RISSOLE_NUM_PROCESSES, RISSOLE_PROCESS_ID) name the coordinator; every process
+runs the same jobs; only process 0 writes params.npz.
 """
 import os
 import sys
 
-devices, shape, workdir, data_dir, stages = sys.argv[1:6]
-link_from = sys.argv[6] if len(sys.argv) > 6 else None
+devices = sys.argv[1]
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Multi-process runs: the usual environment variables name the coordinator.
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -20,28 +34,68 @@ from configs import mnist  # noqa: E402
 from rissole_jax import main, parallel  # noqa: E402
 from rissole_jax.train import checkpoints  # noqa: E402
 
-parallel.initialize_distributed()
-c = mnist.get_config("smoke")
-c.data.data_dir = data_dir
-c.mesh.shape = tuple(int(s) for s in shape.split("x"))
-# GAN off: with the hinge loss and the adaptive weight on, a few near-zero
-# discriminator moments differ by ~5% between meshes (reduction-order noise
-# that Adam amplifies), which would hide real layout bugs behind a loose tolerance.
-c.vqgan.disc_start = 10**6
-os.makedirs(workdir, exist_ok=True)
-if link_from:  # reuse upstream stages made by another run (same config)
-  for s in ("vqgan", "encode", "index"):
-    if not os.path.exists(os.path.join(workdir, s)):
-      os.symlink(os.path.join(link_from, s), os.path.join(workdir, s))
-only = tuple(stages.split(","))
-main.run(c, workdir, only=only, progress=False)
-if parallel.process_info()[0] == 0:
+
+def config(shape: str, data_dir: str | None = None):
+  c = mnist.get_config("smoke")
+  if data_dir:
+    c.data.data_dir = data_dir
+  c.mesh.shape = tuple(int(s) for s in shape.split("x"))
+  # GAN off: with the hinge loss and the adaptive weight on, a few near-zero
+  # discriminator moments differ by ~5% between meshes (reduction-order noise
+  # that Adam amplifies), which would hide real layout bugs behind a loose tolerance.
+  c.vqgan.disc_start = 10**6
+  return c
+
+
+def run_job(job: str, data_dir: str) -> None:
+  shape, workdir, stages, *link = job.split(":")
+  c = config(shape, data_dir)
+  only = tuple(stages.split(","))
+  os.makedirs(workdir, exist_ok=True)
+  if link:  # reuse upstream stages made by another run (same config)
+    for s in ("vqgan", "encode", "index"):
+      if s not in only and not os.path.exists(os.path.join(workdir, s)):
+        os.symlink(os.path.join(link[0], s), os.path.join(workdir, s))
+  main.run(c, workdir, only=only, progress=False)
+  import jax
   out = {}
   for s in ("vqgan", "diffusion"):
     if s in only:
+      # Every process restores: orbax's restore is collective (process 0
+      # alone would wait for the others forever); to_host gathers too.
       state = checkpoints.restore_params(os.path.join(workdir, s, "checkpoints"))
-      import jax
-      flat = jax.tree_util.tree_flatten_with_path(state)[0]
-      for path, leaf in flat:
-        out[f"{s}/{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
-  np.savez(os.path.join(workdir, "params.npz"), **out)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        out[f"{s}/{jax.tree_util.keystr(path)}"] = parallel.to_host(leaf)
+  if parallel.process_info()[0] == 0:
+    np.savez(os.path.join(workdir, "params.npz"), **out)
+  parallel.sync(f"dumped-{workdir}")
+
+
+def fsdp_bytes(shape: str, out_path: str) -> None:
+  import jax
+  from rissole_jax.train import diffusion
+  c = config(shape)
+  mesh = parallel.make_mesh(c.mesh)
+  latent_shape = diffusion.expected_latent_shape(c)
+  state = diffusion.build(c, latent_shape, int(c.retrieval.k), mesh, 0)[3]
+  total = lambda t: sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(t))
+  row = {"mesh": dict(mesh.shape), "devices": jax.device_count()}
+  for name, tree in (("params", state["params"]), ("state", state)):
+    per = parallel.bytes_per_device(tree)
+    row[name] = {"total": total(tree), "per_device": sorted(per.values())}
+  # The largest replicated leaves: what keeps the share above 1/n.
+  repl = [(jax.tree_util.keystr(p), int(x.size) * x.dtype.itemsize)
+          for p, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]
+          if x.sharding.is_fully_replicated]
+  row["replicated_params"] = sorted(repl, key=lambda r: -r[1])
+  with open(out_path, "w") as f:
+    json.dump(row, f, indent=1)
+
+
+if __name__ == "__main__":
+  parallel.initialize_distributed()
+  if sys.argv[2] == "fsdp-bytes":
+    fsdp_bytes(sys.argv[3], sys.argv[4])
+  else:
+    for job in sys.argv[3:]:
+      run_job(job, sys.argv[2])

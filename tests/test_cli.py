@@ -64,9 +64,6 @@ def test_bad_grid_is_refused_before_any_work(tmp_path, data_dir):
   assert not (tmp_path / "w" / "vqgan").exists()
 
 
-@pytest.mark.skip(reason="Open (issue 6): the second run's subprocess fails restoring a "
-                  "checkpoint ('tree structures do not match') since the last VQ-GAN "
-                  "changes; passed before them. See the issue note.")
 def test_benchmark_runner_tiny_matrix(smoke_run, tmp_path):
   """Two runs sharing the smoke run's upstream stages; a JSON and a table."""
   wd, data_dir = smoke_run

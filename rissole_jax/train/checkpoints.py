@@ -45,3 +45,12 @@ def restore_params(directory: Path, like=None):
   out = mngr.restore(step, args=args)
   mngr.close()
   return out
+
+
+def finish(mngr: ocp.CheckpointManager, step: int, state) -> None:
+  """Saves the final `state` at `step` (whatever the save interval says),
+  waits for every pending write, and closes the manager."""
+  if mngr.latest_step() != step:
+    save(mngr, step, state, force=True)
+  mngr.wait_until_finished()
+  mngr.close()

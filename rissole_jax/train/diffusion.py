@@ -306,10 +306,7 @@ def run(ctx) -> dict:
   jax.block_until_ready(state)
   elapsed = time.time() - t_first if t_first else 0.0
   steps_timed = t.steps - timed_from
-  if mngr.latest_step() != t.steps:  # the final state, whatever ckpt_every says
-    checkpoints.save(mngr, t.steps, state, force=True)
-  mngr.wait_until_finished()
-  mngr.close()
+  checkpoints.finish(mngr, t.steps, state)
   bar.close()
   writer.close()
   if not last:  # resumed at the very end: nothing new to report

@@ -251,10 +251,7 @@ def train(ctx, trainer: Trainer, init_key, step_key) -> tuple[Any, dict]:
     bar.update(1)
   jax.block_until_ready(state)
   elapsed = time.time() - t0 if t0 else 0.0
-  if mngr.latest_step() != t.steps:  # the final state, whatever ckpt_every says
-    checkpoints.save(mngr, t.steps, state, force=True)
-  mngr.wait_until_finished()
-  mngr.close()
+  checkpoints.finish(mngr, t.steps, state)
   bar.close()
   writer.close()
   timed = t.steps - timed_from
