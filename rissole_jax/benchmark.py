@@ -93,6 +93,13 @@ def collect(root: Path, columns=COLUMNS) -> dict:
       if k in metrics:
         out[col] = metrics[k]
         break
+  if "train img/s" not in out:  # a diffusion stage made before that key existed
+    try:
+      rate = wd.read_metrics(root / "diffusion")["steps_per_sec"]
+      cfg = json.loads((root / "diffusion" / "stage.json").read_text())["config"]
+      out["train img/s"] = rate * cfg["diffusion"]["train"]["batch_size"]
+    except (FileNotFoundError, KeyError):
+      pass
   return out
 
 

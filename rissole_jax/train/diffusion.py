@@ -288,12 +288,14 @@ def run(ctx) -> dict:
   writer = ctx.writer()
   bar = ctx.progress(t.steps, start, "diffusion")
   window, last, t_first, timed_from = [], {}, None, start
+  first_step_seconds, t_start = 0.0, time.time()
   for s in range(start, t.steps):
     state, m = train_step(state, stream.indices(s))
     window.append(m)
     if s == start:  # the first call compiles: time the rest
       jax.block_until_ready(m)
       t_first, timed_from = time.time(), s + 1
+      first_step_seconds = t_first - t_start
     checkpoints.save(mngr, s + 1, state)
     if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
       last = {n: float(np.mean([float(x[n]) for x in window])) for n in window[0]}
@@ -306,6 +308,7 @@ def run(ctx) -> dict:
   jax.block_until_ready(state)
   elapsed = time.time() - t_first if t_first else 0.0
   steps_timed = t.steps - timed_from
+  rate = steps_timed / elapsed if elapsed > 0 and steps_timed else 0.0
   checkpoints.finish(mngr, t.steps, state)
   bar.close()
   writer.close()
@@ -315,7 +318,9 @@ def run(ctx) -> dict:
   if heldout is not None:
     ctx.log("held-out loss (EMA weights): %.4f", heldout)
   return {"loss": last["loss"], "heldout_loss": heldout, "denoiser_params": n_params,
-          "steps_per_sec": steps_timed / elapsed if elapsed > 0 and steps_timed else 0.0,
+          "steps_per_sec": rate, "train_images_per_sec": rate * t.batch_size,
+          # The first step: compiling the jitted step, plus one step.
+          "compile_seconds": first_step_seconds,
           "latent_std": float(np.mean(stats["std"])), "latent_mean": float(np.mean(stats["mean"])),
           "devices": jax.device_count()}
 
