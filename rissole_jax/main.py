@@ -91,7 +91,8 @@ def run(config, root: Path, overwrite: bool = False, only=(), progress: bool = T
   for rec in records:
     if only and rec.name not in only:
       continue
-    logger = wd.file_logger(rec.name, rec.directory / "log.txt", to_console=pidx == 0)
+    logger = wd.file_logger(rec.name, rec.directory / "log.txt", to_console=pidx == 0,
+                            to_file=pidx == 0)
     if rec.is_done():
       logger.info("skipped: finished earlier with the same config (%s)", rec.directory)
       results[rec.name] = wd.read_metrics(rec.directory)

@@ -157,8 +157,10 @@ def read_metrics(stage_dir: Path) -> dict:
   return json.loads((Path(stage_dir) / "metrics.json").read_text())
 
 
-def file_logger(name: str, path: Path, to_console: bool = True) -> logging.Logger:
-  """A logger writing to `path` (and the console) with timestamps."""
+def file_logger(name: str, path: Path, to_console: bool = True,
+                to_file: bool = True) -> logging.Logger:
+  """A logger writing to `path` (and the console) with timestamps. Processes
+  other than the main one pass to_file=False: one log.txt, one writer."""
   logger = logging.getLogger(f"rissole.{name}")
   logger.setLevel(logging.INFO)
   logger.propagate = False
@@ -166,10 +168,13 @@ def file_logger(name: str, path: Path, to_console: bool = True) -> logging.Logge
     logger.removeHandler(h)
     h.close()
   fmt = logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fh = logging.FileHandler(path)
-  fh.setFormatter(fmt)
-  logger.addHandler(fh)
+  if to_file:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(path)
+    fh.setFormatter(fmt)
+    logger.addHandler(fh)
+  else:
+    logger.addHandler(logging.NullHandler())
   if to_console:
     sh = logging.StreamHandler()
     sh.setFormatter(fmt)

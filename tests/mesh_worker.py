@@ -3,13 +3,19 @@ device count can be forced before jax is imported), then dumps the final
 parameters of the trained stages to WORKDIR/params.npz for comparison.
 
   python tests/mesh_worker.py DEVICES DATA_DIR JOB [JOB ...]
-      JOB = MESH_SHAPE:WORKDIR:STAGES[:LINK_FROM]   e.g. 2x4:/tmp/w:vqgan,diffusion:/tmp/ref
+      JOB = MESH_SHAPE:WORKDIR:STAGES[:LINK_FROM]
+      e.g. 8x1:/tmp/a:vqgan 2x4:/tmp/b:vqgan 8x1:/tmp/a:diffusion:/tmp/ref
   python tests/mesh_worker.py DEVICES fsdp-bytes MESH_SHAPE OUT.json
 
-The device count is fixed per process, so one 8-device process runs several
-meshes one after another (each into its own workdir). Upstream stages that a
-job does not run (vqgan, encode, index) are linked from LINK_FROM, so runs on
-different meshes train from the same inputs.
+The device count is fixed per process, but one 8-device process can run
+several meshes one after another (each into its own workdir), and the jobs run
+in the order given. Upstream stages (vqgan, encode, index) that a job neither
+runs nor already has in its workdir are linked from LINK_FROM, waiting (up to
+15 minutes) until that run has finished them: so a run started alongside the
+reference trains from the reference's latents and index.
+
+params.npz maps "STAGE/path" to the final checkpoint's arrays (the whole
+train state of each stage the workdir's jobs trained).
 
 The `fsdp-bytes` form builds the diffusion train state of the smoke config
 sharded on the mesh (no training) and writes its per-device bytes as JSON.
@@ -27,12 +33,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import json  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from configs import mnist  # noqa: E402
 from rissole_jax import main, parallel  # noqa: E402
 from rissole_jax.train import checkpoints  # noqa: E402
+
+UPSTREAM = ("vqgan", "encode", "index")
+WAIT_S = 900
 
 
 def config(shape: str, data_dir: str | None = None):
@@ -44,7 +54,31 @@ def config(shape: str, data_dir: str | None = None):
   # discriminator moments differ by ~5% between meshes (reduction-order noise
   # that Adam amplifies), which would hide real layout bugs behind a loose tolerance.
   c.vqgan.disc_start = 10**6
+  # Only the final checkpoint: each orbax save costs a second or two here.
+  c.vqgan.train.ckpt_every = c.vqgan.train.steps
+  c.diffusion.train.ckpt_every = c.diffusion.train.steps
   return c
+
+
+def _done(stage_dir: str) -> bool:
+  try:
+    with open(os.path.join(stage_dir, "stage.json")) as f:
+      return bool(json.load(f).get("done"))
+  except (OSError, ValueError):
+    return False
+
+
+def link_upstream(workdir: str, link_from: str, only) -> None:
+  """Links the upstream stages this job needs from `link_from`, once finished there."""
+  needed = [s for s in UPSTREAM if s not in only and not os.path.exists(os.path.join(workdir, s))]
+  deadline = time.time() + WAIT_S
+  for s in needed:
+    src = os.path.join(link_from, s)
+    while not _done(src):
+      if time.time() > deadline:
+        raise TimeoutError(f"{src} did not finish within {WAIT_S}s")
+      time.sleep(1.0)
+    os.symlink(src, os.path.join(workdir, s))
 
 
 def run_job(job: str, data_dir: str) -> None:
@@ -52,23 +86,25 @@ def run_job(job: str, data_dir: str) -> None:
   c = config(shape, data_dir)
   only = tuple(stages.split(","))
   os.makedirs(workdir, exist_ok=True)
-  if link:  # reuse upstream stages made by another run (same config)
-    for s in ("vqgan", "encode", "index"):
-      if s not in only and not os.path.exists(os.path.join(workdir, s)):
-        os.symlink(os.path.join(link[0], s), os.path.join(workdir, s))
+  if link:
+    link_upstream(workdir, link[0], only)
   main.run(c, workdir, only=only, progress=False)
   import jax
   out = {}
-  for s in ("vqgan", "diffusion"):
-    if s in only:
+  for s in only:
+    if s in ("vqgan", "diffusion"):
       # Every process restores: orbax's restore is collective (process 0
       # alone would wait for the others forever); to_host gathers too.
       state = checkpoints.restore_params(os.path.join(workdir, s, "checkpoints"))
       for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         out[f"{s}/{jax.tree_util.keystr(path)}"] = parallel.to_host(leaf)
-  if parallel.process_info()[0] == 0:
-    np.savez(os.path.join(workdir, "params.npz"), **out)
-  parallel.sync(f"dumped-{workdir}")
+  path = os.path.join(workdir, "params.npz")
+  if parallel.process_info()[0] == 0 and out:
+    if os.path.exists(path):  # an earlier job in this workdir (another stage)
+      with np.load(path) as old:
+        out = {**{k: old[k] for k in old.files}, **out}
+    np.savez(path, **out)
+  parallel.sync(f"dumped:{job}")
 
 
 def fsdp_bytes(shape: str, out_path: str) -> None:
@@ -83,7 +119,7 @@ def fsdp_bytes(shape: str, out_path: str) -> None:
   for name, tree in (("params", state["params"]), ("state", state)):
     per = parallel.bytes_per_device(tree)
     row[name] = {"total": total(tree), "per_device": sorted(per.values())}
-  # The largest replicated leaves: what keeps the share above 1/n.
+  # The replicated parameter leaves: what keeps the share above 1/n.
   repl = [(jax.tree_util.keystr(p), int(x.size) * x.dtype.itemsize)
           for p, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]
           if x.sharding.is_fully_replicated]

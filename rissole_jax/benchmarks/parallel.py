@@ -134,12 +134,14 @@ def _run_child(entry: str, argv_rest: list[str]) -> dict:
 def markdown(rows: list[dict]) -> str:
   cols = [("devices", "devices"), ("mesh", "mesh"), ("compile_s", "compile s"),
           ("step_s_median", "step s (median)"), ("images_per_sec", "img/s"),
-          ("param_bytes_per_device_max", "param bytes/device"),
-          ("param_share", "share of params"), ("state_bytes_per_device_max", "state bytes/device"),
+          ("param_mib", "param MiB/device"), ("param_share", "share of params"),
+          ("state_mib", "state MiB/device"),
           ("flops_per_step_per_device", "GFLOP/step/device"), ("mfu", "MFU")]
   lines = ["| " + " | ".join(c for _, c in cols) + " |", "|" + "---|" * len(cols)]
   for r in rows:
     r = dict(r, param_share=r["param_bytes_per_device_max"] / r["param_bytes_total"],
+             param_mib=r["param_bytes_per_device_max"] / 2**20,
+             state_mib=r["state_bytes_per_device_max"] / 2**20,
              flops_per_step_per_device=r["flops_per_step_per_device"] / 1e9)
     cells = []
     for key, _ in cols:

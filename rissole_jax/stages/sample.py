@@ -242,15 +242,16 @@ def run(ctx) -> dict:
   bar.close()
   samples = to_uint8(np.concatenate(images))
 
+  # Decoding runs on the whole mesh, so every process takes part; one writes.
+  show = min(s.show, s.num)
+  q_img = to_uint8(ae.decode(db.latents[queries[:show]]))
+  nb_img = to_uint8(ae.decode(db.latents[nb_ids[:show].ravel()]))
+  nb_img = nb_img.reshape(show, -1, *nb_img.shape[1:])
   if ctx.is_main:
     out = ctx.stage_dir
     atomic_save_npy(out / "samples.npy", samples)
     atomic_save_npy(out / "queries.npy", queries)
     save_png(out / "samples.png", tile(samples[:min(len(samples), 256)], 16 if len(samples) >= 16 * 16 else 8))
-    show = min(s.show, s.num)
-    q_img = to_uint8(ae.decode(db.latents[queries[:show]]))
-    nb_img = to_uint8(ae.decode(db.latents[nb_ids[:show].ravel()]))
-    nb_img = nb_img.reshape(show, -1, *nb_img.shape[1:])
     save_png(out / "figure.png", figure(q_img, nb_img, samples[:show]))
   # The first batch compiles; later ones time the sampler itself.
   steady = times[1:] or times
