@@ -68,6 +68,15 @@ def link_upstream(config, root: Path, done: dict[str, Path]) -> None:
       rec.directory.symlink_to(src.resolve(), target_is_directory=True)
 
 
+def run_linked(config, root: Path, done: dict[str, Path]) -> dict:
+  """Links what earlier runs made, runs the rest, and records what this run
+  made so that later runs (its sampler timings too) link to it."""
+  link_upstream(config, root, done)
+  stats = run_job(config, root)
+  link_upstream(config, root, done)
+  return stats
+
+
 def run_job(config, root: Path) -> dict:
   """The main job in a subprocess; returns its peak RSS in MiB."""
   fd, cfg_path = tempfile.mkstemp(suffix=".pkl")
@@ -106,23 +115,32 @@ def collect(root: Path, columns=COLUMNS) -> dict:
 def benchmark(bench, out: Path, only=()) -> list[dict]:
   rows, done = [], {}
   runs_dir = out.with_suffix(".d")
+  for name, overrides in bench.runs:  # what earlier invocations finished, `only` or not
+    root = runs_dir / name
+    if root.is_dir():
+      for rec in main_lib.stage_records(with_overrides(bench.base, dict(overrides)), root):
+        if rec.is_done():
+          done.setdefault(rec.fingerprint, rec.directory)
   for name, overrides in bench.runs:
     if only and name not in only:
       continue
     config = with_overrides(bench.base, dict(overrides))
     root = runs_dir / name
-    link_upstream(config, root, done)
     row = {"name": name, "overrides": {k: list(v) if isinstance(v, tuple) else v
                                        for k, v in dict(overrides).items()}}
-    row.update(run_job(config, root))
+    row.update(run_linked(config, root, done))
     row.update(collect(root))
-    for sampler in bench.samplers:  # throughput per sampler, same denoiser, same batch
+    # Throughput per sampler: same denoiser, same batch. A timing left out of
+    # `samplers` is still reported if an earlier invocation made it (same config).
+    for sampler in dict.fromkeys((*bench.samplers, "ddpm", "ddim")):
       sconf = with_overrides(config, {"stages": ("vqgan", "encode", "index", "diffusion", "sample")})
       sconf.sample.update(sampler=sampler, batch_size=bench.timing_batch,
                           num=bench.timing_batch * (bench.timing_batches + 1))
       sroot = runs_dir / f"{name}.{sampler}"
-      link_upstream(sconf, sroot, done)
-      run_job(sconf, sroot)
+      if sampler in bench.samplers:
+        run_linked(sconf, sroot, done)
+      elif not (sroot.is_dir() and main_lib.stage_records(sconf, sroot)[-1].is_done()):
+        continue
       row[f"sample img/s ({sampler})"] = wd.read_metrics(sroot / "sample").get("samples_per_sec")
     rows.append(row)
     wd.atomic_write_json(out, rows)  # after every run: a long benchmark loses nothing

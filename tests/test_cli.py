@@ -85,5 +85,8 @@ def test_benchmark_runner_tiny_matrix(smoke_run, tmp_path):
     assert r["seam score"] > 0 and r["sample img/s (ddim)"] > 0 and r["peak_rss_mib"] > 0
   # blocks_only reused the VQ-GAN, latents and index of the first run.
   assert (tmp_path / "bench.d" / "blocks_only" / "vqgan").is_symlink()
+  # Each sampler timing reused its run's denoiser instead of training another.
+  for name in ("rissole", "blocks_only"):
+    assert (tmp_path / "bench.d" / f"{name}.ddim" / "diffusion").is_symlink()
   table = out.with_suffix(".md").read_text()
   assert table.count("\n") == 4 and "blocks_only" in table
