@@ -88,7 +88,13 @@ def run_job(config, root: Path) -> dict:
   os.unlink(cfg_path)
   if os.waitstatus_to_exitcode(status) != 0:
     raise RuntimeError(f"run in {root} failed (exit {os.waitstatus_to_exitcode(status)}); see its log.txt files")
-  return {"peak_rss_mib": usage.ru_maxrss / 1024}
+  # The peak over every invocation that worked in this folder: a re-run that
+  # only skips finished stages must not report its own small footprint.
+  record = root / "peak_rss.json"
+  before = json.loads(record.read_text())["peak_rss_mib"] if record.exists() else 0.0
+  peak = max(before, usage.ru_maxrss / 1024)
+  wd.atomic_write_json(record, {"peak_rss_mib": peak})
+  return {"peak_rss_mib": peak}
 
 
 def collect(root: Path, columns=COLUMNS) -> dict:

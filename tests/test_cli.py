@@ -88,5 +88,9 @@ def test_benchmark_runner_tiny_matrix(smoke_run, tmp_path):
   # Each sampler timing reused its run's denoiser instead of training another.
   for name in ("rissole", "blocks_only"):
     assert (tmp_path / "bench.d" / f"{name}.ddim" / "diffusion").is_symlink()
+  # Re-running redoes nothing and keeps the peak memory of the run that worked.
+  again = benchmark.benchmark(bench, out)
+  assert again[1]["peak_rss_mib"] == rows[1]["peak_rss_mib"]
+  assert again[1]["FD (classifier)"] == rows[1]["FD (classifier)"]
   table = out.with_suffix(".md").read_text()
   assert table.count("\n") == 4 and "blocks_only" in table
