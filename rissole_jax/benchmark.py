@@ -8,7 +8,8 @@ peak memory is its own. Stages whose fingerprint matches a run done earlier
 are linked, not redone, so runs share one VQ-GAN, one set of latents and,
 where retrieval settings agree, one index. Sampling throughput is timed for
 each sampler in `config.samplers` by an extra `sample` stage on the same
-denoiser with `config.timing_batch` images per batch. Results go to FILE.json and a markdown table FILE.md.
+denoiser with `config.timing_batch` images per batch. Results go to
+FILE.json and a markdown table FILE.md.
 """
 from __future__ import annotations
 
@@ -56,12 +57,21 @@ def with_overrides(base, overrides: dict):
   return c
 
 
+def register_done(config, root: Path, done: dict[str, Path]) -> list:
+  """Records the finished stages under `root` in `done` (fingerprint -> folder);
+  returns the run's stage records."""
+  records = main_lib.stage_records(config, root)
+  for rec in records:
+    if rec.is_done():
+      done.setdefault(rec.fingerprint, rec.directory)
+  return records
+
+
 def link_upstream(config, root: Path, done: dict[str, Path]) -> None:
   """Links stage folders already made (same fingerprint) into this run's workdir."""
   root.mkdir(parents=True, exist_ok=True)
-  for rec in main_lib.stage_records(config, root):
+  for rec in register_done(config, root, done):
     if rec.is_done():
-      done.setdefault(rec.fingerprint, rec.directory)
       continue
     src = done.get(rec.fingerprint)
     if src is not None and not rec.directory.exists():
@@ -122,11 +132,8 @@ def benchmark(bench, out: Path, only=()) -> list[dict]:
   rows, done = [], {}
   runs_dir = out.with_suffix(".d")
   for name, overrides in bench.runs:  # what earlier invocations finished, `only` or not
-    root = runs_dir / name
-    if root.is_dir():
-      for rec in main_lib.stage_records(with_overrides(bench.base, dict(overrides)), root):
-        if rec.is_done():
-          done.setdefault(rec.fingerprint, rec.directory)
+    if (runs_dir / name).is_dir():
+      register_done(with_overrides(bench.base, dict(overrides)), runs_dir / name, done)
   for name, overrides in bench.runs:
     if only and name not in only:
       continue

@@ -200,3 +200,22 @@ def test_inferred_mesh_size_must_divide_the_devices():
   c.axes = ("data",)
   with pytest.raises(ConfigError, match="differ in length"):
     parallel.make_mesh(c, devices=[object()] * 2)
+
+
+def test_scale_out_benchmark_runs_and_reports_the_fsdp_share(tmp_path):
+  """The benchmark module end to end on the smoke config: a 1-device row and a
+  (data=1, fsdp=2) row, whose per-device parameter share is about a half."""
+  out = tmp_path / "rows.json"
+  # (A subprocess: the module defines absl flags. "--meshes X" in the spaced
+  # form also checks that the children do not get the parent's own flags.)
+  subprocess.run([sys.executable, "-m", "rissole_jax.benchmarks.parallel",
+                  "--config=configs/mnist.py:smoke", "--meshes", "1:1x1,2:1x2", "--steps=2",
+                  "--warmup=0", "--database=64", "--json", str(out)],
+                 cwd=os.path.join(HERE, ".."), check=True, timeout=600, capture_output=True)
+  one, two = json.loads(out.read_text())
+  assert (one["mesh"], two["mesh"], two["devices"]) == ("1x1", "1x2", 2)
+  assert one["param_bytes_per_device_max"] == one["param_bytes_total"]
+  assert 0.5 <= two["param_bytes_per_device_max"] / two["param_bytes_total"] <= 0.6
+  for r in (one, two):
+    assert r["compile_s"] > 0 and r["step_s_median"] > 0 and r["flops_per_step_per_device"] > 0
+  assert two["flops_per_step_per_device"] < one["flops_per_step_per_device"]

@@ -121,7 +121,6 @@ def measure(config, devices: int, shape: tuple[int, ...], steps: int, warmup: in
 def _run_child(entry: str, argv_rest: list[str]) -> dict:
   devices, _ = entry.split(":")
   env = dict(os.environ)
-  env.setdefault("JAX_PLATFORMS", "")
   if int(devices) > 1:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={devices}").strip()
