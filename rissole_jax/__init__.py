@@ -1,4 +1,17 @@
 """rissole_jax: parameter-efficient latent diffusion by block-wise generation
-with retrieval guidance (RISSOLE), in JAX/Flax."""
+with retrieval guidance (RISSOLE), in JAX/Flax.
+
+  from rissole_jax import Sampler
+  images = Sampler.from_workdir("runs/mnist").sample(64)
+"""
 
 __version__ = "0.1.0"
+__all__ = ["Sampler"]
+
+
+def __getattr__(name):
+  # Lazy, so that `import rissole_jax` (and its CLIs' --help) does not import JAX.
+  if name == "Sampler":
+    from rissole_jax.sampler import Sampler
+    return Sampler
+  raise AttributeError(f"module 'rissole_jax' has no attribute {name!r}")

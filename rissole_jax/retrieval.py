@@ -698,19 +698,3 @@ def _read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
   except (OSError, ValueError):
     return {}
-
-
-def swap_source(config):
-  """The train split named by config.sample.database ('mnist_embedded',
-  'folder:/path', or a catalogue name), at this config's image size."""
-  from rissole_jax.data import load_source
-  spec = config.sample.database
-  if not spec:
-    raise ConfigError("sample.database is not set: nothing to swap in.")
-  data = config.data.copy_and_resolve_references()
-  with data.unlocked():
-    if spec.startswith("folder:"):
-      data.name, data.folder = "folder", spec[len("folder:"):]
-    else:
-      data.name, data.classes = spec, ()
-  return load_source(data, "train")

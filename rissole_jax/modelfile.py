@@ -1,0 +1,184 @@
+"""The model file: everything sampling needs, in one file to hand to someone.
+
+A zip archive (stored, not compressed: the arrays are read straight back) of
+
+  config.json            the config the model was made with
+  stats.json             latent normalisation (mean, std), k, latent shape
+  autoencoder.msgpack    VQ-GAN generator params: encoder (for variations and
+                         database swaps), quantizer codebook, decoder
+  denoiser.msgpack       EMA denoiser params
+  database/codes.npy     the database as code indices (uint8/uint16 per latent
+                         position: the latents are quantized, so nothing is lost)
+  database/neighbours.npy, database/labels.npy, database/info.json
+  manifest.json          written last: format name and version, and the size and
+                         sha256 of every other member
+
+The retrieval index is rebuilt from the codes when first needed (variations),
+with the settings in config.json: for the default database that takes well
+under a second. Writing goes to a temporary file renamed into place, so an
+interrupted export leaves nothing that loads; loading opens the file read-only
+and refuses a truncated, altered, incomplete or newer-format file.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from rissole_jax.errors import DataError
+
+FORMAT = "rissole_jax.model"
+VERSION = 1  # bump on any change a version-1 reader would misread
+_ARRAYS = ("codes", "neighbours", "labels")
+
+
+def _npy(a) -> bytes:
+  buf = io.BytesIO()
+  np.save(buf, np.asarray(a), allow_pickle=False)
+  return buf.getvalue()
+
+
+def _msgpack(params) -> bytes:
+  import jax
+  from flax import serialization
+  from rissole_jax import parallel
+  return serialization.msgpack_serialize(jax.tree.map(parallel.to_host, params))
+
+
+def members(sampler) -> dict[str, bytes]:
+  """The file's members (manifest excluded) for a Sampler."""
+  from rissole_jax import codes as codes_lib
+  db = sampler.db
+  codebook = codes_lib.codebook_of(sampler.ae.params)
+  if codebook is None or db.codes is None:
+    raise DataError("this sampler's autoencoder has no codebook, so its database cannot be "
+                    "stored as code indices; a model file needs a VQ-GAN.")
+  stats = {"mean": np.asarray(sampler.stats["mean"]).tolist(),
+           "std": np.asarray(sampler.stats["std"]).tolist(), "k": int(sampler.stats["k"]),
+           "latent_shape": list(sampler.stats["latent_shape"])}
+  info = {"name": db.name, "n": len(db), "code_dtype": str(db.codes.dtype),
+          "codebook_size": len(codebook)}
+  return {
+      "config.json": sampler.config.to_json(sort_keys=True).encode(),
+      "stats.json": json.dumps(stats).encode(),
+      "autoencoder.msgpack": _msgpack(sampler.ae.params),
+      "denoiser.msgpack": _msgpack(sampler.params),
+      "database/codes.npy": _npy(db.codes),
+      "database/neighbours.npy": _npy(np.asarray(db.neighbours, np.int32)),
+      "database/labels.npy": _npy(np.asarray(db.labels, np.int32)),
+      "database/info.json": json.dumps(info).encode(),
+  }
+
+
+def save(sampler, path) -> dict:
+  """Writes the model file atomically; returns {member: bytes} and the total,
+  plus what the database would take as float32 latents (for the ratio)."""
+  import jax
+  import rissole_jax
+  from rissole_jax import parallel
+  path = Path(path)
+  parts = members(sampler)
+  manifest = {"format": FORMAT, "version": VERSION, "rissole_jax": rissole_jax.__version__,
+              "jax": jax.__version__, "autoencoder_fingerprint": sampler.ae.fingerprint,
+              "files": {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+                        for n, b in parts.items()}}
+  if parallel.process_info()[0] == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+      with os.fdopen(fd, "wb") as f:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
+          for name, data in parts.items():
+            z.writestr(name, data)
+          z.writestr("manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+      raise
+  sizes = {n: len(b) for n, b in parts.items()}
+  sizes["total"] = path.stat().st_size if path.exists() else sum(sizes.values())
+  sizes["database_as_float32_latents"] = int(np.prod(sampler.db.latents.shape)) * 4
+  return sizes
+
+
+def read(path) -> tuple[dict, dict[str, bytes]]:
+  """(manifest, {member: bytes}) of a model file, verified; DataError naming
+  the problem and the fix otherwise. Opens the file read-only."""
+  path = Path(path)
+  fix = f"Fix: write it again (python -m rissole_jax.export --workdir DIR --out {path})."
+  if not path.is_file():
+    raise DataError(f"{path}: no such model file. {fix}")
+  try:
+    with open(path, "rb") as f, zipfile.ZipFile(f, "r") as z:
+      names = set(z.namelist())
+      if "manifest.json" not in names:
+        raise DataError(f"{path} is incomplete (it has no manifest.json: its writing was "
+                        f"interrupted, or it is not a rissole_jax model file). {fix}")
+      manifest = json.loads(z.read("manifest.json"))
+      _check_format(manifest, path)
+      data = {}
+      for name, info in manifest["files"].items():
+        if name not in names:
+          raise DataError(f"{path} is damaged: {name} is missing. {fix}")
+        data[name] = z.read(name)
+        if len(data[name]) != info["size"] or hashlib.sha256(data[name]).hexdigest() != info["sha256"]:
+          raise DataError(f"{path} is damaged: {name} differs from its checksum in the "
+                          f"manifest. {fix}")
+  except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile, ValueError, KeyError) as e:
+    raise DataError(f"{path} is not a readable model file (truncated or damaged: "
+                    f"{type(e).__name__}: {e}). {fix}") from e
+  return manifest, data
+
+
+def _check_format(manifest: dict, path: Path) -> None:
+  if manifest.get("format") != FORMAT:
+    raise DataError(f"{path} is not a rissole_jax model file (format "
+                    f"{manifest.get('format')!r}, expected {FORMAT!r}).")
+  version = manifest.get("version")
+  if not isinstance(version, int) or version > VERSION:
+    raise DataError(f"{path} has model-file format version {version}, newer than this "
+                    f"rissole_jax reads (up to {VERSION}). Fix: upgrade rissole_jax "
+                    "(pip install -U rissole_jax), or export it again with this version.")
+
+
+def load(path, mesh=None):
+  """A Sampler from a model file."""
+  from flax import serialization
+  from rissole_jax import codes as codes_lib, defaults, parallel
+  from rissole_jax.models import unet
+  from rissole_jax.sampler import Database, Sampler, merge_config
+  from rissole_jax.train.vqgan import Autoencoder
+  manifest, data = read(path)
+  config = defaults.base_config()
+  merge_config(config, json.loads(data["config.json"]))
+  # Sampling runs on whatever devices are here, not on the training mesh; and
+  # the data folder of the machine that trained it means nothing here.
+  config.mesh = defaults.base_config().mesh
+  with config.data.unlocked():
+    config.data.data_dir = None
+  mesh = mesh or parallel.make_mesh(config.mesh)
+  stats = json.loads(data["stats.json"])
+  stats = {"mean": np.asarray(stats["mean"], np.float32), "std": np.asarray(stats["std"], np.float32),
+           "k": int(stats["k"]), "latent_shape": tuple(stats["latent_shape"])}
+  ae_params = serialization.msgpack_restore(data["autoencoder.msgpack"])
+  ae = Autoencoder.from_params(config, ae_params, mesh)
+  if ae.fingerprint != manifest.get("autoencoder_fingerprint"):
+    raise DataError(f"{path}: the autoencoder's parameters do not match the fingerprint they "
+                    "were written with (a damaged or edited file). Fix: export it again.")
+  model = unet.make_denoiser(config, stats["latent_shape"])
+  params = parallel.put_replicated(serialization.msgpack_restore(data["denoiser.msgpack"]), mesh)
+  arr = {a: np.load(io.BytesIO(data[f"database/{a}.npy"]), allow_pickle=False) for a in _ARRAYS}
+  info = json.loads(data["database/info.json"])
+  codebook = codes_lib.codebook_of(ae.params)
+  db = Database(codes_lib.from_codes(arr["codes"], codebook), arr["neighbours"], arr["labels"],
+                info["name"], arr["codes"])
+  return Sampler(config, ae, model, params, stats, db, mesh)

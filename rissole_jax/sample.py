@@ -1,0 +1,83 @@
+"""Samples a trained model into PNG files.
+
+  python -m rissole_jax.sample --workdir DIR --num 64 --out OUT
+  python -m rissole_jax.sample --model FILE --num 64 --out OUT --sampler ddim --steps 50
+  python -m rissole_jax.sample --model FILE --variations me.png cat.jpg --num 8 --out OUT
+  python -m rissole_jax.sample --model FILE --database folder:~/photos --out OUT
+
+Writes one PNG per image (OUT/sample_00000.png, or OUT/variation_III_JJ.png
+for variations of input III) and a grid (OUT/grid.png), and prints where.
+Settings left out come from the model's config.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def parse(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m rissole_jax.sample", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="a finished run's folder (python -m rissole_jax.main ...)")
+  src.add_argument("--model", help="a model file (python -m rissole_jax.export ...)")
+  p.add_argument("--out", required=True, help="folder for the PNG files (created)")
+  p.add_argument("--num", type=int, default=64,
+                 help="images to make; with --variations, per input image (default 64)")
+  p.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
+  p.add_argument("--sampler", help="ddpm or ddim (default: the model's config)")
+  p.add_argument("--steps", type=int, help="sampling steps (DDIM; default: the config's)")
+  p.add_argument("--eta", type=float,
+                 help="DDIM noise: 0 deterministic, 1 ancestral (default: the config's)")
+  p.add_argument("--guidance", type=float,
+                 help="classifier-free guidance scale; 1 is none (needs a model trained "
+                      "with diffusion.cond_dropout > 0)")
+  p.add_argument("--batch_size", type=int, help="images per compiled batch (default: the config's)")
+  p.add_argument("--database",
+                 help="retrieve from another database: folder:PATH, a folder path, or a "
+                      "dataset name (mnist_embedded, celeb_a, ...); encoded once and cached")
+  p.add_argument("--variations", nargs="+", metavar="IMG",
+                 help="image files to make variations of ('more like this')")
+  p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse(argv)
+  from rissole_jax import pictures
+  from rissole_jax.errors import RissoleError
+  from rissole_jax.sampler import Sampler
+  out = Path(args.out)
+  try:
+    if args.num < 1:
+      raise RissoleError(f"--num {args.num}: ask for at least one image.")
+    s = Sampler.from_workdir(args.workdir) if args.workdir else Sampler.load(args.model)
+    if args.database:
+      s = s.with_database(args.database, progress=not args.no_progress)
+    kw = dict(seed=args.seed, sampler=args.sampler, steps=args.steps, eta=args.eta,
+              guidance=args.guidance, batch_size=args.batch_size, progress=not args.no_progress)
+    if args.variations:
+      images = s.variations(args.variations, num_per_image=args.num, **kw)
+      names = [f"variation_{i:03d}_{j:02d}.png" for i in range(images.shape[0])
+               for j in range(images.shape[1])]
+    else:
+      images = s.sample(args.num, **kw)
+      names = [f"sample_{i:05d}.png" for i in range(len(images))]
+  except RissoleError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  grid = s.grid(images)
+  flat = images.reshape(-1, *images.shape[-3:])
+  for name, image in zip(names, flat):
+    pictures.save_png(out / name, image)
+  grid_path = out / "grid.png"
+  pictures.save_png(grid_path, np.asarray(grid).reshape(grid.size[1], grid.size[0], -1))
+  print(f"wrote {len(flat)} images to {out}/ ({names[0]} ...) and the grid {grid_path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
