@@ -450,11 +450,13 @@ class Sampler:
   def _batch_size(self, settings: Settings, num: int, batch_size: int) -> int:
     """The batch to run `num` images in: `batch_size` (rounded to the devices)
     for big requests; for smaller ones the smallest batch already compiled for
-    these settings that holds them, else just enough. Results do not depend on it."""
+    these settings that holds them, else the next power of two (so a growing
+    request compiles a few times at most). Results do not depend on it."""
     if batch_size < 1:
       raise ConfigError(f"batch_size={batch_size} must be positive.")
     up = lambda b: -(-b // self._shards) * self._shards
-    cap, want = up(batch_size), up(min(batch_size, num))
+    cap = up(batch_size)
+    want = min(cap, up(1 << max(0, int(num) - 1).bit_length()))
     compiled = [b for (s, b) in self.trace_counts if s == settings and want <= b <= cap]
     return min(compiled) if compiled else want
 

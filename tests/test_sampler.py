@@ -1,0 +1,284 @@
+"""The sampling API (rissole_jax.Sampler), its CLIs and the model file, on one
+smoke workdir: parity with the sample stage, determinism, the compile cache,
+variations, database swaps, the model file's round trip and refusals, and
+several devices giving the images of one."""
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rissole_jax import Sampler, modelfile
+from rissole_jax.errors import ConfigError, DataError
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, data_dir):
+  """A smoke run up to the sample stage, in this process."""
+  sys.path.insert(0, ROOT)
+  from configs import mnist
+  from rissole_jax import main
+  c = mnist.get_config("smoke")
+  c.data.data_dir = data_dir
+  c.stages = ("vqgan", "encode", "index", "diffusion", "sample")
+  root = tmp_path_factory.mktemp("sampler") / "run"
+  main.run(c, root, progress=False)
+  return root
+
+
+@pytest.fixture(scope="module")
+def sampler(workdir):
+  return Sampler.from_workdir(workdir)
+
+
+@pytest.fixture(scope="module")
+def model_file(sampler, tmp_path_factory):
+  path = tmp_path_factory.mktemp("model") / "smoke.rissole"
+  sampler.save(path)
+  return path
+
+
+def train_images(sampler, ids):
+  from rissole_jax.data import load_source
+  return load_source(sampler.config.data, "train").get(np.asarray(ids))[0]
+
+
+def test_parity_with_the_stage_determinism_and_compile_cache(workdir, sampler):
+  c = sampler.config
+  stage = np.load(workdir / "sample" / "samples.npy")
+  a = sampler.sample(c.sample.num, seed=c.seed, progress=False)
+  assert a.dtype == np.uint8 and a.shape == (c.sample.num, 32, 32, 1)
+  np.testing.assert_array_equal(a, stage)                 # the stage is a caller of this
+  np.testing.assert_array_equal(sampler.sample(c.sample.num, seed=c.seed, progress=False), a)
+  settings = sampler.settings()
+  assert sampler.trace_counts[(settings, c.sample.batch_size)] == 1
+  # Fewer images: padded to the compiled batch, nothing compiled, same images.
+  np.testing.assert_array_equal(sampler.sample(3, seed=c.seed, progress=False), a[:3])
+  assert sum(sampler.trace_counts.values()) == 1
+  # More images than a batch: the first ones do not change either.
+  more = sampler.sample(c.sample.num + 5, seed=c.seed, progress=False)
+  np.testing.assert_array_equal(more[:c.sample.num], a)
+  assert sum(sampler.trace_counts.values()) == 1
+  # Other settings compile once more; another seed gives other images.
+  sampler.sample(4, seed=1, steps=2, progress=False)
+  sampler.sample(2, seed=2, steps=2, progress=False)
+  assert sum(sampler.trace_counts.values()) == 2
+  assert not np.array_equal(sampler.sample(3, seed=5, progress=False), a[:3])
+
+
+def test_interrupt_returns_nothing_and_the_sampler_stays_usable(sampler):
+  settings = sampler.settings()
+  expected = sampler.sample(8, seed=3, batch_size=4, progress=False)
+  real = sampler._compiled(settings)
+  calls = []
+
+  def interrupted(*args):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(*args)
+
+  sampler._fns[settings] = interrupted
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      sampler.sample(8, seed=3, batch_size=4, progress=False)
+  finally:
+    sampler._fns[settings] = real
+  np.testing.assert_array_equal(sampler.sample(8, seed=3, batch_size=4, progress=False), expected)
+
+
+def test_bad_sampling_arguments_are_refused(sampler):
+  with pytest.raises(ConfigError, match="sampler"):
+    sampler.sample(2, sampler="euler")
+  with pytest.raises(ConfigError, match="cond_dropout"):
+    sampler.sample(2, guidance=2.0)
+  with pytest.raises(ConfigError, match="at least one"):
+    sampler.sample(0)
+
+
+def test_variations_never_retrieve_the_query_and_follow_its_neighbours(sampler):
+  ids = np.arange(6)
+  z = sampler.encode_images(train_images(sampler, ids))
+  nb = sampler.retrieve(z)
+  assert nb.shape == (6, sampler.stats["k"])
+  assert not np.any(nb == ids[:, None])          # the image's own database entry is excluded
+  # Re-encoding a database image finds what the index stage found for it.
+  assert np.mean(nb == sampler.db.neighbours[ids]) > 0.8
+  v = sampler.variations(train_images(sampler, ids[:2]), num_per_image=3, seed=1, progress=False)
+  assert v.shape == (2, 3, 32, 32, 1) and v.dtype == np.uint8
+  direct = sampler.generate(np.repeat(nb[:2], 3, 0), seed=1, progress=False)
+  np.testing.assert_array_equal(v.reshape(direct.shape), direct)
+
+
+def test_user_images_of_any_mode_and_size(sampler, tmp_path):
+  rng = np.random.default_rng(0)
+  grey = rng.integers(0, 255, (50, 40), np.uint8)
+  rgb = np.stack([grey, grey // 2, 255 - grey], -1)
+  files = {"grey.png": Image.fromarray(grey), "rgb.jpg": Image.fromarray(rgb),
+           "rgba.png": Image.fromarray(np.concatenate([rgb, grey[..., None]], -1)),
+           "palette.png": Image.fromarray(rgb).convert("P"),
+           "sixteen.png": Image.fromarray(grey.astype(np.uint16) * 257),
+           "cmyk.jpg": Image.fromarray(rgb).convert("CMYK")}
+  for name, im in files.items():
+    im.save(tmp_path / name)
+  paths = [tmp_path / n for n in files]
+  z = sampler.encode_images(paths + [grey, rgb / 255.0, Image.fromarray(grey)])
+  assert z.shape == (9, *sampler.stats["latent_shape"])
+  from rissole_jax.data.images import to_model_image
+  # 16-bit is scaled, not clipped: the same picture as its 8-bit twin.
+  np.testing.assert_array_equal(to_model_image(tmp_path / "sixteen.png", 32, 1),
+                                to_model_image(tmp_path / "grey.png", 32, 1))
+  with pytest.raises(DataError, match="5 channels"):
+    sampler.encode_images(np.zeros((1, 8, 8, 5), np.uint8))
+  (tmp_path / "fake.png").write_text("not an image")
+  with pytest.raises(DataError, match="fake.png is not a readable image"):
+    sampler.encode_images(tmp_path / "fake.png")
+
+
+def test_with_database_swaps_neighbours_and_caches(sampler, tmp_path, monkeypatch):
+  from rissole_jax import retrieval
+  monkeypatch.setenv("RISSOLE_CACHE", str(tmp_path / "cache"))
+  images = train_images(sampler, np.arange(100, 130))[:, :, ::-1]   # mirrored digits
+  encoded = []
+  real = retrieval.encode_source
+  monkeypatch.setattr(retrieval, "encode_source", lambda *a, **k: encoded.append(1) or real(*a, **k))
+  other = sampler.with_database(images, progress=False)
+  assert len(other.db) == 30 and other.db.name.startswith("array:")
+  assert other.db.neighbours.max() < 30 and len(encoded) == 1
+  again = sampler.with_database(images, progress=False)        # from the cache, not re-encoded
+  assert len(encoded) == 1
+  np.testing.assert_array_equal(again.db.neighbours, other.db.neighbours)
+  out = other.sample(4, seed=0, progress=False)
+  assert out.shape == (4, 32, 32, 1)
+  assert sum(sampler.trace_counts.values()) == sum(other.trace_counts.values())  # shared code
+  # A folder of images, and what cannot be a database.
+  folder = tmp_path / "folder"
+  folder.mkdir()
+  for i, im in enumerate(images[:6]):
+    Image.fromarray(im[..., 0]).save(folder / f"{i}.png")
+  assert len(sampler.with_database(f"folder:{folder}", progress=False).db) == 6
+  with pytest.raises(DataError, match="needs at least"):
+    sampler.with_database(images[:sampler.stats["k"]], progress=False)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(DataError, match="No images"):
+    sampler.with_database(tmp_path / "empty", progress=False)
+
+
+def test_pictures(sampler):
+  fig = sampler.figure(2, progress=False)
+  k = sampler.stats["k"]
+  assert fig.size[0] > (k + 2) * 32 and fig.size[1] > 2 * 32
+  assert sampler.neighbours(3).size[1] > 3 * 32
+  assert sampler.grid(np.zeros((5, 32, 32, 1), np.uint8)).size == (3 * 34 - 2, 2 * 34 - 2)
+
+
+def test_model_file_round_trip(sampler, model_file):
+  before = model_file.read_bytes()
+  loaded = Sampler.load(model_file)
+  a = sampler.sample(5, seed=4, progress=False)
+  np.testing.assert_array_equal(loaded.sample(5, seed=4, progress=False), a)
+  assert model_file.read_bytes() == before                  # loading never writes
+  manifest, data = modelfile.read(model_file)
+  codes = np.load(io.BytesIO(data["database/codes.npy"]))
+  assert codes.dtype == np.uint8 and codes.shape == sampler.db.latents.shape[:-1]
+  np.testing.assert_array_equal(loaded.db.latents, sampler.db.latents)   # codes lose nothing
+  z = sampler.encode_images(train_images(sampler, [7]))
+  np.testing.assert_array_equal(loaded.retrieve(z), sampler.retrieve(z))  # rebuilt index
+
+
+def _rewrite(src, dst, change):
+  with zipfile.ZipFile(src) as z:
+    members = {n: z.read(n) for n in z.namelist()}
+  change(members)
+  with zipfile.ZipFile(dst, "w") as z:
+    for n, b in members.items():
+      z.writestr(n, b)
+
+
+def test_damaged_model_files_are_refused(model_file, tmp_path):
+  data = model_file.read_bytes()
+  (tmp_path / "cut.rissole").write_bytes(data[:len(data) // 2])
+  with pytest.raises(DataError, match="not a readable model file"):
+    Sampler.load(tmp_path / "cut.rissole")
+
+  def flip(m):
+    b = bytearray(m["denoiser.msgpack"])
+    b[len(b) // 2] ^= 0xFF
+    m["denoiser.msgpack"] = bytes(b)
+  _rewrite(model_file, tmp_path / "altered.rissole", flip)
+  with pytest.raises(DataError, match="damaged: denoiser.msgpack differs from its checksum"):
+    Sampler.load(tmp_path / "altered.rissole")
+
+  def newer(m):
+    man = json.loads(m["manifest.json"])
+    man["version"] = modelfile.VERSION + 1
+    m["manifest.json"] = json.dumps(man).encode()
+  _rewrite(model_file, tmp_path / "newer.rissole", newer)
+  with pytest.raises(DataError, match="newer than this rissole_jax reads"):
+    Sampler.load(tmp_path / "newer.rissole")
+  _rewrite(model_file, tmp_path / "partial.rissole", lambda m: m.pop("manifest.json"))
+  with pytest.raises(DataError, match="incomplete"):
+    Sampler.load(tmp_path / "partial.rissole")
+  with pytest.raises(DataError, match="no such model file"):
+    Sampler.load(tmp_path / "missing.rissole")
+
+
+def test_unfinished_workdirs_are_refused(workdir, tmp_path):
+  with pytest.raises(DataError, match="no finished 'vqgan' stage"):
+    Sampler.from_workdir(tmp_path)
+  partial = tmp_path / "partial"
+  shutil.copytree(workdir, partial, symlinks=True)
+  (partial / "diffusion" / "stage.json").unlink()
+  with pytest.raises(DataError, match="stage 'diffusion' .* has not run.*--only diffusion"):
+    Sampler.from_workdir(partial)
+  rec = json.loads((partial / "index" / "stage.json").read_text())
+  (partial / "index" / "stage.json").write_text(json.dumps({**rec, "done": False}))
+  with pytest.raises(DataError, match="stage 'index' .* has not finished"):
+    Sampler.from_workdir(partial)
+
+
+def test_sample_and_export_clis(workdir, tmp_path, capsys):
+  from rissole_jax import export, sample
+  assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "m.rissole")]) == 0
+  assert "database as codes" in capsys.readouterr().out
+  assert sample.main(["--model", str(tmp_path / "m.rissole"), "--num", "3", "--out",
+                      str(tmp_path / "out"), "--steps", "2", "--no_progress"]) == 0
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+      "grid.png", "sample_00000.png", "sample_00001.png", "sample_00002.png"]
+  img = train_images(Sampler.load(tmp_path / "m.rissole"), [0])[0]
+  Image.fromarray(img[..., 0]).save(tmp_path / "me.png")
+  assert sample.main(["--workdir", str(workdir), "--variations", str(tmp_path / "me.png"),
+                      "--num", "2", "--out", str(tmp_path / "var"), "--no_progress"]) == 0
+  assert (tmp_path / "var" / "variation_000_01.png").exists()
+  assert sample.main(["--workdir", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+  assert "is not a folder" in capsys.readouterr().err
+  help_text = subprocess.run([sys.executable, "-m", "rissole_jax.sample", "--help"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60).stdout
+  for flag in ("--workdir", "--model", "--num", "--seed", "--sampler", "--steps", "--eta",
+               "--guidance", "--database", "--variations"):
+    assert flag in help_text
+
+
+def test_eight_devices_make_the_images_of_one(sampler, model_file):
+  """The batch is split over the devices JAX finds; each image's noise comes
+  from its own key, so the images do not change (float rounding aside)."""
+  code = ("import numpy as np, sys, jax; from rissole_jax import Sampler;"
+          "s = Sampler.load(sys.argv[1]); assert s._shards == 8, s._shards;"
+          "np.save(sys.argv[2], s.sample(5, seed=4, progress=False))")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  out = model_file.parent / "eight.npy"
+  r = subprocess.run([sys.executable, "-c", code, str(model_file), str(out)], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  one = sampler.sample(5, seed=4, progress=False).astype(int)
+  eight = np.load(out).astype(int)
+  assert np.abs(eight - one).max() <= 2 and np.mean(eight != one) < 0.01
