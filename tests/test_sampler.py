@@ -282,3 +282,25 @@ def test_eight_devices_make_the_images_of_one(sampler, model_file):
   one = sampler.sample(5, seed=4, progress=False).astype(int)
   eight = np.load(out).astype(int)
   assert np.abs(eight - one).max() <= 2 and np.mean(eight != one) < 0.01
+
+
+def test_notebook_runs_top_to_bottom(model_file, tmp_path, monkeypatch):
+  """notebooks/sampling.ipynb, committed without outputs, executed on a model
+  file (the smoke model); its jupytext twin holds the same code."""
+  import nbformat
+  from nbclient import NotebookClient
+  path = os.path.join(ROOT, "notebooks", "sampling.ipynb")
+  nb = nbformat.read(path, as_version=4)
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert not any(c.get("outputs") or c.get("execution_count") for c in code)
+  twin = open(os.path.join(ROOT, "notebooks", "sampling.py")).read()
+  assert all(c.source in twin for c in code), "notebook and sampling.py differ: jupytext --sync"
+  monkeypatch.setenv("RISSOLE_MODEL", str(model_file))
+  monkeypatch.setenv("RISSOLE_NOTEBOOK_STEPS", "2,3")
+  monkeypatch.setenv("RISSOLE_NOTEBOOK_DIR", str(tmp_path / "work"))
+  monkeypatch.setenv("RISSOLE_CACHE", str(tmp_path / "cache"))
+  NotebookClient(nb, timeout=600, kernel_name="python3",
+                 resources={"metadata": {"path": str(tmp_path)}}).execute()
+  images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+  assert len(images) >= 5          # grid, figure, swapped figure, variations, timing plot
+  assert not [o for c in code for o in c.outputs if o.output_type == "error"]
