@@ -127,8 +127,9 @@ def base_config() -> mlc.ConfigDict:
   s.pseudo_query = "uniform"    # uniform | frequent
   s.show = 8                    # rows in the query/neighbours/sample figure
   # Database swap (RDM-style): retrieve from another dataset at sampling time,
-  # without retraining. A dataset spec: "mnist_embedded", "folder:/path", a
-  # catalogue name; its train split is encoded and indexed under DIR/sample/.
+  # without retraining. A dataset spec: "mnist_embedded", "folder:/path" (every
+  # image in it), a catalogue name (its train split); encoded and indexed
+  # under DIR/sample/database (Sampler.with_database).
   s.database = mlc.config_dict.placeholder(str)
 
   # Metrics: see docs/metrics.md. Samples are compared with held-out images.
