@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections as mlc
 
 
-from rissole_jax.errors import WorkdirMismatch
+from rissole_jax.errors import DataError, WorkdirMismatch
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -107,9 +107,17 @@ class StageRecord:
 
   def load(self) -> dict | None:
     try:
-      return json.loads(self.path.read_text())
+      rec = json.loads(self.path.read_text())
     except FileNotFoundError:
       return None
+    except (ValueError, UnicodeDecodeError) as e:
+      rec = e
+    if not isinstance(rec, dict):
+      raise DataError(
+          f"{self.path} is damaged ({rec}). Fix: delete it to redo the {self.name} stage "
+          "(a training stage resumes from its checkpoints, if they were made with the same "
+          "config), or pass --overwrite to redo it and the stages after it from scratch.")
+    return rec
 
   def is_done(self) -> bool:
     rec = self.load()
@@ -117,7 +125,12 @@ class StageRecord:
 
   def check(self, overwrite: bool) -> None:
     """Refuses (or, with overwrite, clears) a stage made with another config."""
-    rec = self.load()
+    try:
+      rec = self.load()
+    except DataError:
+      if not overwrite:
+        raise
+      rec = {}
     if rec is None or rec.get("fingerprint") == self.fingerprint:
       return
     if overwrite:
@@ -142,6 +155,32 @@ class StageRecord:
     atomic_write_json(self.path, rec)
 
 
+def mark_unfinished(stage_dir: Path) -> None:
+  """Marks a stage as not done (its outputs are kept), so that the next run
+  redoes it: for a finished stage whose output turned out damaged."""
+  path = Path(stage_dir) / "stage.json"
+  rec = read_json(path, missing_ok=True)
+  if rec and rec.get("done"):
+    rec["done"] = False
+    atomic_write_json(path, rec)
+
+
+def read_json(path: Path, missing_ok: bool = False):
+  """A JSON file's contents; DataError naming the file when it is damaged
+  (None when it is missing and missing_ok)."""
+  path = Path(path)
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    if missing_ok:
+      return None
+    raise DataError(f"{path} is missing.") from None
+  except (ValueError, UnicodeDecodeError) as e:
+    raise DataError(f"{path} is damaged ({type(e).__name__}: {e}). It is a record this "
+                    "program wrote; the stage that wrote it remakes it: rerun with "
+                    "--overwrite for that stage, or restore the file from a backup.") from None
+
+
 def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
   """A flat {name: number} dict (nested dicts are joined with '/')."""
   out = {}
@@ -154,7 +193,7 @@ def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 
 def read_metrics(stage_dir: Path) -> dict:
-  return json.loads((Path(stage_dir) / "metrics.json").read_text())
+  return read_json(Path(stage_dir) / "metrics.json")
 
 
 def file_logger(name: str, path: Path, to_console: bool = True,
