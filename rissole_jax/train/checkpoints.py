@@ -214,6 +214,16 @@ def remake_fix(stage_dir: Path, stage: str) -> str:
           "checkpoint (or from the start) and remakes the same result; then the later stages run.")
 
 
+def abandon(mngr: ocp.CheckpointManager) -> None:
+  """On an error mid-training (e.g. a NaN): the pending save holds a good
+  state, so it is finished and checksummed, not lost; then the manager closes."""
+  try:
+    mngr.wait_until_finished()
+    write_checksums(mngr)
+  finally:
+    mngr.close()
+
+
 def finish(mngr: ocp.CheckpointManager, step: int, state) -> None:
   """Saves the final `state` at `step` (whatever the save interval says),
   waits for every pending write, records checksums and closes the manager."""

@@ -297,32 +297,36 @@ def run(ctx) -> dict:
   nan_guard = guard.Guard("diffusion", t, hints, ckpt_dir)
   window, last, t_first, timed_from = [], {}, None, start
   first_step_seconds, t_start = 0.0, time.time()
-  for s in range(start, t.steps):
-    state, m = train_step(state, stream.indices(s))
-    window.append(m)
-    nan_guard.add(s + 1, m)
-    if s == start:  # the first call compiles: time the rest
-      jax.block_until_ready(m)
-      t_first, timed_from = time.time(), s + 1
-      first_step_seconds = t_first - t_start
-    # The steps since the last look are checked first: a broken state is never saved.
-    if (s + 1) % max(t.ckpt_every, 1) == 0:
-      nan_guard.check(mngr.latest_step())
-      checkpoints.save(mngr, s + 1, state)
-    if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
-      nan_guard.check(mngr.latest_step())
-      last = guard.mean_finite(window)
-      window = []
-      writer.scalars(s + 1, last)
-      ctx.log("step %d/%d: loss %.4f, grad norm %.3f", s + 1, t.steps, last["loss"],
-              last["grad_norm"])
-      bar.set_postfix(loss=f"{last['loss']:.4f}")
-    bar.update(1)
-  jax.block_until_ready(state)
-  elapsed = time.time() - t_first if t_first else 0.0
-  steps_timed = t.steps - timed_from
-  rate = steps_timed / elapsed if elapsed > 0 and steps_timed else 0.0
-  nan_guard.check(mngr.latest_step())
+  try:
+    for s in range(start, t.steps):
+      state, m = train_step(state, stream.indices(s))
+      window.append(m)
+      nan_guard.add(s + 1, m)
+      if s == start:  # the first call compiles: time the rest
+        jax.block_until_ready(m)
+        t_first, timed_from = time.time(), s + 1
+        first_step_seconds = t_first - t_start
+      # The steps since the last look are checked first: a broken state is never saved.
+      if (s + 1) % max(t.ckpt_every, 1) == 0:
+        nan_guard.check(mngr.latest_step())
+        checkpoints.save(mngr, s + 1, state)
+      if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
+        nan_guard.check(mngr.latest_step())
+        last = guard.mean_finite(window)
+        window = []
+        writer.scalars(s + 1, last)
+        ctx.log("step %d/%d: loss %.4f, grad norm %.3f", s + 1, t.steps, last["loss"],
+                last["grad_norm"])
+        bar.set_postfix(loss=f"{last['loss']:.4f}")
+      bar.update(1)
+    jax.block_until_ready(state)
+    elapsed = time.time() - t_first if t_first else 0.0
+    steps_timed = t.steps - timed_from
+    rate = steps_timed / elapsed if elapsed > 0 and steps_timed else 0.0
+    nan_guard.check(mngr.latest_step())
+  except BaseException:
+    checkpoints.abandon(mngr)  # the last good save is finished, not lost
+    raise
   checkpoints.finish(mngr, t.steps, state)
   bar.close()
   writer.close()

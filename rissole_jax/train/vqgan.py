@@ -226,13 +226,16 @@ def train(ctx, trainer: Trainer, init_key, step_key) -> tuple[Any, dict]:
   """Trains from the latest checkpoint to train.steps; returns (state, last metrics)."""
   config, t = ctx.config, ctx.config.vqgan.train
   mesh, rules = trainer.mesh, config.mesh.logical_axis_rules
+  # The data first: a folder with bad images stops here, before any training.
+  source = load_source(config.data, "train")
+  for path, why in getattr(source, "bad_files", ()):
+    ctx.log("skipped a bad image (data.bad_images=skip): %s (%s)", path, why)
   state = trainer.init_state(init_key)
   ckpt_dir = ctx.stage_dir / "checkpoints"
   mngr = checkpoints.manager(ckpt_dir, t.keep_checkpoints, t.ckpt_every)
   state, start = checkpoints.restore_latest(mngr, state, ctx.log)
   if start:
     ctx.log("resumed from step %d", start)
-  source = load_source(config.data, "train")
   stream = TrainStream(source, t.batch_size, config.seed, ctx.process_index, ctx.process_count)
   step_key = parallel.put_replicated(step_key, mesh)
   writer, bar = ctx.writer(), ctx.progress(t.steps, start, "vqgan")
@@ -240,31 +243,35 @@ def train(ctx, trainer: Trainer, init_key, step_key) -> tuple[Any, dict]:
   hints["vqgan.disc_weight"] = config.vqgan.disc_weight
   nan_guard = guard.Guard("vqgan", t, hints, ckpt_dir)
   window, last, t0, timed_from = [], {}, None, start
-  for s in range(start, t.steps):
-    images = parallel.put_batch(stream.batch(s)["image"], mesh, rules)
-    state, m = trainer.step(state, step_key, images)
-    window.append(m)
-    nan_guard.add(s + 1, m)
-    if s == start:  # the first call compiles: time the rest
-      jax.block_until_ready(m)
-      t0, timed_from = time.time(), s + 1
-    # Orbax would also save the very first step; only every ckpt_every is wanted.
-    # The steps since the last look are checked first: a broken state is never saved.
-    if (s + 1) % t.ckpt_every == 0:
-      nan_guard.check(mngr.latest_step())
-      if checkpoints.save(mngr, s + 1, state):
-        mngr.wait_until_finished()  # the next step donates these buffers
-    if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
-      nan_guard.check(mngr.latest_step())
-      last = guard.mean_finite(window)
-      window = []
-      writer.scalars(s + 1, {f"train/{n}": x for n, x in last.items()})
-      ctx.log("step %d: %s", s + 1, ", ".join(f"{n}={x:.4g}" for n, x in last.items()))
-      bar.set_postfix(rec=f"{last['rec_loss']:.4f}", usage=f"{last['batch_usage']:.2f}")
-    bar.update(1)
-  jax.block_until_ready(state)
-  elapsed = time.time() - t0 if t0 else 0.0
-  nan_guard.check(mngr.latest_step())
+  try:
+    for s in range(start, t.steps):
+      images = parallel.put_batch(stream.batch(s)["image"], mesh, rules)
+      state, m = trainer.step(state, step_key, images)
+      window.append(m)
+      nan_guard.add(s + 1, m)
+      if s == start:  # the first call compiles: time the rest
+        jax.block_until_ready(m)
+        t0, timed_from = time.time(), s + 1
+      # Orbax would also save the very first step; only every ckpt_every is wanted.
+      # The steps since the last look are checked first: a broken state is never saved.
+      if (s + 1) % t.ckpt_every == 0:
+        nan_guard.check(mngr.latest_step())
+        if checkpoints.save(mngr, s + 1, state):
+          mngr.wait_until_finished()  # the next step donates these buffers
+      if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
+        nan_guard.check(mngr.latest_step())
+        last = guard.mean_finite(window)
+        window = []
+        writer.scalars(s + 1, {f"train/{n}": x for n, x in last.items()})
+        ctx.log("step %d: %s", s + 1, ", ".join(f"{n}={x:.4g}" for n, x in last.items()))
+        bar.set_postfix(rec=f"{last['rec_loss']:.4f}", usage=f"{last['batch_usage']:.2f}")
+      bar.update(1)
+    jax.block_until_ready(state)
+    elapsed = time.time() - t0 if t0 else 0.0
+    nan_guard.check(mngr.latest_step())
+  except BaseException:
+    checkpoints.abandon(mngr)  # the last good save is finished, not lost
+    raise
   checkpoints.finish(mngr, t.steps, state)
   bar.close()
   writer.close()
