@@ -181,6 +181,17 @@ def read_json(path: Path, missing_ok: bool = False):
                     "--overwrite for that stage, or restore the file from a backup.") from None
 
 
+def load_npy(path: Path, fix: str = "") -> "np.ndarray":
+  """np.load, with a DataError naming the file (and `fix`) when it is damaged."""
+  import numpy as np
+  try:
+    return np.load(path, allow_pickle=False)
+  except FileNotFoundError:
+    raise DataError(f"{path} is missing. {fix}") from None
+  except (OSError, ValueError, EOFError) as e:
+    raise DataError(f"{path} is damaged ({type(e).__name__}: {e}). {fix}") from None
+
+
 def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
   """A flat {name: number} dict (nested dicts are joined with '/')."""
   out = {}

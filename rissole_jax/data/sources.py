@@ -115,7 +115,10 @@ def _rows_with_labels(ds, label_key, keep_labels, data_dir, name, split):
   tag = hashlib.sha1(keep.tobytes()).hexdigest()[:12]
   cache = Path(os.path.expanduser(data_dir or "~/tensorflow_datasets")) / f"{name}_{split}_rows_{tag}.npy"
   if cache.exists():
-    return np.load(cache)
+    try:
+      return np.load(cache)
+    except (OSError, ValueError, EOFError):
+      pass  # damaged: a cache, so it is made again below
   labels = np.asarray([int(ds[i][label_key]) for i in range(len(ds))])
   rows = np.flatnonzero(np.isin(labels, keep)).astype(np.int64)
   tmp = cache.with_suffix(".tmp.npy")

@@ -469,7 +469,7 @@ def load_autoencoder(config, vqgan_dir) -> Autoencoder:
   repl = parallel.replicated(mesh)
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
                         trainer.abstract_state)
-  fix = ("(vqgan.train.steps). Fix: run the vqgan stage first (python -m rissole_jax.main "
+  fix = ("Fix: run the vqgan stage first (python -m rissole_jax.main "
          f"--config ... --workdir {Path(vqgan_dir).parent} --only vqgan); it resumes from its "
          "last checkpoint.")
   state = checkpoints.restore_final(Path(vqgan_dir), "vqgan", steps, target, fix)
