@@ -204,6 +204,8 @@ def _damage(step_dir: Path, kind: str) -> None:
     raise ValueError(kind)
 
 
+# orbax leaves an asyncio callback behind when tensorstore fails a read.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("kind", ["metadata", "missing", "unrecorded", "data"])
 def test_each_kind_of_damage_is_caught_and_named(reference, tmp_path, kind):
   root = _copy(reference, tmp_path)

@@ -172,7 +172,7 @@ def _trainer_key(config, mesh) -> str:
   keys = {"vqgan": config.vqgan.to_dict(), "size": config.data.image_size,
           "channels": config.data.channels, "rules": config.mesh.logical_axis_rules,
           "mesh": (mesh.axis_names, mesh.devices.shape, [d.id for d in mesh.devices.flat])}
-  for k in ("log_every", "ckpt_every", "keep_checkpoints"):  # no effect on the step
+  for k in ("log_every", "ckpt_every", "keep_checkpoints", "max_skipped_steps"):  # no effect on the step
     keys["vqgan"]["train"].pop(k, None)
   return json.dumps(keys, sort_keys=True, default=str)
 
