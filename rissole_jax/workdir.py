@@ -121,7 +121,13 @@ class StageRecord:
 
   def is_done(self) -> bool:
     rec = self.load()
-    return bool(rec and rec.get("done") and rec.get("fingerprint") == self.fingerprint)
+    if not (rec and rec.get("done") and rec.get("fingerprint") == self.fingerprint):
+      return False
+    try:  # a finished stage whose metrics were lost or damaged is simply redone
+      read_metrics(self.directory)
+    except DataError:
+      return False
+    return True
 
   def check(self, overwrite: bool) -> None:
     """Refuses (or, with overwrite, clears) a stage made with another config."""
@@ -177,8 +183,8 @@ def read_json(path: Path, missing_ok: bool = False):
     raise DataError(f"{path} is missing.") from None
   except (ValueError, UnicodeDecodeError) as e:
     raise DataError(f"{path} is damaged ({type(e).__name__}: {e}). It is a record this "
-                    "program wrote; the stage that wrote it remakes it: rerun with "
-                    "--overwrite for that stage, or restore the file from a backup.") from None
+                    "program wrote. Fix: delete the stage.json beside it and rerun: the stage "
+                    "that wrote it runs again (a training stage resumes from its checkpoints).") from None
 
 
 def load_npy(path: Path, fix: str = "") -> "np.ndarray":

@@ -177,6 +177,16 @@ def test_cli_bad_images_exit_2_without_traceback(image_folder, data_dir, tmp_pat
   assert "Traceback" not in r.stderr
 
 
+def test_damaged_tfds_records_are_a_message(data_dir, tmp_path):
+  from rissole_jax.data import TrainStream, load_source
+  shutil.copytree(data_dir, tmp_path / "tfds")
+  shard, = (tmp_path / "tfds").rglob("mnist_embedded-train.array_record*")
+  shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+  cfg = _config(str(tmp_path / "tfds")).data
+  with pytest.raises(DataError, match=r"mnist_embedded:train' cannot be read[\s\S]*prepare it"):
+    TrainStream(load_source(cfg, "train"), 8, 0)  # reads everything before training
+
+
 # ---------------------------------------------------------------------------
 # Damaged checkpoints.
 
@@ -270,7 +280,6 @@ def test_leftover_partial_save_is_ignored(reference, tmp_path):
 
 @pytest.mark.parametrize("path,content,only,match", [
     ("diffusion/stage.json", "{trunc", "diffusion", r"diffusion/stage.json is damaged[\s\S]*delete it"),
-    ("index/metrics.json", "", "index", r"index/metrics.json is damaged"),
     ("diffusion/latent_stats.json", '{"mean": [1]}', "sample", r"latent_stats.json is damaged"),
     ("encode/train.npy", None, "diffusion", r"encode/train.npy is truncated"),
     ("index/neighbours_train.npy", b"\x93NUMPY garbage", "diffusion", r"neighbours_train.npy is"),
@@ -288,6 +297,13 @@ def test_damaged_records_name_the_file(reference, tmp_path, data_dir, path, cont
     wd.mark_unfinished(root / only)
   with pytest.raises(RissoleError, match=match):
     main.run(_config(data_dir), root, only=(only,), progress=False)
+
+
+def test_damaged_metrics_of_a_finished_stage_redo_it(reference, tmp_path, data_dir):
+  root = _copy(reference, tmp_path)
+  (root / "index" / "metrics.json").write_text("{trunc")
+  res = main.run(_config(data_dir), root, only=("index",), progress=False)
+  assert res["index"]["k"] == 3 and wd.read_metrics(root / "index")["k"] == 3
 
 
 # ---------------------------------------------------------------------------
