@@ -20,6 +20,10 @@ def base_config() -> mlc.ConfigDict:
   d.data_dir = mlc.config_dict.placeholder(str)  # tfds data dir (default: tfds's own)
   d.folder = mlc.config_dict.placeholder(str)    # for name=folder
   d.heldout_fraction = 0.1      # for name=folder
+  # Files that do not decode as images (for name=folder): "error" stops before
+  # any training, naming the first and the count; "skip" leaves them out
+  # (logged, counted in the vqgan stage's metrics as bad_images).
+  d.bad_images = "error"        # error | skip
   d.classes = ()                # label subset for catalogue datasets (imagenet100)
   d.image_size = 32
   d.channels = 1
@@ -54,7 +58,13 @@ def base_config() -> mlc.ConfigDict:
   t.grad_clip = 1.0
   t.log_every = 100
   t.ckpt_every = 300
-  t.keep_checkpoints = 2
+  t.keep_checkpoints = 2        # >= 2: a damaged newest one falls back to the one before
+  # A NaN/inf loss, gradient or update (checked where metrics are fetched and
+  # before every save; a broken state is never saved): "stop" ends the stage
+  # naming the step; "skip_step" drops such updates inside the jitted step and
+  # stops after max_skipped_steps in a row. See docs/reliability.md.
+  t.nan_policy = "stop"         # stop | skip_step
+  t.max_skipped_steps = 10
 
   # ---- latent database and retrieval --------------------------------------
   c.encode = e = mlc.ConfigDict()
@@ -110,7 +120,9 @@ def base_config() -> mlc.ConfigDict:
   t.ema_decay = 0.999           # with a warm-up: min(decay, (1+step)/(10+step))
   t.log_every = 100
   t.ckpt_every = 400
-  t.keep_checkpoints = 2
+  t.keep_checkpoints = 2        # >= 2: a damaged newest one falls back to the one before
+  t.nan_policy = "stop"         # stop | skip_step (as vqgan.train.nan_policy)
+  t.max_skipped_steps = 10
   t.gather = "device"           # device | host: where neighbour blocks are gathered
 
   # ---- sampling and evaluation ----------------------------------------------

@@ -9,6 +9,7 @@ refused unless --overwrite is given.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 import time
@@ -37,6 +38,10 @@ STAGES = {
 }
 
 FLAGS = flags.FLAGS
+
+# OSErrors that mean "the storage refused" (full, over quota, read-only, no
+# permission, failing): reported as such, without a traceback.
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
 def define_flags() -> None:
@@ -132,6 +137,16 @@ def main(argv):
         progress=not FLAGS.no_progress)
   except RissoleError as e:
     print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except OSError as e:
+    if e.errno not in STORAGE_ERRORS:
+      raise
+    # The machine, not the program: every artifact is written atomically, so
+    # nothing half-written was left behind to load.
+    print(f"error: {e.strerror or e} ({e.filename or 'a file in ' + str(FLAGS.workdir)}).\n"
+          "Fix: free space or fix the permissions of the workdir, then rerun the same command: "
+          "finished stages are kept and an interrupted one resumes from its last checkpoint.",
+          file=sys.stderr)
     sys.exit(2)
 
 

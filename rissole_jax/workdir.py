@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections as mlc
 
 
-from rissole_jax.errors import WorkdirMismatch
+from rissole_jax.errors import DataError, WorkdirMismatch
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -107,17 +107,36 @@ class StageRecord:
 
   def load(self) -> dict | None:
     try:
-      return json.loads(self.path.read_text())
+      rec = json.loads(self.path.read_text())
     except FileNotFoundError:
       return None
+    except (ValueError, UnicodeDecodeError) as e:
+      rec = e
+    if not isinstance(rec, dict):
+      raise DataError(
+          f"{self.path} is damaged ({rec}). Fix: delete it to redo the {self.name} stage "
+          "(a training stage resumes from its checkpoints, if they were made with the same "
+          "config), or pass --overwrite to redo it and the stages after it from scratch.")
+    return rec
 
   def is_done(self) -> bool:
     rec = self.load()
-    return bool(rec and rec.get("done") and rec.get("fingerprint") == self.fingerprint)
+    if not (rec and rec.get("done") and rec.get("fingerprint") == self.fingerprint):
+      return False
+    try:  # a finished stage whose metrics were lost or damaged is simply redone
+      read_metrics(self.directory)
+    except DataError:
+      return False
+    return True
 
   def check(self, overwrite: bool) -> None:
     """Refuses (or, with overwrite, clears) a stage made with another config."""
-    rec = self.load()
+    try:
+      rec = self.load()
+    except DataError:
+      if not overwrite:
+        raise
+      rec = {}
     if rec is None or rec.get("fingerprint") == self.fingerprint:
       return
     if overwrite:
@@ -142,6 +161,43 @@ class StageRecord:
     atomic_write_json(self.path, rec)
 
 
+def mark_unfinished(stage_dir: Path) -> None:
+  """Marks a stage as not done (its outputs are kept), so that the next run
+  redoes it: for a finished stage whose output turned out damaged."""
+  path = Path(stage_dir) / "stage.json"
+  rec = read_json(path, missing_ok=True)
+  if rec and rec.get("done"):
+    rec["done"] = False
+    atomic_write_json(path, rec)
+
+
+def read_json(path: Path, missing_ok: bool = False):
+  """A JSON file's contents; DataError naming the file when it is damaged
+  (None when it is missing and missing_ok)."""
+  path = Path(path)
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    if missing_ok:
+      return None
+    raise DataError(f"{path} is missing.") from None
+  except (ValueError, UnicodeDecodeError) as e:
+    raise DataError(f"{path} is damaged ({type(e).__name__}: {e}). It is a record this "
+                    "program wrote. Fix: delete the stage.json beside it and rerun: the stage "
+                    "that wrote it runs again (a training stage resumes from its checkpoints).") from None
+
+
+def load_npy(path: Path, fix: str = "") -> "np.ndarray":
+  """np.load, with a DataError naming the file (and `fix`) when it is damaged."""
+  import numpy as np
+  try:
+    return np.load(path, allow_pickle=False)
+  except FileNotFoundError:
+    raise DataError(f"{path} is missing. {fix}") from None
+  except (OSError, ValueError, EOFError) as e:
+    raise DataError(f"{path} is damaged ({type(e).__name__}: {e}). {fix}") from None
+
+
 def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
   """A flat {name: number} dict (nested dicts are joined with '/')."""
   out = {}
@@ -154,7 +210,7 @@ def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 
 def read_metrics(stage_dir: Path) -> dict:
-  return json.loads((Path(stage_dir) / "metrics.json").read_text())
+  return read_json(Path(stage_dir) / "metrics.json")
 
 
 def file_logger(name: str, path: Path, to_console: bool = True,

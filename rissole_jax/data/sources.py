@@ -91,7 +91,15 @@ class TfdsSource:
     indices = np.asarray(indices)
     rows = self._rows[indices] if self._rows is not None else indices
     images, labels = [], []
-    for ex in self._ds.__getitems__([int(r) for r in rows]):
+    try:
+      examples = self._ds.__getitems__([int(r) for r in rows])
+    except Exception as e:  # a damaged array_record file or image in it
+      raise DataError(
+          f"Dataset '{self.name}' cannot be read at rows {int(rows.min())}..{int(rows.max())} "
+          f"({type(e).__name__}: {str(e)[:300]}). Its prepared files are damaged. Fix: "
+          "prepare it again (tfds build ... --file_format=array_record into a new --data_dir; "
+          "for mnist_embedded delete its folder under data_dir and it is rebuilt).") from None
+    for ex in examples:
       img = np.asarray(ex[self.image_key])
       if self.crop is not None:  # (top, left, height, width), e.g. CelebA's face crop.
         t, l, h, w = self.crop
@@ -107,7 +115,10 @@ def _rows_with_labels(ds, label_key, keep_labels, data_dir, name, split):
   tag = hashlib.sha1(keep.tobytes()).hexdigest()[:12]
   cache = Path(os.path.expanduser(data_dir or "~/tensorflow_datasets")) / f"{name}_{split}_rows_{tag}.npy"
   if cache.exists():
-    return np.load(cache)
+    try:
+      return np.load(cache)
+    except (OSError, ValueError, EOFError):
+      pass  # damaged: a cache, so it is made again below
   labels = np.asarray([int(ds[i][label_key]) for i in range(len(ds))])
   rows = np.flatnonzero(np.isin(labels, keep)).astype(np.int64)
   tmp = cache.with_suffix(".tmp.npy")
@@ -128,17 +139,106 @@ def _missing_message(name, data_dir, err) -> str:
       "images with --config.data.name=folder --config.data.folder=PATH.")
 
 
-class FolderSource:
-  """Every image file under a folder (recursively), split by a fixed hash of its path."""
+BAD_IMAGES = ("error", "skip")
 
-  def __init__(self, folder, split, image_size, channels, heldout_fraction=0.1):
+
+def _to_array(im, channels: int) -> np.ndarray:
+  """An opened PIL image as uint8 (H, W, 1 or 3): greyscale, RGB, RGBA and
+  palette (transparency on white), 16-bit and float, CMYK, YCbCr, LAB alike."""
+  from PIL import Image
+  if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+    a = np.asarray(im).astype(np.float64)
+    # 16-bit and 32-bit integer images span 0..65535; float ones 0..1.
+    a = a * 255.0 if im.mode == "F" else a / 257.0 if a.max(initial=0) > 255 else a
+    im = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), mode="L")
+  if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+    rgba = im.convert("RGBA")
+    im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+  return np.asarray(im.convert("L" if channels == 1 else "RGB"))
+
+
+def decode_image(path, size: int, channels: int) -> np.ndarray:
+  """uint8 (size, size, channels) of an image file. JPEGs are decoded at the
+  smallest scale at least `size` (PIL's draft): a huge photo is not loaded
+  at full size."""
+  from PIL import Image
+  with Image.open(path) as im:
+    if im.format == "JPEG":
+      im.draft("L" if channels == 1 else "RGB", (size, size))
+    return center_crop_resize(_to_array(im, channels), size, channels)
+
+
+def image_problem(path: Path, size: int = 8) -> str | None:
+  """Why `path` is not a usable image (None if it is): empty, not an image,
+  damaged or truncated, too large for PIL. Decodes it once (small, for JPEGs)."""
+  from PIL import Image
+  try:
+    if path.stat().st_size == 0:
+      return "empty file"
+    with Image.open(path) as im:
+      im.verify()  # structure and checksums, without decoding
+    decode_image(path, size, 3)  # the pixels themselves (a truncated file fails here)
+    return None
+  except Image.DecompressionBombError as e:
+    return f"too large ({e})"
+  except Exception as e:  # PIL raises many types for bad files; all mean "not usable"
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+_SCANS: dict = {}  # (folder, files with sizes and times) -> {path: problem}: once per process
+
+
+def scan_folder(folder: Path, files: list[Path]) -> dict[Path, str]:
+  """{path: problem} of the files that are not usable images, checked in
+  parallel (PIL releases the GIL while decoding); cached per process."""
+  key = (str(folder), tuple((str(p), *_stat(p)) for p in files))
+  if key not in _SCANS:
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+      problems = list(pool.map(image_problem, files, chunksize=64))
+    _SCANS.clear()
+    _SCANS[key] = {p: why for p, why in zip(files, problems) if why is not None}
+  return _SCANS[key]
+
+
+def _stat(p: Path) -> tuple[int, int]:
+  try:
+    st = p.stat()
+    return st.st_size, st.st_mtime_ns
+  except OSError:
+    return -1, -1
+
+
+class FolderSource:
+  """Every image file under a folder (recursively), split by a fixed hash of its path.
+
+  Every file is checked when the folder is first read (once per process):
+  bad_images="error" refuses a folder with any file that does not decode,
+  naming the first and the count; "skip" leaves them out (`bad_files` lists
+  them, with the reason). The split of a good file never depends on the others."""
+
+  def __init__(self, folder, split, image_size, channels, heldout_fraction=0.1,
+               bad_images="error"):
     folder = Path(os.path.expanduser(str(folder)))
     if not folder.is_dir():
       raise DataError(f"Image folder '{folder}' does not exist. Fix: set "
                       "--config.data.folder to a directory of PNG/JPEG files.")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    if bad_images not in BAD_IMAGES:
+      raise DataError(f"data.bad_images={bad_images!r} is unknown: use one of {BAD_IMAGES}.")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not files:
       raise DataError(f"No images ({', '.join(IMAGE_EXTS)}) found under '{folder}'.")
+    bad = scan_folder(folder, files)
+    if bad and bad_images == "error":
+      first = next(iter(bad))
+      listed = "\n  ".join(f"{p}: {why}" for p, why in list(bad.items())[:5])
+      raise DataError(
+          f"{len(bad)} of the {len(files)} files under '{folder}' are not usable images; "
+          f"the first is {first} ({bad[first]}):\n  {listed}"
+          + ("\n  ..." if len(bad) > 5 else "")
+          + "\nFix: remove or replace them, or set --config.data.bad_images=skip to leave them out.")
+    self.bad_files = sorted(bad.items())
+    files = [p for p in files if p not in bad]
 
     def is_heldout(p):  # stable under adding files: depends only on the path.
       h = int(hashlib.sha1(str(p.relative_to(folder)).encode()).hexdigest()[:8], 16)
@@ -146,7 +246,7 @@ class FolderSource:
 
     self.files = [p for p in files if is_heldout(p) == (split == HELDOUT)]
     if not self.files:
-      raise DataError(f"Split '{split}' of '{folder}' is empty ({len(files)} images in "
+      raise DataError(f"Split '{split}' of '{folder}' is empty ({len(files)} usable images in "
                       f"all, heldout_fraction={heldout_fraction}): add images or change it.")
     self.name = f"folder:{folder}:{split}"
     self.image_size, self.channels = image_size, channels
@@ -155,12 +255,14 @@ class FolderSource:
     return len(self.files)
 
   def get(self, indices):
-    from PIL import Image
     out = []
     for i in np.asarray(indices):
-      with Image.open(self.files[int(i)]) as im:
-        im = im.convert("L" if self.channels == 1 else "RGB")
-        out.append(center_crop_resize(np.asarray(im), self.image_size, self.channels))
+      path = self.files[int(i)]
+      try:
+        out.append(decode_image(path, self.image_size, self.channels))
+      except Exception as e:  # changed since the check (or a decoder quirk the check missed)
+        raise DataError(f"{path} cannot be read as an image any more ({type(e).__name__}: {e}). "
+                        "Fix: restore or remove it.") from None
     return np.stack(out), np.full(len(out), -1, np.int32)
 
 
@@ -197,7 +299,8 @@ def load_source(data_cfg, split: str) -> Source:
   if name == "folder":
     if not data_cfg.get("folder"):
       raise DataError("data.name=folder needs --config.data.folder=PATH (a directory of images).")
-    return FolderSource(data_cfg.folder, split, size, ch, data_cfg.get("heldout_fraction", 0.1))
+    return FolderSource(data_cfg.folder, split, size, ch, data_cfg.get("heldout_fraction", 0.1),
+                        data_cfg.get("bad_images", "error"))
   if name in CATALOGUE:
     spec = CATALOGUE[name]
     tfds_split = spec["splits"][0 if split == TRAIN else 1]

@@ -40,6 +40,8 @@ def run(ctx) -> dict:
             z.shape[1:], seconds)
     splits[split] = (z, labels, source.name)
     metrics[f"n_{split}"] = len(z)
+    if split == TRAIN:  # data.bad_images=skip: the files left out (both splits)
+      metrics["bad_images"] = len(getattr(source, "bad_files", ()))
     metrics[f"{split}_images_per_second"] = len(z) / max(seconds, 1e-9)
   if ctx.is_main:
     retrieval.save_latents(ctx.stage_dir, ae.fingerprint, cfg.data.name, splits)

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from rissole_jax import workdir as wd
 from rissole_jax.data import HELDOUT, TRAIN, load_all, load_source, to_float, to_uint8
 from rissole_jax.errors import ConfigError, DataError
 from rissole_jax.metrics import classifier as clf_lib
@@ -44,7 +45,12 @@ def load_samples(sample_dir) -> np.ndarray:
   if not path.exists():
     raise DataError(f"No samples at {path}. Fix: run the sample stage first "
                     "(python -m rissole_jax.main ... --only sample).")
-  x = np.load(path)
+  fix = (f"Fix: rerun the pipeline: the sample stage ({sample_dir}) remakes it.")
+  try:
+    x = wd.load_npy(path, fix)
+  except DataError:
+    wd.mark_unfinished(sample_dir)
+    raise
   if x.dtype != np.uint8 or x.ndim != 4:
     raise DataError(f"{path} must hold uint8 images (n, H, W, C); got {x.dtype} {x.shape}.")
   return x

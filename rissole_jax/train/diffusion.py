@@ -28,7 +28,7 @@ from rissole_jax.diffusion import samplers
 from rissole_jax.diffusion.schedule import PREDICTIONS, make_schedule
 from rissole_jax.errors import ConfigError, DataError
 from rissole_jax.models import unet
-from rissole_jax.train import checkpoints, optim
+from rissole_jax.train import checkpoints, guard, optim
 
 GATHERS = ("device", "host")
 
@@ -85,6 +85,7 @@ def check_config(config, latent_shape, k: int | None = None) -> None:
     raise ConfigError("diffusion.train.steps and batch_size must be positive.")
   if not 0 <= t.ema_decay < 1:
     raise ConfigError(f"diffusion.train.ema_decay={t.ema_decay} must be in [0, 1).")
+  guard.check_config(t, "diffusion.train")
   if k is not None and k < 1 and unet.uses_retrieval(config.model.variant):
     raise ConfigError(f"variant {config.model.variant!r} needs neighbours, but k={k}.")
 
@@ -148,7 +149,9 @@ def make_train_step(model, schedule, tx, config):
     params = optax.apply_updates(state["params"], updates)
     ema = ema_update(state["ema"], params, state["step"], f.train.ema_decay)
     new = {"step": state["step"] + 1, "params": params, "ema": ema, "opt": opt}
-    return new, {"loss": value, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": value, "grad_norm": optax.tree.norm(grads)}
+    return guard.finite_step(f.train.nan_policy, state, new, metrics,
+                             value, metrics["grad_norm"], params, ema)
   return step
 
 
@@ -245,16 +248,18 @@ def run(ctx) -> dict:
 
   mesh = parallel.make_mesh(config.mesh)
   rules = config.mesh.logical_axis_rules
-  mngr = checkpoints.manager(ctx.stage_dir / "checkpoints", t.keep_checkpoints, t.ckpt_every)
+  ckpt_dir = ctx.stage_dir / "checkpoints"
+  mngr = checkpoints.manager(ckpt_dir, t.keep_checkpoints, t.ckpt_every)
   fns = parts(config, latent_shape)
   model = fns.model
-  if mngr.latest_step() is None:
-    _, _, _, state, state_sh = build(config, latent_shape, k, mesh, config.seed)
-    start = 0
-  else:  # resuming: restore straight into the sharded layout, no init needed
+  start = 0
+  if mngr.latest_step() is not None:  # resuming: restore straight into the sharded layout
     like, state_sh = abstract_state(config, model, latent_shape, k, mesh)
-    state, start = checkpoints.restore_latest(mngr, like)
-    ctx.log("resumed from step %d", start)
+    state, start = checkpoints.restore_latest(mngr, like, ctx.log)
+    if start:
+      ctx.log("resumed from step %d", start)
+  if not start:  # nothing (intact) to resume from
+    _, _, _, state, state_sh = build(config, latent_shape, k, mesh, config.seed)
   n_params = unet.count_params(state["params"])
   ctx.log("denoiser (%s): %s parameters", config.model.variant, f"{n_params:,}")
   print(f"denoiser ({config.model.variant}): {n_params:,} parameters")
@@ -287,28 +292,41 @@ def run(ctx) -> dict:
 
   writer = ctx.writer()
   bar = ctx.progress(t.steps, start, "diffusion")
+  hints = {f"diffusion.train.{n}": t[n] for n in ("lr", "warmup_steps", "grad_clip", "batch_size")}
+  hints["diffusion.prediction"] = config.diffusion.prediction
+  nan_guard = guard.Guard("diffusion", t, hints, ckpt_dir)
   window, last, t_first, timed_from = [], {}, None, start
   first_step_seconds, t_start = 0.0, time.time()
-  for s in range(start, t.steps):
-    state, m = train_step(state, stream.indices(s))
-    window.append(m)
-    if s == start:  # the first call compiles: time the rest
-      jax.block_until_ready(m)
-      t_first, timed_from = time.time(), s + 1
-      first_step_seconds = t_first - t_start
-    checkpoints.save(mngr, s + 1, state)
-    if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
-      last = {n: float(np.mean([float(x[n]) for x in window])) for n in window[0]}
-      window = []
-      writer.scalars(s + 1, last)
-      ctx.log("step %d/%d: loss %.4f, grad norm %.3f", s + 1, t.steps, last["loss"],
-              last["grad_norm"])
-      bar.set_postfix(loss=f"{last['loss']:.4f}")
-    bar.update(1)
-  jax.block_until_ready(state)
-  elapsed = time.time() - t_first if t_first else 0.0
-  steps_timed = t.steps - timed_from
-  rate = steps_timed / elapsed if elapsed > 0 and steps_timed else 0.0
+  try:
+    for s in range(start, t.steps):
+      state, m = train_step(state, stream.indices(s))
+      window.append(m)
+      nan_guard.add(s + 1, m)
+      if s == start:  # the first call compiles: time the rest
+        jax.block_until_ready(m)
+        t_first, timed_from = time.time(), s + 1
+        first_step_seconds = t_first - t_start
+      # The steps since the last look are checked first: a broken state is never saved.
+      if (s + 1) % max(t.ckpt_every, 1) == 0:
+        nan_guard.check(mngr.latest_step())
+        checkpoints.save(mngr, s + 1, state)
+      if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
+        nan_guard.check(mngr.latest_step())
+        last = guard.mean_finite(window)
+        window = []
+        writer.scalars(s + 1, last)
+        ctx.log("step %d/%d: loss %.4f, grad norm %.3f", s + 1, t.steps, last["loss"],
+                last["grad_norm"])
+        bar.set_postfix(loss=f"{last['loss']:.4f}")
+      bar.update(1)
+    jax.block_until_ready(state)
+    elapsed = time.time() - t_first if t_first else 0.0
+    steps_timed = t.steps - timed_from
+    rate = steps_timed / elapsed if elapsed > 0 and steps_timed else 0.0
+    nan_guard.check(mngr.latest_step())
+  except BaseException:
+    checkpoints.abandon(mngr)  # the last good save is finished, not lost
+    raise
   checkpoints.finish(mngr, t.steps, state)
   bar.close()
   writer.close()
@@ -318,6 +336,7 @@ def run(ctx) -> dict:
   if heldout is not None:
     ctx.log("held-out loss (EMA weights): %.4f", heldout)
   return {"loss": last["loss"], "heldout_loss": heldout, "denoiser_params": n_params,
+          "skipped_steps": nan_guard.skipped,
           "steps_per_sec": rate, "train_images_per_sec": rate * t.batch_size,
           # The first step: compiling the jitted step, plus one step.
           "compile_seconds": first_step_seconds,
@@ -354,13 +373,20 @@ def load_denoiser(config, root: Path, mesh=None):
   path = sdir / "latent_stats.json"
   if not path.exists():
     raise DataError(f"{path} is missing: the 'diffusion' stage has not run in {root}.")
-  meta = json.loads(path.read_text())
-  latent_shape, k = tuple(meta["latent_shape"]), int(meta["k"])
+  meta = wd.read_json(path)
+  try:
+    latent_shape, k = tuple(meta["latent_shape"]), int(meta["k"])
+    np.asarray(meta["mean"], np.float32), np.asarray(meta["std"], np.float32)
+  except (KeyError, TypeError, ValueError) as e:
+    raise DataError(f"{path} is damaged ({type(e).__name__}: {e}). "
+                    + checkpoints.remake_fix(sdir, "diffusion")) from None
   stats = {"mean": np.asarray(meta["mean"], np.float32), "std": np.asarray(meta["std"], np.float32),
            "k": k, "latent_shape": latent_shape}
   mesh = mesh or parallel.make_mesh(config.mesh)
   model = unet.make_denoiser(config, latent_shape)
   like, _ = abstract_state(config, model, latent_shape, k, mesh)
-  state = checkpoints.restore_params(sdir / "checkpoints", like=like)
+  fix = (f"Fix: run the diffusion stage first (python -m rissole_jax.main --config ... "
+         f"--workdir {root} --only diffusion); it resumes from its last checkpoint.")
+  state = checkpoints.restore_final(sdir, "diffusion", None, like, fix)
   return model, state["ema"], stats
 

@@ -26,7 +26,7 @@ from rissole_jax import parallel
 from rissole_jax.data import TrainStream, eval_batches, load_source, to_uint8
 from rissole_jax.errors import ConfigError, DataError
 from rissole_jax.models import vqgan as vq
-from rissole_jax.train import checkpoints, optim
+from rissole_jax.train import checkpoints, guard, optim
 from rissole_jax.workdir import atomic_write_bytes
 
 
@@ -135,8 +135,12 @@ def make_train_step(model, disc, g_tx, d_tx, config):
                "commit_loss": aux["commit_loss"], "gan_g_loss": aux["gan_g_loss"],
                "d_weight": aux["d_weight"], **d_metrics,
                "batch_usage": stats["usage"], "batch_perplexity": stats["perplexity"],
-               "restarted": restarted, "g_grad_norm": optax.tree.norm(g_grads)}
-    return new, metrics
+               "restarted": restarted, "g_grad_norm": optax.tree.norm(g_grads),
+               "d_grad_norm": optax.tree.norm(d_g)}
+    # The losses, both gradient norms and everything the step updated.
+    checked = (loss, d_metrics["d_loss"], metrics["g_grad_norm"], metrics["d_grad_norm"],
+               g_params, d_params, ema)
+    return guard.finite_step(v.train.nan_policy, state, new, metrics, *checked)
   return step
 
 
@@ -168,7 +172,7 @@ def _trainer_key(config, mesh) -> str:
   keys = {"vqgan": config.vqgan.to_dict(), "size": config.data.image_size,
           "channels": config.data.channels, "rules": config.mesh.logical_axis_rules,
           "mesh": (mesh.axis_names, mesh.devices.shape, [d.id for d in mesh.devices.flat])}
-  for k in ("log_every", "ckpt_every", "keep_checkpoints"):  # no effect on the step
+  for k in ("log_every", "ckpt_every", "keep_checkpoints", "max_skipped_steps"):  # no effect on the step
     keys["vqgan"]["train"].pop(k, None)
   return json.dumps(keys, sort_keys=True, default=str)
 
@@ -222,47 +226,67 @@ def train(ctx, trainer: Trainer, init_key, step_key) -> tuple[Any, dict]:
   """Trains from the latest checkpoint to train.steps; returns (state, last metrics)."""
   config, t = ctx.config, ctx.config.vqgan.train
   mesh, rules = trainer.mesh, config.mesh.logical_axis_rules
+  # The data first: a folder with bad images stops here, before any training.
+  source = load_source(config.data, "train")
+  for path, why in getattr(source, "bad_files", ()):
+    ctx.log("skipped a bad image (data.bad_images=skip): %s (%s)", path, why)
   state = trainer.init_state(init_key)
-  mngr = checkpoints.manager(ctx.stage_dir / "checkpoints", t.keep_checkpoints, t.ckpt_every)
-  state, start = checkpoints.restore_latest(mngr, state)
+  ckpt_dir = ctx.stage_dir / "checkpoints"
+  mngr = checkpoints.manager(ckpt_dir, t.keep_checkpoints, t.ckpt_every)
+  state, start = checkpoints.restore_latest(mngr, state, ctx.log)
   if start:
     ctx.log("resumed from step %d", start)
-  stream = TrainStream(load_source(config.data, "train"), t.batch_size, config.seed,
-                       ctx.process_index, ctx.process_count)
+  stream = TrainStream(source, t.batch_size, config.seed, ctx.process_index, ctx.process_count)
   step_key = parallel.put_replicated(step_key, mesh)
   writer, bar = ctx.writer(), ctx.progress(t.steps, start, "vqgan")
+  hints = {f"vqgan.train.{k}": t[k] for k in ("lr", "disc_lr", "warmup_steps", "grad_clip")}
+  hints["vqgan.disc_weight"] = config.vqgan.disc_weight
+  nan_guard = guard.Guard("vqgan", t, hints, ckpt_dir)
   window, last, t0, timed_from = [], {}, None, start
-  for s in range(start, t.steps):
-    images = parallel.put_batch(stream.batch(s)["image"], mesh, rules)
-    state, m = trainer.step(state, step_key, images)
-    window.append(m)
-    if s == start:  # the first call compiles: time the rest
-      jax.block_until_ready(m)
-      t0, timed_from = time.time(), s + 1
-    # Orbax would also save the very first step; only every ckpt_every is wanted.
-    if (s + 1) % t.ckpt_every == 0 and checkpoints.save(mngr, s + 1, state):
-      mngr.wait_until_finished()  # the next step donates these buffers
-    if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
-      last = {n: float(np.mean([float(x[n]) for x in window])) for n in window[0]}
-      window = []
-      writer.scalars(s + 1, {f"train/{n}": x for n, x in last.items()})
-      ctx.log("step %d: %s", s + 1, ", ".join(f"{n}={x:.4g}" for n, x in last.items()))
-      bar.set_postfix(rec=f"{last['rec_loss']:.4f}", usage=f"{last['batch_usage']:.2f}")
-    bar.update(1)
-  jax.block_until_ready(state)
-  elapsed = time.time() - t0 if t0 else 0.0
+  try:
+    for s in range(start, t.steps):
+      images = parallel.put_batch(stream.batch(s)["image"], mesh, rules)
+      state, m = trainer.step(state, step_key, images)
+      window.append(m)
+      nan_guard.add(s + 1, m)
+      if s == start:  # the first call compiles: time the rest
+        jax.block_until_ready(m)
+        t0, timed_from = time.time(), s + 1
+      # Orbax would also save the very first step; only every ckpt_every is wanted.
+      # The steps since the last look are checked first: a broken state is never saved.
+      if (s + 1) % t.ckpt_every == 0:
+        nan_guard.check(mngr.latest_step())
+        if checkpoints.save(mngr, s + 1, state):
+          mngr.wait_until_finished()  # the next step donates these buffers
+      if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
+        nan_guard.check(mngr.latest_step())
+        last = guard.mean_finite(window)
+        window = []
+        writer.scalars(s + 1, {f"train/{n}": x for n, x in last.items()})
+        ctx.log("step %d: %s", s + 1, ", ".join(f"{n}={x:.4g}" for n, x in last.items()))
+        bar.set_postfix(rec=f"{last['rec_loss']:.4f}", usage=f"{last['batch_usage']:.2f}")
+      bar.update(1)
+    jax.block_until_ready(state)
+    elapsed = time.time() - t0 if t0 else 0.0
+    nan_guard.check(mngr.latest_step())
+  except BaseException:
+    checkpoints.abandon(mngr)  # the last good save is finished, not lost
+    raise
   checkpoints.finish(mngr, t.steps, state)
   bar.close()
   writer.close()
   timed = t.steps - timed_from
   last["steps_per_sec"] = timed / elapsed if elapsed > 0 and timed > 0 else 0.0
   last["train_seconds"] = elapsed
+  last["skipped_steps"] = nan_guard.skipped
+  last["bad_images"] = len(getattr(source, "bad_files", ()))
   return state, last
 
 
 def run(ctx) -> dict:
   config = ctx.config
   vq.check_config(config)
+  guard.check_config(config.vqgan.train, "vqgan.train")
   mesh = parallel.make_mesh(config.mesh)
   check_batch(config, mesh)
   trainer = build(config, mesh)
@@ -277,6 +301,7 @@ def run(ctx) -> dict:
   metrics = evaluate(ctx, ae)
   ctx.log("held-out: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
   return {**metrics, "generator_params": n_params, "discriminator_params": n_disc,
+          "skipped_steps": last["skipped_steps"], "bad_images": last["bad_images"],
           "steps_per_sec": last.get("steps_per_sec", 0.0),
           "train_seconds": last.get("train_seconds", 0.0), "devices": jax.device_count()}
 
@@ -434,28 +459,18 @@ def params_fingerprint(params, vq_cfg) -> str:
 def load_autoencoder(config, vqgan_dir) -> Autoencoder:
   """The generator trained by the vqgan stage in `vqgan_dir` (its final checkpoint).
 
-  Raises DataError when the stage has not finished there."""
-  import orbax.checkpoint as ocp
+  Raises DataError when the stage has not finished there, or CheckpointError
+  (after marking the stage unfinished, so that a rerun remakes it) when its
+  final checkpoint is damaged."""
   vq.check_config(config)
-  ckpt_dir = Path(vqgan_dir) / "checkpoints"
   steps = config.vqgan.train.steps
-  found, mngr = [], None
-  if ckpt_dir.is_dir():
-    mngr = ocp.CheckpointManager(ckpt_dir.absolute())
-    found = list(mngr.all_steps())
-  if steps not in found:
-    if mngr is not None:
-      mngr.close()
-    raise DataError(
-        f"No finished VQ-GAN checkpoint in {ckpt_dir}: need step {steps} "
-        f"(vqgan.train.steps), found {sorted(found) or 'none'}. Fix: run the vqgan stage "
-        "first (python -m rissole_jax.main --config ... --workdir DIR --only vqgan); it "
-        "resumes from its last checkpoint.")
   mesh = parallel.make_mesh(config.mesh)
   trainer = build(config, mesh)
   repl = parallel.replicated(mesh)
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
                         trainer.abstract_state)
-  state = mngr.restore(steps, args=ocp.args.StandardRestore(target))
-  mngr.close()
+  fix = ("Fix: run the vqgan stage first (python -m rissole_jax.main "
+         f"--config ... --workdir {Path(vqgan_dir).parent} --only vqgan); it resumes from its "
+         "last checkpoint.")
+  state = checkpoints.restore_final(Path(vqgan_dir), "vqgan", steps, target, fix)
   return Autoencoder(config, state["g_params"], mesh)
