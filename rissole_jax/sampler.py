@@ -606,7 +606,8 @@ def database_source(source, config):
     spec = str(source)
     path = spec[len("folder:"):] if spec.startswith("folder:") else spec
     if spec.startswith("folder:") or os.sep in spec or Path(os.path.expanduser(path)).is_dir():
-      src = FolderSource(path, "train", size, ch, heldout_fraction=0.0)
+      src = FolderSource(path, "train", size, ch, heldout_fraction=0.0,
+                         bad_images=config.data.get("bad_images", "error"))
       listing = "\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in src.files)
       src.name = f"folder:{Path(path).expanduser().resolve()}:{_digest(listing.encode())}"
       return src

@@ -137,7 +137,7 @@ def test_bad_images_skip_and_every_mode_converts(image_folder, channels):
   # The transparent corner pixel is white (after the resize, still bright).
   from PIL import Image
   with Image.open(folder / made["rgba"]) as im:
-    assert sources._to_array(im, channels)[0, 0].min() == 255
+    assert sources.pil_to_array(im, channels)[0, 0].min() == 255
 
 
 def test_huge_jpeg_is_not_decoded_at_full_size(image_folder, monkeypatch):

@@ -167,6 +167,9 @@ def test_with_database_swaps_neighbours_and_caches(sampler, tmp_path, monkeypatc
   assert len(sampler.with_database(f"folder:{folder}", progress=False).db) == 6
   with pytest.raises(DataError, match="needs at least"):
     sampler.with_database(images[:sampler.stats["k"]], progress=False)
+  (folder / "notes.png").write_text("not an image")
+  with pytest.raises(DataError, match="not usable images; the first is .*notes.png"):
+    sampler.with_database(folder, progress=False)
   (tmp_path / "empty").mkdir()
   with pytest.raises(DataError, match="No images"):
     sampler.with_database(tmp_path / "empty", progress=False)

@@ -142,7 +142,7 @@ def _missing_message(name, data_dir, err) -> str:
 BAD_IMAGES = ("error", "skip")
 
 
-def _to_array(im, channels: int) -> np.ndarray:
+def pil_to_array(im, channels: int) -> np.ndarray:
   """An opened PIL image as uint8 (H, W, 1 or 3): greyscale, RGB, RGBA and
   palette (transparency on white), 16-bit and float, CMYK, YCbCr, LAB alike."""
   from PIL import Image
@@ -165,7 +165,7 @@ def decode_image(path, size: int, channels: int) -> np.ndarray:
   with Image.open(path) as im:
     if im.format == "JPEG":
       im.draft("L" if channels == 1 else "RGB", (size, size))
-    return center_crop_resize(_to_array(im, channels), size, channels)
+    return center_crop_resize(pil_to_array(im, channels), size, channels)
 
 
 def image_problem(path: Path, size: int = 8) -> str | None:
