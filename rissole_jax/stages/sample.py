@@ -26,7 +26,7 @@ from rissole_jax.data.pipeline import local_slice, to_uint8
 from rissole_jax.diffusion import samplers
 from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError, DataError
-from rissole_jax.models import unet
+from rissole_jax.models import lego, unet
 from rissole_jax.train import diffusion as dif
 from rissole_jax.workdir import atomic_save_npy, atomic_write_bytes
 
@@ -102,12 +102,20 @@ def sample_latents(model, params, schedule, config, nb, key):
   s, prediction = config.sample, config.diffusion.prediction
   B, shape = nb.shape[0], nb.shape[2:]
 
+  # LEGO bricks skipped over part of the trajectory: (bricks run for t >=
+  # t_switch, for t < t_switch, t_switch), None for all bricks; see lego.skip_plan.
+  plan = lego.skip_plan(model, config)
+
   def run(cond, x_T, k):
-    def pred_fn(x, t, keep):
-      return model.apply({"params": params}, x, t, **cond,
-                         keep=keep if model.learn_null else None)
-    model_fn = samplers.guided(pred_fn, schedule, prediction, s.guidance_scale)
-    return samplers.run_sampler(s.sampler, schedule, model_fn, x_T, k, s.steps, s.eta)
+    def model_fn(active=None):
+      def pred_fn(x, t, keep):
+        return model.apply({"params": params}, x, t, **cond,
+                           keep=keep if model.learn_null else None,
+                           **({} if active is None else {"active": active}))
+      return samplers.guided(pred_fn, schedule, prediction, s.guidance_scale)
+    split = {} if plan is None else {"model_fn_low": model_fn(plan[1]), "t_switch": plan[2]}
+    return samplers.run_sampler(s.sampler, schedule, model_fn(plan and plan[0]), x_T, k,
+                                s.steps, s.eta, **split)
 
   k_T, k_run = jax.random.split(key)
   if not model.blocks:
