@@ -102,6 +102,13 @@ def from_regions(tokens, batch: int, H: int, W: int, region, patch):
 # ---------------------------------------------------------------------------
 # The modules.
 
+def num_heads(width: int) -> int:
+  """About one head per HEAD_DIM features: the most heads, at most width //
+  HEAD_DIM, that divide the width (widths need not be multiples of 32, so
+  parameter budgets can be matched)."""
+  return max(h for h in range(1, max(1, width // HEAD_DIM) + 1) if width % h == 0)
+
+
 def _modulate(x, shift, scale):
   return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -119,7 +126,7 @@ class DiTBlock(nn.Module):
     N, L, d = x.shape
     mod = dense(6 * d, name="adaln", zero_init=True)(nn.silu(c))
     s1, g1, a1, s2, g2, a2 = jnp.split(mod, 6, -1)
-    heads = d // HEAD_DIM if d % HEAD_DIM == 0 and d >= HEAD_DIM else 1
+    heads = num_heads(d)
     h = _modulate(nn.LayerNorm(use_scale=False, use_bias=False, name="norm1")(x), s1, g1)
     split = lambda a: a.reshape(N, L, heads, d // heads)
     q, k, v = (split(dense(d, name=n)(h)) for n in ("q", "k", "v"))
