@@ -30,6 +30,8 @@ _OUT = flags.DEFINE_string("out", None, "JSON file for the rows.")
 _TB = flags.DEFINE_list("t_breaks", ["0", "0.2", "0.4", "0.6", "0.8", "1.0"], "t_break values.")
 _CANVAS = flags.DEFINE_list("canvas", [], "Instead of the sweep: sample a larger canvas "
                             "(latent rows,cols, e.g. 16,16) to --out (a folder).")
+_CONV = flags.DEFINE_list("convergence", [], "Instead of the sweep: NAME=DIFFUSION_LOG.txt "
+                          "pairs; plots training loss against step to --plot.")
 _PLOT = flags.DEFINE_string("plot", None, "Also draw every JSON given here (comma-separated) to this PNG.")
 
 UPSTREAM = ("vqgan", "encode", "index", "diffusion")
@@ -47,10 +49,16 @@ def flops_of(config, root: Path) -> dict:
   return lego.sampler_flops(model, params, config, x, cond)
 
 
-def sweep(config, run: Path, t_breaks) -> list[dict]:
+def sweep(config, run: Path, t_breaks, out: Path) -> list[dict]:
+  """Rows for each t_break, written to `out` after each one; rows already in
+  `out` are kept and their t_breaks not redone (so a sweep can be resumed,
+  or continued with other evaluate settings, e.g. Inception off)."""
   from rissole_jax import main
-  rows = []
+  name = f"{config.model.variant} LEGO-{config.model.lego.preset.upper()}"
+  rows = json.loads(out.read_text())["rows"] if out.exists() else []
   for tb in t_breaks:
+    if any(r["t_break"] == float(tb) for r in rows):
+      continue
     root = run / "skip" / f"t{tb:g}"
     root.mkdir(parents=True, exist_ok=True)
     for s in UPSTREAM:
@@ -68,6 +76,9 @@ def sweep(config, run: Path, t_breaks) -> list[dict]:
                  "batch": int(c.sample.batch_size), "num": int(c.sample.num),
                  **{k: v for k, v in e.items() if not isinstance(v, str)}})
     print(json.dumps(rows[-1]))
+    rows.sort(key=lambda r: r["t_break"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"name": name, "run": str(run), "rows": rows}, indent=1))
   return rows
 
 
@@ -136,8 +147,37 @@ def plot(paths, out: str) -> None:
   fig.savefig(out, dpi=110)
 
 
+def loss_curve(log: Path) -> tuple[list[int], list[float]]:
+  """(steps, losses) from a diffusion stage's log.txt ("step N/M: loss X")."""
+  import re
+  pts = [(int(m[1]), float(m[2])) for m in
+         re.finditer(r"step (\d+)/\d+: loss ([0-9.]+)", Path(log).read_text())]
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_convergence(pairs, out: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 3.8))
+  for pair in pairs:
+    name, log = pair.split("=", 1)
+    steps, loss = loss_curve(Path(log))
+    ax.plot(steps, loss, "o-", ms=3, label=name)
+  ax.set_xlabel("training step (64 images)")
+  ax.set_ylabel("training loss (eps MSE; LEGO: mean over bricks)")
+  ax.set_yscale("log")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+
+
 def main(argv):
   del argv
+  if _CONV.value:
+    plot_convergence(_CONV.value, _PLOT.value)
+    return
   if _PLOT.value and not _RUN.value:
     plot(_OUT.value.split(","), _PLOT.value)
     return
@@ -145,11 +185,8 @@ def main(argv):
   if _CANVAS.value:
     larger_canvas(config, Path(_RUN.value), tuple(int(v) for v in _CANVAS.value), Path(_OUT.value))
     return
-  rows = sweep(config, Path(_RUN.value), [float(t) for t in _TB.value])
   out = Path(_OUT.value)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  name = f"{config.model.variant} LEGO-{config.model.lego.preset.upper()}"
-  out.write_text(json.dumps({"name": name, "run": _RUN.value, "rows": rows}, indent=1))
+  sweep(config, Path(_RUN.value), [float(t) for t in _TB.value], out)
   if _PLOT.value:
     plot([str(out)], _PLOT.value)
 
