@@ -71,7 +71,8 @@ def sweep(config, run: Path, t_breaks, out: Path) -> list[dict]:
     s, e = res["sample"], res["evaluate"]
     rows.append({"t_break": float(tb), "skip_bricks": list(c.sample.skip.bricks),
                  "skip_end": c.sample.skip.end, "gflops_per_batch": f["flops"] / 1e9,
-                 "steps_reduced": f["steps_low"] if c.sample.skip.end == "low" else f["steps_high"],
+                 "steps_reduced": 0 if tb <= 0 else (f["steps_low"] if c.sample.skip.end == "low"
+                                                     else f["steps_high"]),
                  "seconds_per_batch": s["seconds_per_batch"], "samples_per_sec": s["samples_per_sec"],
                  "batch": int(c.sample.batch_size), "num": int(c.sample.num),
                  **{k: v for k, v in e.items() if not isinstance(v, str)}})
@@ -173,8 +174,29 @@ def plot_convergence(pairs, out: str) -> None:
   fig.savefig(out, dpi=110)
 
 
+def table(paths) -> str:
+  """Markdown rows of sweep JSONs: one per (model, t_break)."""
+  cols = [("t_break", "t_break", "{:g}"), ("GFLOP/batch", "gflops_per_batch", "{:.1f}"),
+          ("s/batch", "seconds_per_batch", "{:.1f}"), ("img/s", "samples_per_sec", "{:.2f}"),
+          ("classifier FD", "classifier/fd", "{:.2f}"), ("FID", "inception/fid", "{:.2f}"),
+          ("precision", "classifier/precision", "{:.3f}"), ("recall", "classifier/recall", "{:.3f}"),
+          ("confident", "classifier/confident_fraction", "{:.3f}"),
+          ("seam", "seam_score", "{:.3f}"), ("memorisation", "memorization/median_ratio", "{:.3f}")]
+  lines = ["| model | " + " | ".join(c[0] for c in cols) + " |",
+           "|---" * (len(cols) + 1) + "|"]
+  for p in paths:
+    d = json.loads(Path(p).read_text())
+    for r in d["rows"]:
+      vals = [f.format(r[k]) if k in r else "–" for _, k, f in cols]
+      lines.append(f"| {d['name']} | " + " | ".join(vals) + " |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
+  if _PLOT.value is None and _RUN.value is None and _OUT.value:
+    print(table(_OUT.value.split(",")))
+    return
   if _CONV.value:
     plot_convergence(_CONV.value, _PLOT.value)
     return
