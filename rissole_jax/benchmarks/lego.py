@@ -32,6 +32,8 @@ _CANVAS = flags.DEFINE_list("canvas", [], "Instead of the sweep: sample a larger
                             "(latent rows,cols, e.g. 16,16) to --out (a folder).")
 _CONV = flags.DEFINE_list("convergence", [], "Instead of the sweep: NAME=DIFFUSION_LOG.txt "
                           "pairs; plots training loss against step to --plot.")
+_TIMING = flags.DEFINE_integer("timing", 0, "Instead of the sweep: time the compiled latent "
+                               "sampler for every t_break, interleaved, this many rounds (median).")
 _PLOT = flags.DEFINE_string("plot", None, "Also draw every JSON given here (comma-separated) to this PNG.")
 
 UPSTREAM = ("vqgan", "encode", "index", "diffusion")
@@ -174,6 +176,47 @@ def plot_convergence(pairs, out: str) -> None:
   fig.savefig(out, dpi=110)
 
 
+def timing(config, run: Path, t_breaks, rounds: int, batch: int = 16) -> list[dict]:
+  """Median seconds of the compiled latent sampler (no decode) per t_break.
+  The t_breaks are timed in turn, `rounds` times, so that load changes on a
+  shared machine spread over all of them instead of biasing one."""
+  import time
+  import jax
+  import jax.numpy as jnp
+  from rissole_jax.diffusion.schedule import make_schedule
+  from rissole_jax.models import unet
+  from rissole_jax.stages import sample as smp
+  from rissole_jax.train import diffusion as dif
+  model, params, stats = dif.load_denoiser(config, run)
+  schedule = make_schedule(config.diffusion)
+  nb = jax.random.normal(jax.random.PRNGKey(0), (batch, stats["k"], *stats["latent_shape"]))
+  fns, flops = {}, {}
+  for tb in t_breaks:
+    c = config.copy_and_resolve_references()
+    c.sample.skip.t_break = float(tb)
+    fns[tb] = jax.jit(lambda p, nb, k, c=c: smp.sample_latents(model, p, schedule, c, nb, k))
+    jax.block_until_ready(fns[tb](params, nb, jax.random.PRNGKey(1)))   # compile
+    x, cond = unet.model_inputs(model, nb[:, 0], nb)
+    flops[tb] = lego_flops(model, params, c, x, cond)
+  times = {tb: [] for tb in t_breaks}
+  for r in range(rounds):
+    for tb in t_breaks:
+      t0 = time.perf_counter()
+      jax.block_until_ready(fns[tb](params, nb, jax.random.PRNGKey(2 + r)))
+      times[tb].append(time.perf_counter() - t0)
+  rows = [{"t_break": float(tb), "batch": batch, "rounds": rounds,
+           "seconds_median": float(np.median(times[tb])), "seconds": times[tb],
+           "gflops": flops[tb] / 1e9} for tb in t_breaks]
+  for r in rows:
+    print(json.dumps(r))
+  return rows
+
+
+def lego_flops(model, params, config, x, cond) -> float:
+  from rissole_jax.models import lego
+  return lego.sampler_flops(model, params, config, x, cond)["flops"]
+
+
 def table(paths) -> str:
   """Markdown rows of sweep JSONs: one per (model, t_break)."""
   cols = [("t_break", "t_break", "{:g}"), ("GFLOP/batch", "gflops_per_batch", "{:.1f}"),
@@ -204,6 +247,10 @@ def main(argv):
     plot(_OUT.value.split(","), _PLOT.value)
     return
   config = _CONFIG.value
+  if _TIMING.value:
+    rows = timing(config, Path(_RUN.value), [float(t) for t in _TB.value], _TIMING.value)
+    Path(_OUT.value).write_text(json.dumps({"run": _RUN.value, "rows": rows}, indent=1))
+    return
   if _CANVAS.value:
     larger_canvas(config, Path(_RUN.value), tuple(int(v) for v in _CANVAS.value), Path(_OUT.value))
     return
