@@ -115,7 +115,10 @@ def larger_canvas(config, run: Path, hw, out: Path, num: int = 64) -> dict:
   # to the larger image size (their boundary ratio on the larger grid).
   held = np.asarray(ae.decode(np.asarray(db.heldout_latents[:256], np.float32)))
   real = to_uint8(np.asarray(jax.image.resize(held, (held.shape[0], *images.shape[1:]), "linear")))
-  grid = big.grid if big.blocks else (2, 2)
+  # Seams: of the blocks, or for `full` of the largest regions (a brick's
+  # attention does not cross them).
+  rmax = max(b[0][0] for b in big.bricks), max(b[0][1] for b in big.bricks)
+  grid = big.grid if big.blocks else (hw[0] // rmax[0], hw[1] // rmax[1])
   out.mkdir(parents=True, exist_ok=True)
   smp.save_png(out / "samples.png", smp.tile(images, 8))
   row = {"canvas_latent": list(hw), "image": list(images.shape[1:3]), "grid": list(grid),
