@@ -259,6 +259,24 @@ def test_variants_compose_with_smoke():
     assert isinstance(m, lego.LegoDenoiser) and c.model.lego.preset == p
 
 
+def test_workdirs_made_before_lego_keep_their_fingerprints():
+  """A U-Net config's fingerprints ignore the LEGO keys (and skipping with
+  t_break 0), so older workdirs are not taken for another config."""
+  from rissole_jax import workdir as wd
+  c = base_config()
+  secs = wd.config_sections(c, ("model", "sample"))
+  assert "lego" not in secs["model"] and "backbone" not in secs["model"]
+  assert "skip" not in secs["sample"]
+  old = c.to_dict()
+  del old["model"]["backbone"], old["model"]["lego"], old["sample"]["skip"]
+  import ml_collections as mlc
+  assert wd.config_sections(mlc.ConfigDict(old), ("model", "sample")) == secs
+  lg = tiny("pr")
+  lg.sample.skip.t_break = 0.5
+  secs = wd.config_sections(lg, ("model", "sample"))
+  assert secs["model"]["backbone"] == "lego" and secs["sample"]["skip"]["t_break"] == 0.5
+
+
 # ---------------------------------------------------------------------------
 # Mesh.
 
