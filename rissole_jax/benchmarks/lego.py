@@ -208,7 +208,8 @@ def timing(config, run: Path, t_breaks, rounds: int, batch: int = 16) -> list[di
       jax.block_until_ready(fns[tb](params, nb, jax.random.PRNGKey(2 + r)))
       times[tb].append(time.perf_counter() - t0)
   rows = [{"t_break": float(tb), "batch": batch, "rounds": rounds,
-           "seconds_median": float(np.median(times[tb])), "seconds": times[tb],
+           "seconds_median": float(np.median(times[tb])), "seconds_min": float(np.min(times[tb])),
+           "seconds": times[tb],
            "gflops": flops[tb] / 1e9} for tb in t_breaks]
   for r in rows:
     print(json.dumps(r))
