@@ -4,8 +4,9 @@
   python -m rissole_jax.main --config configs/mnist.py:smoke --workdir /tmp/smoke
 
 Variants: "" (default), "smoke", and the denoiser variants/ablations
-"full", "blocks_only", "rdm", "no_position", "prev_block" (combinable with
-commas, e.g. "full,smoke").
+"full", "blocks_only", "rdm", "no_position", "prev_block", and the LEGO
+backbone in the paper's stacking orders "lego_pg", "lego_pr", "lego_u"
+(docs/lego.md) (combinable with commas, e.g. "full,smoke", "lego_pr,full").
 """
 from rissole_jax.defaults import base_config, smoke, apply_variants
 

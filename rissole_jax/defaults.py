@@ -102,6 +102,19 @@ def base_config() -> mlc.ConfigDict:
   m.cond = "concat"             # concat | cross_attn (how neighbour blocks enter)
   m.use_position = True         # block-position embedding (block variants)
   m.use_prev_block = False      # condition on the previous block in raster order
+  m.backbone = "unet"           # unet | lego (LEGO bricks, models/lego.py; docs/lego.md)
+  # LEGO bricks (read with backbone='lego'). Sized for the MNIST default:
+  # width 96 and 6 DiT blocks in all are about the U-Net's 1M parameters.
+  m.lego = lg = mlc.ConfigDict()
+  lg.preset = "pg"              # pg (local bricks first) | pr (full-canvas brick first) | u
+  # Explicit stack instead of the preset: ((region, patch, depth, width), ...),
+  # region an int or (rows, cols); every region must divide the canvas (the
+  # block, or the latent for `full`) and every patch its region.
+  lg.bricks = ()
+  lg.depth = 6                  # preset: DiT blocks in all, split evenly over the bricks
+  lg.width = 96                 # preset: token width of every brick
+  lg.emb_dim = 96               # timestep (+ block position) condition width
+  lg.mlp_ratio = 4
 
   c.diffusion = f = mlc.ConfigDict()
   f.timesteps = 1000
@@ -137,6 +150,14 @@ def base_config() -> mlc.ConfigDict:
   s.eta = 1.0
   s.guidance_scale = 1.0        # 1: no guidance (needs cond_dropout > 0 otherwise)
   s.pseudo_query = "uniform"    # uniform | frequent
+  # LEGO brick skipping (backbone='lego'): the bricks named here are not run
+  # for a fraction t_break of the trajectory, at its low-noise end (t <
+  # t_break*T: PG's full-canvas brick) or high-noise end (t >= (1-t_break)*T:
+  # PR's local bricks). t_break=0 is the unskipped sampler, exactly.
+  s.skip = sk = mlc.ConfigDict()
+  sk.bricks = ()                # brick indices; negative count from the end (-1: last)
+  sk.t_break = 0.0              # fraction of the trajectory, in [0, 1]
+  sk.end = "low"                # low | high
   s.show = 8                    # rows in the query/neighbours/sample figure
   # Database swap (RDM-style): retrieve from another dataset at sampling time,
   # without retraining. A dataset spec: "mnist_embedded", "folder:/path" (every
@@ -179,6 +200,7 @@ def base_config() -> mlc.ConfigDict:
 
 def smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
   """Shrinks a config so that every stage runs in seconds."""
+  c.model.lego.update(depth=2 if c.model.lego.preset != "u" else 3, width=32, emb_dim=32)
   c.vqgan.ch = 16
   c.vqgan.ch_mult = (1, 2, 2)
   c.vqgan.codebook_size = 32
@@ -197,6 +219,12 @@ def smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
   return c
 
 
+def _lego(c: mlc.ConfigDict, preset: str, **skip) -> None:
+  c.model.backbone = "lego"
+  c.model.lego.preset = preset
+  c.sample.skip.update(**skip)
+
+
 # Denoiser baselines and ablations, as configs of the same code.
 VARIANTS = {
     "rissole": lambda c: c.model.update(variant="rissole"),
@@ -206,6 +234,11 @@ VARIANTS = {
     "no_position": lambda c: c.model.update(use_position=False),
     "prev_block": lambda c: c.model.update(use_prev_block=True),
     "cross_attn": lambda c: c.model.update(cond="cross_attn"),
+    # LEGO bricks in the paper's stacking orders, with the paper's skipping
+    # (off until sample.skip.t_break > 0).
+    "lego_pg": lambda c: _lego(c, "pg", bricks=(-1,), end="low"),
+    "lego_pr": lambda c: _lego(c, "pr", bricks=(1,), end="high"),
+    "lego_u": lambda c: _lego(c, "u", bricks=(-1,), end="low"),
     "smoke": smoke,
 }
 

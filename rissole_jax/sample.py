@@ -35,6 +35,9 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--guidance", type=float,
                  help="classifier-free guidance scale; 1 is none (needs a model trained "
                       "with diffusion.cond_dropout > 0)")
+  p.add_argument("--t_break", type=float,
+                 help="LEGO models: the fraction of the trajectory run without the skipped "
+                      "bricks (sample.skip; 0 runs every brick)")
   p.add_argument("--batch_size", type=int, help="images per compiled batch (default: the config's)")
   p.add_argument("--database",
                  help="retrieve from another database: folder:PATH, a folder path, or a "
@@ -58,7 +61,8 @@ def main(argv=None) -> int:
     if args.database:
       s = s.with_database(args.database, progress=not args.no_progress)
     kw = dict(seed=args.seed, sampler=args.sampler, steps=args.steps, eta=args.eta,
-              guidance=args.guidance, batch_size=args.batch_size, progress=not args.no_progress)
+              guidance=args.guidance, t_break=args.t_break, batch_size=args.batch_size,
+              progress=not args.no_progress)
     if args.variations:
       images = s.variations(args.variations, num_per_image=args.num, **kw)
       names = [f"variation_{i:03d}_{j:02d}.png" for i in range(images.shape[0])

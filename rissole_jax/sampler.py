@@ -39,7 +39,7 @@ from rissole_jax.data.pipeline import local_slice, to_float, to_uint8
 from rissole_jax.diffusion import samplers
 from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError, DataError
-from rissole_jax.models import unet
+from rissole_jax.models import lego, unet
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,12 @@ class Settings:
   steps: int = 100
   eta: float = 1.0
   guidance: float = 1.0
+  t_break: float = 0.0   # LEGO: the fraction of the trajectory run without sample.skip.bricks
 
   @classmethod
   def from_config(cls, s, **overrides) -> "Settings":
     base = cls(sampler=s.sampler, steps=int(s.steps), eta=float(s.eta),
-               guidance=float(s.guidance_scale))
+               guidance=float(s.guidance_scale), t_break=float(s.skip.t_break))
     given = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(base, **given)
 
@@ -76,6 +77,11 @@ def check_settings(settings: Settings, config) -> None:
     raise ConfigError(f"sample.steps={settings.steps}: DDIM needs at least one step.")
   if not 0.0 <= settings.eta <= 1.0:
     raise ConfigError(f"sample.eta={settings.eta} must be in [0, 1].")
+  if not 0.0 <= settings.t_break <= 1.0:
+    raise ConfigError(f"sample.skip.t_break={settings.t_break} must be in [0, 1].")
+  if settings.t_break > 0 and config.model.get("backbone", "unet") != "lego":
+    raise ConfigError(f"sample.skip.t_break={settings.t_break} skips LEGO bricks, but this "
+                      f"model's backbone is {config.model.get('backbone', 'unet')!r}. Fix: set it to 0.")
   if settings.guidance != 1.0:
     if not unet.uses_retrieval(v):
       raise ConfigError(f"sample.guidance_scale={settings.guidance}: variant {v!r} has no "
@@ -153,22 +159,37 @@ def _row_keys(keys, n: int):
   return per.reshape(-1, keys.shape[-1])
 
 
-def sample_latents(model, params, schedule, prediction: str, settings: Settings, nb, keys):
+def skip_plan(model, config, settings: Settings):
+  """LEGO brick skipping for these settings (lego.skip_plan), None otherwise."""
+  if settings.t_break == float(config.sample.skip.t_break):
+    return lego.skip_plan(model, config)
+  c = config.copy_and_resolve_references()
+  c.sample.skip.t_break = settings.t_break
+  return lego.skip_plan(model, c)
+
+
+def sample_latents(model, params, schedule, prediction: str, settings: Settings, nb, keys,
+                   plan=None):
   """Normalised latents (B, h, w, c) for neighbours' normalised latents nb
   (B, k, h, w, c) and one key per image (B, 2); every block of every image at
   once (or block by block in raster order with use_prev_block). Each row's
-  starting noise and step noise come from its own key."""
+  starting noise and step noise come from its own key. plan: LEGO bricks
+  skipped over part of the trajectory (skip_plan), None for all bricks."""
   B, shape = nb.shape[0], nb.shape[2:]
 
   def run(cond, row_keys, row_shape):
-    def pred_fn(x, t, keep):
-      return model.apply({"params": params}, x, t, **cond,
-                         keep=keep if model.learn_null else None)
-    model_fn = samplers.guided(pred_fn, schedule, prediction, settings.guidance)
+    def model_fn(active=None):
+      def pred_fn(x, t, keep):
+        return model.apply({"params": params}, x, t, **cond,
+                           keep=keep if model.learn_null else None,
+                           **({} if active is None else {"active": active}))
+      return samplers.guided(pred_fn, schedule, prediction, settings.guidance)
+    # The low-noise part of the trajectory runs another stack: two loops.
+    split = {} if plan is None else {"model_fn_low": model_fn(plan[1]), "t_switch": plan[2]}
     x_T = jax.vmap(lambda k: samplers.normal(jax.random.fold_in(k, 0), row_shape))(row_keys)
     run_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(row_keys)
-    return samplers.run_sampler(settings.sampler, schedule, model_fn, x_T, run_keys,
-                                settings.steps, settings.eta)
+    return samplers.run_sampler(settings.sampler, schedule, model_fn(plan and plan[0]), x_T,
+                                run_keys, settings.steps, settings.eta, **split)
 
   if not model.blocks:
     return run(unet.condition(model, nb, B), keys, shape)
@@ -191,7 +212,22 @@ def sample_latents(model, params, schedule, prediction: str, settings: Settings,
   return blk.merge(jnp.moveaxis(xs, 0, 1), model.grid)
 
 
-def make_sample_fn(model, schedule, prediction: str, settings: Settings, decode_fn, stats):
+def latents_fn(model, schedule, config):
+  """fn(params, nb, key) -> normalised latents with config.sample's settings
+  (image i's key is fold_in(key, i)): the sampler without the decode, for
+  tests and benchmarks."""
+  settings = Settings.from_config(config.sample)
+  plan = skip_plan(model, config, settings)
+
+  def fn(params, nb, key):
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(nb.shape[0]))
+    return sample_latents(model, params, schedule, config.diffusion.prediction, settings, nb,
+                          keys, plan)
+  return fn
+
+
+def make_sample_fn(model, schedule, prediction: str, settings: Settings, decode_fn, stats,
+                   plan=None):
   """fn(params, ae_params, nb, key, start) -> (latents, images in [-1, 1]) for
   one jit: image i of the batch is image start + i of the request, and its
   key is fold_in(key, start + i)."""
@@ -199,7 +235,7 @@ def make_sample_fn(model, schedule, prediction: str, settings: Settings, decode_
 
   def fn(params, ae_params, nb, key, start):
     keys = jax.vmap(lambda i: jax.random.fold_in(key, start + i))(jnp.arange(nb.shape[0]))
-    z = sample_latents(model, params, schedule, prediction, settings, nb, keys) * std + mean
+    z = sample_latents(model, params, schedule, prediction, settings, nb, keys, plan) * std + mean
     return z, decode_fn(ae_params, z)
   return fn
 
@@ -386,14 +422,16 @@ class Sampler:
 
   def sample(self, num: int, *, seed: int = 0, sampler: str | None = None,
              steps: int | None = None, eta: float | None = None, guidance: float | None = None,
-             batch_size: int | None = None, pseudo_query: str | None = None,
-             progress: bool = True, return_queries: bool = False):
+             t_break: float | None = None, batch_size: int | None = None,
+             pseudo_query: str | None = None, progress: bool = True,
+             return_queries: bool = False):
     """`num` new images, uint8 (num, H, W, C), each from a pseudo-query drawn
     from the database (config.sample.pseudo_query unless given) and that
     query's neighbours. With return_queries, also the query ids (num,)."""
     if num < 1:
       raise ConfigError(f"num={num}: ask for at least one image.")
-    settings = self.settings(sampler=sampler, steps=steps, eta=eta, guidance=guidance)
+    settings = self.settings(sampler=sampler, steps=steps, eta=eta, guidance=guidance,
+                             t_break=t_break)
     queries = pseudo_queries(self.db.neighbours, num, pseudo_query or self.config.sample.pseudo_query,
                              seed)
     images = self.generate(query_neighbours(self.db.neighbours, queries), seed=seed,
@@ -464,7 +502,7 @@ class Sampler:
     """The jitted sampler for `settings` (jit keeps one executable per batch size)."""
     if settings not in self._fns:
       fn = make_sample_fn(self.model, self.schedule, self.config.diffusion.prediction, settings,
-                          self.ae.decode_fn, self.stats)
+                          self.ae.decode_fn, self.stats, skip_plan(self.model, self.config, settings))
 
       def counted(params, ae_params, nb, key, start):
         self.trace_counts[(settings, nb.shape[0])] += 1  # runs once per trace
@@ -521,7 +559,8 @@ class Sampler:
     if num_per_image < 1:
       raise ConfigError(f"num_per_image={num_per_image}: ask for at least one.")
     ids = self.retrieve(self.encode_images(images))
-    settings = self.settings(**{k: kw.pop(k, None) for k in ("sampler", "steps", "eta", "guidance")})
+    settings = self.settings(**{k: kw.pop(k, None) for k in
+                                ("sampler", "steps", "eta", "guidance", "t_break")})
     out = self.generate(np.repeat(ids, num_per_image, 0), seed=seed, settings=settings,
                         desc="variations", **kw)
     return out.reshape(len(ids), num_per_image, *out.shape[1:])

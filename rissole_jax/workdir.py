@@ -75,7 +75,21 @@ def config_sections(config: mlc.ConfigDict, keys) -> dict:
   for k in keys:
     v = config.get(k)
     out[k] = v.to_dict() if isinstance(v, mlc.ConfigDict) else v
-  return json.loads(json.dumps(out, sort_keys=True, default=str))
+  return _without_inert(json.loads(json.dumps(out, sort_keys=True, default=str)))
+
+
+def _without_inert(sections: dict) -> dict:
+  """Leaves out keys that change nothing at their values, so that workdirs made
+  before the keys existed keep their fingerprints: the LEGO settings of a
+  U-Net model, and LEGO brick skipping over no part of the trajectory."""
+  m = sections.get("model")
+  if isinstance(m, dict) and m.get("backbone", "unet") == "unet":
+    m.pop("backbone", None)
+    m.pop("lego", None)
+  s = sections.get("sample")
+  if isinstance(s, dict) and isinstance(s.get("skip"), dict) and not s["skip"].get("t_break"):
+    s.pop("skip")
+  return sections
 
 
 def fingerprint(obj: Any) -> str:

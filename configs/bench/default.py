@@ -44,6 +44,15 @@ def get_config(arg: str = ""):
       ("rissole_no_position", {"model.use_position": False}),
       ("full_same_size", {"model.variant": "full"}),
   ]
+  # LEGO bricks (docs/lego.md) at their U-Net rows' parameter budgets:
+  # rissole ~1.03M (presets at width 96/92: 1.03-1.09M), full ~5.15M
+  # (width 184, 8 DiT blocks: 5.12M; U width 172, 9 blocks: 5.1M).
+  for p, rw, fw, fd in (("pg", 96, 184, 8), ("pr", 96, 184, 8), ("u", 92, 172, 9)):
+    lego = {"model.backbone": "lego", "model.lego.preset": p}
+    c.runs.append((f"rissole_lego_{p}", {**lego, "model.lego.width": rw,
+                                         "model.lego.emb_dim": rw}))
+    c.runs.append((f"full_lego_{p}", {**lego, "model.variant": "full", "model.lego.width": fw,
+                                      "model.lego.emb_dim": fw, "model.lego.depth": fd}))
   if "smoke" in names:  # the smoke denoiser has one level: keep `full` valid
     c.runs[1] = ("full", {"model.variant": "full", "model.num_res_blocks": 2})
   # Sampling throughput: for each sampler, a separate sample stage of

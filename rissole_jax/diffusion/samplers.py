@@ -37,19 +37,32 @@ def _tvec(x, t):
   return jnp.full((x.shape[0],), t, jnp.int32)
 
 
-def ddpm(schedule: Schedule, model_fn, x_T, key):
-  """Ancestral sampling through all T steps with the posterior variance."""
+def _loops(body, n: int, n_high: int, model_fn, model_fn_low, x):
+  """Steps [0, n_high) with model_fn, [n_high, n) with model_fn_low: two loops,
+  so that each compiled loop holds only its own model (skipped work is gone
+  from the program, not masked). Without model_fn_low, one loop as before."""
+  if model_fn_low is None or n_high >= n:
+    return jax.lax.fori_loop(0, n, lambda i, x: body(model_fn, i, x), x)
+  if n_high > 0:
+    x = jax.lax.fori_loop(0, n_high, lambda i, x: body(model_fn, i, x), x)
+  return jax.lax.fori_loop(max(n_high, 0), n, lambda i, x: body(model_fn_low, i, x), x)
+
+
+def ddpm(schedule: Schedule, model_fn, x_T, key, model_fn_low=None, t_switch=None):
+  """Ancestral sampling through all T steps with the posterior variance;
+  model_fn_low (if given) replaces model_fn for t < t_switch."""
   T = schedule.T
 
-  def body(i, x):
+  def body(fn, i, x):
     t = T - 1 - i
     tv = _tvec(x, t)
-    _, x0 = model_fn(x, tv)
+    _, x0 = fn(x, tv)
     mean, _, logvar = schedule.q_posterior(x0, x, tv)
     z = step_noise(key, i, x.shape, x.dtype)
     return mean + jnp.where(t > 0, jnp.exp(0.5 * logvar), 0.0) * z
 
-  return jax.lax.fori_loop(0, T, body, x_T)
+  n_high = T - int(t_switch) if model_fn_low is not None else T   # steps with t >= t_switch
+  return _loops(body, T, n_high, model_fn, model_fn_low, x_T)
 
 
 def ddim_timesteps(T: int, steps: int) -> np.ndarray:
@@ -60,17 +73,20 @@ def ddim_timesteps(T: int, steps: int) -> np.ndarray:
   return np.unique(np.round(np.linspace(0, T - 1, steps)).astype(np.int32))
 
 
-def ddim(schedule: Schedule, model_fn, x_T, key, steps: int, eta: float = 0.0):
+def ddim(schedule: Schedule, model_fn, x_T, key, steps: int, eta: float = 0.0,
+         model_fn_low=None, t_switch=None):
   """DDIM (Song et al. 2021) on a subsequence of timesteps; eta=1 with every step
-  is DDPM's ancestral sampler, eta=0 is deterministic."""
-  ts = jnp.asarray(ddim_timesteps(schedule.T, steps))
+  is DDPM's ancestral sampler, eta=0 is deterministic. model_fn_low (if given)
+  replaces model_fn for t < t_switch."""
+  ts_np = ddim_timesteps(schedule.T, steps)
+  ts = jnp.asarray(ts_np)
   n = ts.shape[0]
 
-  def body(i, x):
+  def body(fn, i, x):
     j = n - 1 - i
     t = ts[j]
     tv = _tvec(x, t)
-    eps, x0 = model_fn(x, tv)
+    eps, x0 = fn(x, tv)
     ab = schedule.alphas_cumprod[t]
     ab_prev = jnp.where(j > 0, schedule.alphas_cumprod[ts[jnp.maximum(j - 1, 0)]], 1.0)
     sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
@@ -78,15 +94,20 @@ def ddim(schedule: Schedule, model_fn, x_T, key, steps: int, eta: float = 0.0):
     dir_xt = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma ** 2, 0.0))
     return jnp.sqrt(ab_prev) * x0 + dir_xt * eps + sigma * z
 
-  return jax.lax.fori_loop(0, n, body, x_T)
+  n_high = int(np.sum(ts_np >= int(t_switch))) if model_fn_low is not None else n
+  return _loops(body, n, n_high, model_fn, model_fn_low, x_T)
 
 
 def run_sampler(name: str, schedule: Schedule, model_fn, x_T, key, steps: int = 0,
-                eta: float = 0.0):
+                eta: float = 0.0, model_fn_low=None, t_switch=None):
+  """x_0 from x_T. With model_fn_low and t_switch (an int timestep), steps at
+  t < t_switch use model_fn_low (e.g. a LEGO stack with bricks skipped)."""
+  if (model_fn_low is None) != (t_switch is None):
+    raise ValueError("run_sampler: give model_fn_low and t_switch together.")
   if name == "ddpm":
-    return ddpm(schedule, model_fn, x_T, key)
+    return ddpm(schedule, model_fn, x_T, key, model_fn_low, t_switch)
   if name == "ddim":
-    return ddim(schedule, model_fn, x_T, key, steps, eta)
+    return ddim(schedule, model_fn, x_T, key, steps, eta, model_fn_low, t_switch)
   raise ConfigError(f"Unknown sample.sampler {name!r}: use one of {SAMPLERS}.")
 
 

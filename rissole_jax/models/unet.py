@@ -236,11 +236,16 @@ def _need(x, name):
 # ---------------------------------------------------------------------------
 # Config -> model, and the layout of its inputs.
 
+BACKBONES = ("unet", "lego")
+
+
 def check_model_config(config, latent_shape) -> None:
   """Refuses inconsistent model/blocks/diffusion settings before any work."""
   m, v = config.model, config.model.variant
   if v not in VARIANTS:
     raise ConfigError(f"Unknown model.variant {v!r}: use one of {VARIANTS}.")
+  if m.backbone not in BACKBONES:
+    raise ConfigError(f"Unknown model.backbone {m.backbone!r}: use one of {BACKBONES}.")
   if m.cond not in CONDS:
     raise ConfigError(f"Unknown model.cond {m.cond!r}: use one of {CONDS}.")
   bh, bw = blk.check_grid(latent_shape, config.blocks.grid)
@@ -249,7 +254,10 @@ def check_model_config(config, latent_shape) -> None:
                       f"variant {v!r} denoises the whole latent. Fix: drop prev_block.")
   size = (bh, bw) if uses_blocks(v) else tuple(latent_shape[:2])
   f = 2 ** (len(m.ch_mult) - 1)
-  if size[0] % f or size[1] % f:
+  if m.backbone == "lego":   # bricks, not U-Net levels: their own checks
+    from rissole_jax.models import lego
+    lego.check_config(config, latent_shape)
+  elif size[0] % f or size[1] % f:
     raise ConfigError(
         f"model.ch_mult {tuple(m.ch_mult)} halves the input {len(m.ch_mult) - 1} times, but "
         f"the denoiser's input is {size[0]}x{size[1]} (not divisible by {f}). Fix: use fewer "
@@ -262,8 +270,13 @@ def check_model_config(config, latent_shape) -> None:
 
 
 def make_denoiser(config, latent_shape) -> Denoiser:
+  """The config's denoiser: this U-Net, or LEGO bricks (model.backbone='lego'),
+  which share its interface."""
   check_model_config(config, latent_shape)
   m = config.model
+  if m.backbone == "lego":
+    from rissole_jax.models import lego
+    return lego.make_denoiser(config, latent_shape)
   return Denoiser(variant=m.variant, grid=tuple(int(g) for g in config.blocks.grid), ch=m.ch,
                   ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                   attn_lowest=m.attn_lowest, dropout=m.dropout, num_groups=m.num_groups,

@@ -130,9 +130,14 @@ def loss_fn(model, schedule, prediction: str, cond_dropout: float, per_image: bo
     keep = None
     if model.retrieval and cond_dropout > 0:
       keep = jax.random.bernoulli(kc, 1.0 - cond_dropout, (M,))
+    # A stack of LEGO bricks: every brick's prediction is scored (the mean over
+    # bricks), so that each one is a denoiser on its own and can end the stack.
+    stacked = {"all_bricks": True} if getattr(model, "stacked", False) else {}
     out = model.apply({"params": params}, xt, t, **cond, keep=keep, train=True,
-                      rngs={"dropout": kd})
+                      rngs={"dropout": kd}, **stacked)
     err = jnp.square(out - schedule.target(prediction, x0, noise, t))
+    if stacked:
+      err = err.mean(0)
     return err.reshape(z0.shape[0], -1).mean(1) if per_image else jnp.mean(err)
   return loss
 
