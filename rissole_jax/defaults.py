@@ -117,8 +117,19 @@ def base_config() -> mlc.ConfigDict:
   c.sample = s = mlc.ConfigDict()
   s.num = 256
   s.batch_size = 128
-  s.sampler = "ddim"            # ddpm | ddim
-  s.steps = 100                 # DDIM steps
+  s.sampler = "ddim"            # ddpm | ddim | dpmpp (DPM-Solver++, multistep)
+  s.steps = 100                 # DDIM / DPM-Solver++ steps (network evaluations)
+  # DPM-Solver++: order 1 (= DDIM with eta=0), 2 or 3 (needs steps >= order + 1).
+  s.order = 2
+  # Timesteps of ddim/dpmpp: time_uniform (DDIM's; the DPM-Solver authors'
+  # advice for guided sampling) | logsnr (uniform in log-SNR; their advice
+  # unguided) | time_quadratic.
+  s.spacing = "time_uniform"
+  s.lower_order_final = True    # DPM-Solver++: lower orders over the last steps below 15 steps
+  # Post-training quantization (rissole_jax/quantize.py): none | int8_weights
+  # (weight-only) | int8 (weights and activations, static scales calibrated on
+  # training latents).
+  s.quantize = "none"
   # DDIM eta: 1 is ancestral (DDPM-like) on the shorter schedule. A briefly
   # trained eps-predictor's x0 estimates near t=T are too noisy for the
   # deterministic eta=0 path (its samples come out several times too large).

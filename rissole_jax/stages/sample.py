@@ -35,14 +35,11 @@ PSEUDO_QUERIES = ("uniform", "frequent")
 
 def check_config(config) -> None:
   s, v = config.sample, config.model.variant
-  if s.sampler not in samplers.SAMPLERS:
-    raise ConfigError(f"Unknown sample.sampler {s.sampler!r}: use one of {samplers.SAMPLERS}.")
+  samplers.check_config(s, config.diffusion.timesteps)
   if s.pseudo_query not in PSEUDO_QUERIES:
     raise ConfigError(f"Unknown sample.pseudo_query {s.pseudo_query!r}: use one of {PSEUDO_QUERIES}.")
   if s.num < 1 or s.batch_size < 1:
     raise ConfigError("sample.num and sample.batch_size must be positive.")
-  if s.sampler == "ddim" and s.steps < 1:
-    raise ConfigError(f"sample.steps={s.steps}: DDIM needs at least one step.")
   if not 0.0 <= s.eta <= 1.0:
     raise ConfigError(f"sample.eta={s.eta} must be in [0, 1].")
   if s.guidance_scale != 1.0:
@@ -107,7 +104,8 @@ def sample_latents(model, params, schedule, config, nb, key):
       return model.apply({"params": params}, x, t, **cond,
                          keep=keep if model.learn_null else None)
     model_fn = samplers.guided(pred_fn, schedule, prediction, s.guidance_scale)
-    return samplers.run_sampler(s.sampler, schedule, model_fn, x_T, k, s.steps, s.eta)
+    return samplers.run_sampler(s.sampler, schedule, model_fn, x_T, k, s.steps, s.eta,
+                                **samplers.options(s))
 
   k_T, k_run = jax.random.split(key)
   if not model.blocks:
@@ -265,6 +263,6 @@ def _nfe(config, model) -> int:
   """Network evaluations per image (each over all its blocks at once)."""
   s = config.sample
   T = config.diffusion.timesteps
-  steps = T if s.sampler == "ddpm" else len(samplers.ddim_timesteps(T, s.steps))
+  steps = samplers.num_steps(s, T)
   steps *= 1 if s.guidance_scale == 1.0 else 2
   return steps * (blk.num_blocks(config.blocks.grid) if model.prev_block else 1)
