@@ -41,6 +41,16 @@ def normal(key, shape, dtype=jnp.float32):
   return jax.random.normal(key, (int(np.prod(shape)),), dtype).reshape(shape)
 
 
+def step_noise(key, i, shape, dtype=jnp.float32):
+  """Standard normal noise for step i. `key` is one key for the whole batch, or
+  one raw key per row ((B, 2) uint32): then row r's noise depends only on its
+  own key, so a sample does not change with the batch it is drawn in (its
+  size, its padding, the devices it is split over)."""
+  if key.ndim == 2:
+    return jax.vmap(lambda k: normal(jax.random.fold_in(k, i), shape[1:], dtype))(key)
+  return normal(jax.random.fold_in(key, i), shape, dtype)
+
+
 def _tvec(x, t):
   return jnp.full((x.shape[0],), t, jnp.int32)
 
@@ -120,7 +130,7 @@ def ddpm(schedule: Schedule, model_fn, x_T, key, model_fn_low=None, t_switch=Non
     tv = _tvec(x, t)
     _, x0 = fn(x, tv)
     mean, _, logvar = schedule.q_posterior(x0, x, tv)
-    z = normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+    z = step_noise(key, i, x.shape, x.dtype)
     return mean + jnp.where(t > 0, jnp.exp(0.5 * logvar), 0.0) * z
 
   m = _split_point(np.arange(T)[::-1], t_switch)
@@ -143,7 +153,7 @@ def ddim(schedule: Schedule, model_fn, x_T, key, steps: int, eta: float = 0.0,
     ab = schedule.alphas_cumprod[t]
     ab_prev = jnp.where(j > 0, schedule.alphas_cumprod[ts[jnp.maximum(j - 1, 0)]], 1.0)
     sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
-    z = normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+    z = step_noise(key, i, x.shape, x.dtype)
     dir_xt = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma ** 2, 0.0))
     return jnp.sqrt(ab_prev) * x0 + dir_xt * eps + sigma * z
 
