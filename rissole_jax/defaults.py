@@ -130,6 +130,9 @@ def base_config() -> mlc.ConfigDict:
   # (weight-only) | int8 (weights and activations, static scales calibrated on
   # training latents).
   s.quantize = "none"
+  # Module-path regexes (e.g. "conv_in", "up0_res0/skip") kept in float when
+  # quantizing; rissole_jax.quantize.layer_sensitivity ranks the candidates.
+  s.quantize_keep_float = ()
   # DDIM eta: 1 is ancestral (DDPM-like) on the shorter schedule. A briefly
   # trained eps-predictor's x0 estimates near t=T are too noisy for the
   # deterministic eta=0 path (its samples come out several times too large).

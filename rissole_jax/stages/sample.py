@@ -36,6 +36,9 @@ PSEUDO_QUERIES = ("uniform", "frequent")
 def check_config(config) -> None:
   s, v = config.sample, config.model.variant
   samplers.check_config(s, config.diffusion.timesteps)
+  if s.get("quantize", "none") not in ("none", "int8_weights", "int8"):
+    raise ConfigError(f"Unknown sample.quantize {s.quantize!r}: use 'none', 'int8_weights' "
+                      "or 'int8'.")
   if s.pseudo_query not in PSEUDO_QUERIES:
     raise ConfigError(f"Unknown sample.pseudo_query {s.pseudo_query!r}: use one of {PSEUDO_QUERIES}.")
   if s.num < 1 or s.batch_size < 1:
@@ -215,7 +218,16 @@ def run(ctx) -> dict:
           s.pseudo_query, len(latents))
 
   schedule = make_schedule(config.diffusion)
-  fn = make_sample_fn(model, schedule, config, ae.decode_fn, stats)
+  decode_fn, ae_params = ae.decode_fn, ae.params
+  if s.quantize != "none":
+    from types import SimpleNamespace
+    from rissole_jax import quantize as qz
+    q = qz.quantize_parts(SimpleNamespace(config=config, model=model, params=params, ae=ae,
+                                          stats=stats, db=db, schedule=schedule), s.quantize)
+    model, params, decode_fn, ae_params = q.model, q.params, q.decode_fn, q.ae_params
+    ctx.log("quantized (%s): denoiser %d bytes, decoder %d bytes", s.quantize,
+            *q.sizes().values())
+  fn = make_sample_fn(model, schedule, config, decode_fn, stats)
   bsh = parallel.batch_sharding(mesh, rules, 5)
   repl = parallel.replicated(mesh)
   jfn = jax.jit(fn, in_shardings=(None, repl, bsh, repl),
@@ -232,7 +244,7 @@ def run(ctx) -> dict:
     ids = np.concatenate([ids, np.repeat(ids[-1:], bs - len(ids), 0)])  # static shape
     nb = parallel.put_batch(latents[ids][sl], mesh, rules)
     t0 = time.time()
-    _, img = jfn(params, ae.params, nb, jax.random.fold_in(key, b))
+    _, img = jfn(params, ae_params, nb, jax.random.fold_in(key, b))
     img = parallel.to_host(img)
     times.append(time.time() - t0)
     images.append(img[:min(bs, s.num - start)])
