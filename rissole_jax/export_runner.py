@@ -60,14 +60,16 @@ def check_jax(manifest: dict, allow_mismatch: bool = False) -> None:
         f"this export uses jax.export calling convention {ccv}; jax {jax.__version__} "
         f"reads {lo}..{hi}. Fix: pip install jax=={made} (the version that exported it), "
         "or re-export with this jax.")
-  if made != jax.__version__ and not allow_mismatch:
-    older = _version(jax.__version__) < _version(made)
+  if _version(jax.__version__) < _version(made):
     raise ExportError(
-        f"exported with jax {made}, running jax {jax.__version__}"
-        + (" (older: jax.export artifacts are not forward compatible)" if older else "")
-        + f". Fix: pip install jax=={made}, or re-export with this jax"
-        + ("" if older else ", or pass --allow-jax-mismatch (jax.export keeps artifacts "
-                            "loadable by newer jax for 6 months)") + ".")
+        f"exported with jax {made}, running the older jax {jax.__version__}: jax.export "
+        f"artifacts are not forward compatible. Fix: pip install jax=={made}, or re-export "
+        "with this jax.")
+  if made != jax.__version__ and not allow_mismatch:
+    raise ExportError(
+        f"exported with jax {made}, running jax {jax.__version__}. Fix: pip install "
+        f"jax=={made}, or re-export with this jax, or pass --allow-jax-mismatch (jax.export "
+        "keeps artifacts loadable by newer jax for 6 months).")
 
 
 def _version(v: str) -> tuple:

@@ -121,7 +121,7 @@ def quantize_kernels(params, keep_float=()):
     if names[-1] != "kernel" or leaf.ndim < 2 or _kept(module, keep_float):
       return leaf
     return qwix.quantize(jnp.asarray(leaf), jnp.int8, channelwise_axes=(leaf.ndim - 1,))
-  return jax.tree_util.tree_map_with_path(one, params)
+  return jax.tree_util.tree_map_with_path(one, _unbox(params))
 
 
 def dequantize_kernels(params):
@@ -206,6 +206,7 @@ def quantize_denoiser(model, params, mode: str, calib_inputs=None, keep_float=()
   check_mode(mode)
   if mode == "none":
     return model, params
+  params = _unbox(params)   # Qwix and the kernel paths want plain arrays, not partitioned boxes
   if mode == "int8_weights":
     return WeightOnly(model), quantize_kernels(params, keep_float)
   if not calib_inputs:
