@@ -86,7 +86,9 @@ def load(directory: str, allow_mismatch: bool = False):
   with np.load(os.path.join(directory, m["params"])) as f:
     params = [f[f"{i:05d}"] for i in range(int(m["num_params"]))]
   with np.load(os.path.join(directory, m["database"])) as f:
-    db = {"latents": f["latents"], "neighbours": f["neighbours"]}
+    # Latents stored as codebook indices (a VQ-GAN's latents are codebook vectors).
+    latents = f["codebook"][f["codes"]] if "codes" in f else f["latents"]
+    db = {"latents": latents, "neighbours": f["neighbours"]}
   return exported, params, db, m
 
 

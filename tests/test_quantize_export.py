@@ -48,10 +48,12 @@ def parts():
   c.sample.update(sampler="dpmpp", steps=4, order=2)
   model = unet.make_denoiser(c, SHAPE)
   vqm = vq.make_model(c)
-  ae_params = jax.jit(vqm.init)(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 1)))["params"]
+  import flax.linen as nn
+  ae_params = nn.unbox(jax.jit(vqm.init)(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 1)))["params"])
   ae = Autoencoder.from_params(c, ae_params)
   rng = np.random.default_rng(0)
-  latents = rng.normal(1.0, 2.0, size=(N, *SHAPE)).astype(np.float32)
+  cb = np.asarray(ae_params["quantizer"]["codebook"], np.float32)   # latents are codebook vectors
+  latents = cb[rng.integers(0, len(cb), size=(N, *SHAPE[:-1]))]
   nbrs = np.stack([(np.arange(1, K + 1) + i) % N for i in range(N)]).astype(np.int32)
   stats = {**dif.latent_stats(latents), "k": K, "latent_shape": SHAPE}
   db = types.SimpleNamespace(latents=latents, neighbours=nbrs)
@@ -150,7 +152,8 @@ def test_export_runs_standalone_and_matches_in_process(parts, mode, tmp_path):
   # In process: the same program, the same inputs the runner draws.
   fn, leaves, _, _ = stablehlo.build(parts, mode)
   from rissole_jax import export_runner as runner
-  db = dict(np.load(out / "database.npz"))
+  _, _, db, _ = runner.load(str(out))
+  assert "codes" in np.load(out / "database.npz")     # stored as codebook indices
   nb, seeds, _ = runner.inputs(db, 3, 7)
   want = np.asarray(jax.jit(fn)(*leaves, nb, seeds))
   assert want.dtype == np.uint8 and want.shape == (3, 32, 32, 1)

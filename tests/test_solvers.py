@@ -72,6 +72,20 @@ def test_dpmpp_order1_is_ddim_eta0(toy):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_sde_dpmpp_order1_is_ddim_eta1(toy):
+  s, fn, x_T, _ = toy
+  key = jax.random.PRNGKey(5)
+  for spacing in ("time_uniform", "logsnr"):
+    sde = jax.jit(lambda x: samplers.dpmpp(s, fn, x, key, 10, 1, spacing, eta=1.0))
+    ddim = jax.jit(lambda x: samplers.ddim(s, fn, x, key, 10, 1.0, spacing))
+    np.testing.assert_allclose(np.asarray(sde(x_T)), np.asarray(ddim(x_T)), atol=1e-4, rtol=1e-4)
+  # Second order lands on the data distribution in few steps.
+  big = jax.random.normal(jax.random.PRNGKey(1), (8000, 2))
+  out = np.asarray(jax.jit(lambda x: samplers.dpmpp(s, fn, x, key, 20, 2, "logsnr", eta=1.0))(big))
+  np.testing.assert_allclose(out.mean(0), MU, atol=0.06)
+  np.testing.assert_allclose(out.std(0), SD, rtol=0.06)
+
+
 def test_few_steps_beat_ddim(toy):
   """The point of the solver: at 10 network evaluations its error is a
   third or less of DDIM's."""
@@ -112,12 +126,16 @@ def _sample_cfg(**kw):
 
 
 def test_check_config_refuses_with_fix():
-  samplers.check_config(_sample_cfg(sampler="dpmpp", steps=10, order=3, spacing="logsnr"), 1000)
+  samplers.check_config(_sample_cfg(sampler="dpmpp", steps=10, order=3, spacing="logsnr", eta=0.0), 1000)
   samplers.check_config(_sample_cfg(sampler="ddpm", steps=0), 1000)
   with pytest.raises(ConfigError, match="at least 4 steps.*sample.order=2"):
-    samplers.check_config(_sample_cfg(sampler="dpmpp", steps=3, order=3), 1000)
+    samplers.check_config(_sample_cfg(sampler="dpmpp", steps=3, order=3, eta=0.0), 1000)
   with pytest.raises(ConfigError, match="orders"):
     samplers.check_config(_sample_cfg(sampler="dpmpp", steps=10, order=4), 1000)
+  with pytest.raises(ConfigError, match="SDE-DPM-Solver.. has orders 1 and 2.*order=2"):
+    samplers.check_config(_sample_cfg(sampler="dpmpp", steps=10, order=3, eta=1.0), 1000)
+  with pytest.raises(ConfigError, match="use 0 .* or 1"):
+    samplers.check_config(_sample_cfg(sampler="dpmpp", steps=10, order=2, eta=0.5), 1000)
   with pytest.raises(ConfigError, match="spacing"):
     samplers.check_config(_sample_cfg(sampler="dpmpp", steps=10, spacing="karras"), 1000)
   with pytest.raises(ConfigError, match="at most 50"):
@@ -130,7 +148,8 @@ def test_check_config_refuses_with_fix():
 # The model switch (the contract LEGO brick skipping builds on).
 
 SWITCH_CASES = [("ddpm", {}), ("ddim", {"eta": 1.0}), ("ddim", {"eta": 0.0}),
-                ("dpmpp", {"order": 2}), ("dpmpp", {"order": 3, "spacing": "logsnr"})]
+                ("dpmpp", {"order": 2}), ("dpmpp", {"order": 3, "spacing": "logsnr"}),
+                ("dpmpp", {"order": 2, "eta": 1.0})]
 
 
 @pytest.fixture(scope="module")

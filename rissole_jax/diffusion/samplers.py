@@ -172,12 +172,15 @@ def step_orders(n: int, order: int, lower_order_final: bool = True) -> np.ndarra
   return o.astype(np.int32)
 
 
-def dpmpp_coefficients(alphas_cumprod, ts_desc, orders):
+def dpmpp_coefficients(alphas_cumprod, ts_desc, orders, sde: bool = False):
   """Per-step coefficients (n, 4) of DPM-Solver++ (multistep, data prediction;
   Lu et al. 2022, Alg. 2 and its third-order variant): the update is
   x_next = c[0] x + c[1] D0 + c[2] D_-1 + c[3] D_-2, with D the denoiser's x0
   at this and the previous two steps. The last step goes to the clean point
   (alpha 1, sigma 0), where every order reduces to x_next = D0, as DDIM's does.
+  sde: SDE-DPM-Solver++ (orders 1-2; diffusers' "sde-dpmsolver++", midpoint):
+  x_next = c[0] x + ... + c[4] z with z standard normal; its first order is
+  DDIM with eta=1 (the same posterior step). Returns (n, 5), c[4] = 0 for the ODE.
   Computed with jnp, so a traced schedule works too."""
   ab = jnp.asarray(alphas_cumprod, jnp.float32)
   t = jnp.asarray(ts_desc)
@@ -213,29 +216,46 @@ def dpmpp_coefficients(alphas_cumprod, ts_desc, orders):
   k1 = a_t * (-phi2 * b + phi3 * e) / r1
   c3 = jnp.stack([cx, -a_t * phi1 + k0, -k0 + k1, -k1], -1)
   c = jnp.where((o == 1)[:, None], c1, jnp.where((o == 2)[:, None], c2, c3))
+  noise = 0 * cx
+  if sde:
+    # x_t = (s_t/s_s) e^-h x + a_t (1 - e^-2h) (D0 + D1/2) + s_t sqrt(1 - e^-2h) z.
+    em = jnp.exp(-h)
+    A = a_t * (-jnp.expm1(-2 * h))
+    s1 = jnp.stack([cx * em, A, 0 * cx, 0 * cx], -1)
+    k = 0.5 * A / r0
+    s2 = jnp.stack([cx * em, A + k, -k, 0 * cx], -1)
+    c = jnp.where((o == 1)[:, None], s1, s2)
+    noise = s_t * jnp.sqrt(-jnp.expm1(-2 * h))
+  c = jnp.concatenate([c, noise[:, None]], -1)
   # Into the clean point: x = D0 (alpha_t = 1, sigma_t = 0, exp(-h) = 0).
-  return jnp.where(last[:, None], jnp.array([0.0, 1.0, 0.0, 0.0]), c)
+  return jnp.where(last[:, None], jnp.array([0.0, 1.0, 0.0, 0.0, 0.0]), c)
 
 
 def dpmpp(schedule: Schedule, model_fn, x_T, key, steps: int, order: int = 2,
           spacing: str = "time_uniform", lower_order_final: bool = True,
-          model_fn_low=None, t_switch=None):
-  """DPM-Solver++ (Lu et al. 2022), multistep, of order 1-3, deterministic (the
-  key is unused: the probability-flow ODE). One network evaluation a step;
-  order 1 is DDIM with eta=0 on the same timesteps."""
-  del key
+          model_fn_low=None, t_switch=None, eta: float = 0.0):
+  """DPM-Solver++ (Lu et al. 2022), multistep. eta=0: the probability-flow
+  ODE, orders 1-3, deterministic (the key is unused); order 1 is DDIM with
+  eta=0 on the same timesteps. eta=1: SDE-DPM-Solver++, orders 1-2, noise
+  from `key` as DDIM draws it; order 1 is DDIM with eta=1. One network
+  evaluation a step."""
   if order not in ORDERS:
     raise ConfigError(f"sample.order={order}: DPM-Solver++ has orders {ORDERS}.")
+  sde = _dpmpp_sde(eta, order)
   ts_np = timesteps(schedule.alphas_cumprod, steps, spacing)[::-1].copy()
   n = len(ts_np)
-  coef = dpmpp_coefficients(schedule.alphas_cumprod, ts_np, step_orders(n, order, lower_order_final))
+  coef = dpmpp_coefficients(schedule.alphas_cumprod, ts_np,
+                            step_orders(n, order, lower_order_final), sde)
   ts = jnp.asarray(ts_np)
 
   def body(fn, i, state):
     x, d1, d2 = state
     _, d0 = fn(x, _tvec(x, ts[i]))
     c = coef[i].astype(x.dtype)
-    return c[0] * x + c[1] * d0 + c[2] * d1 + c[3] * d2, d0, d1
+    x_next = c[0] * x + c[1] * d0 + c[2] * d1 + c[3] * d2
+    if sde:
+      x_next = x_next + c[4] * step_noise(key, i, x.shape, x.dtype)
+    return x_next, d0, d1
 
   zeros = jnp.zeros_like(x_T)
   out, _, _ = _loop(n, body, (x_T, zeros, zeros), model_fn, model_fn_low,
@@ -243,11 +263,23 @@ def dpmpp(schedule: Schedule, model_fn, x_T, key, steps: int, order: int = 2,
   return out
 
 
+def _dpmpp_sde(eta: float, order: int) -> bool:
+  if eta not in (0.0, 1.0):
+    raise ConfigError(f"sample.eta={eta} with sampler 'dpmpp': use 0 (DPM-Solver++, the ODE) "
+                      "or 1 (SDE-DPM-Solver++).")
+  if eta == 1.0 and order > 2:
+    raise ConfigError(f"sample.order={order} with sample.eta=1: SDE-DPM-Solver++ has orders "
+                      "1 and 2. Fix: --config.sample.order=2, or --config.sample.eta=0 for "
+                      "the third-order ODE solver.")
+  return eta == 1.0
+
+
 def run_sampler(name: str, schedule: Schedule, model_fn, x_T, key, steps: int = 0,
                 eta: float = 0.0, *, order: int = 2, spacing: str = "time_uniform",
                 lower_order_final: bool = True, model_fn_low=None, t_switch=None):
   """The one dispatch the sampling loop calls. `order` and `lower_order_final`
-  are DPM-Solver++'s, `spacing` DDIM's and DPM-Solver++'s, `eta` DDIM's.
+  are DPM-Solver++'s, `spacing` DDIM's and DPM-Solver++'s, `eta` DDIM's (any
+  value in [0, 1]) and DPM-Solver++'s (0: ODE, 1: SDE).
   With model_fn_low and t_switch, steps at t < t_switch use model_fn_low
   (see the module docstring)."""
   switch = dict(model_fn_low=model_fn_low, t_switch=t_switch)
@@ -256,7 +288,8 @@ def run_sampler(name: str, schedule: Schedule, model_fn, x_T, key, steps: int = 
   if name == "ddim":
     return ddim(schedule, model_fn, x_T, key, steps, eta, spacing, **switch)
   if name == "dpmpp":
-    return dpmpp(schedule, model_fn, x_T, key, steps, order, spacing, lower_order_final, **switch)
+    return dpmpp(schedule, model_fn, x_T, key, steps, order, spacing, lower_order_final, **switch,
+                 eta=eta)
   raise ConfigError(f"Unknown sample.sampler {name!r}: use one of {SAMPLERS}.")
 
 
@@ -290,6 +323,7 @@ def check_config(sample_cfg, timesteps_T: int) -> None:
     if order not in ORDERS:
       raise ConfigError(f"sample.order={order}: DPM-Solver++ has orders {ORDERS}. Fix: "
                         "--config.sample.order=2 (or 3).")
+    _dpmpp_sde(float(s.eta), order)
     if s.steps > timesteps_T:
       raise ConfigError(f"sample.steps={s.steps} is more than the model's "
                         f"diffusion.timesteps={timesteps_T}. Fix: at most {timesteps_T} steps.")
