@@ -405,3 +405,46 @@ def layer_sensitivity(model, params, calib_inputs, mode: str = "int8_weights",
 def _not(layer: str) -> str:
   """A regex matching every module path except `layer`."""
   return rf"(?!{re.escape(layer)}$).*"
+
+
+# ---------------------------------------------------------------------------
+# CLI: the per-layer sensitivity of a trained denoiser.
+
+def main(argv=None) -> int:
+  """python -m rissole_jax.quantize --workdir DIR --out FILE.json [--mode int8_weights|int8]
+  [--config configs/mnist.py] [--num 64]: each layer's solo quantization error, worst first."""
+  import argparse
+  import json
+  from rissole_jax.benchmarks.solvers import load_parts
+  from rissole_jax.stablehlo import _load_config
+  from rissole_jax.train import diffusion as dif
+  from rissole_jax.workdir import atomic_write_json
+  p = argparse.ArgumentParser(description="Per-layer int8 sensitivity of a trained denoiser.")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--config", default="configs/mnist.py")
+  p.add_argument("--mode", default="int8_weights", choices=MODES[1:])
+  p.add_argument("--num", type=int, default=64)
+  a = p.parse_args(argv)
+  parts = load_parts(_load_config(a.config), a.workdir)
+  lat = dif.normalise(np.asarray(parts.db.latents, np.float32), parts.stats).astype(np.float32)
+  calib = calibration_inputs(parts.model, parts.schedule, lat, parts.db.neighbours, a.num)
+  sens = layer_sensitivity(parts.model, parts.params, calib, a.mode)
+  sizes = {l: int(np.prod(np.shape(_get(parts.params, l)["kernel"]))) for l in sens}
+  rows = sorted(({"layer": l, "relative_error": v, "kernel_params": sizes[l]} for l, v in sens.items()),
+                key=lambda r: -r["relative_error"])
+  atomic_write_json(Path(a.out), {"mode": a.mode, "calibration_images": a.num, "rows": rows})
+  for r in rows[:10]:
+    print(f"{r['layer']:40s} {r['relative_error']:.3e} ({r['kernel_params']} weights)")
+  return 0
+
+
+def _get(tree, path: str):
+  for k in path.split("/"):
+    tree = tree[k]
+  return tree
+
+
+if __name__ == "__main__":
+  import sys
+  sys.exit(main())

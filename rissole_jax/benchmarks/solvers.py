@@ -114,11 +114,16 @@ def generate(parts, config, nb_lat, batch: int, key):
   from rissole_jax.data.pipeline import to_uint8
   from rissole_jax.diffusion import samplers
   samplers.check_config(config.sample, config.diffusion.timesteps)
+  from rissole_jax import quantize as qz
   model, params, decode_fn, ae_params = parts.model, parts.params, parts.ae.decode_fn, parts.ae.params
+  t0 = time.perf_counter()
   if config.sample.quantize != "none":
-    from rissole_jax import quantize as qz
     q = qz.quantize_parts(parts, config.sample.quantize)
     model, params, decode_fn, ae_params = q.model, q.params, q.decode_fn, q.ae_params
+  else:
+    ae_params = qz.decoder_params(ae_params)   # what the sampler stores: the decoder only
+  sizes = {"denoiser_mb": qz.param_bytes(params) / 1e6, "decoder_mb": qz.param_bytes(ae_params) / 1e6,
+           "quantize_seconds": time.perf_counter() - t0}
   fn = make_sample_fn(model, parts.schedule, config, decode_fn, parts.stats)
   n = len(nb_lat)
   bs = min(batch, n)
@@ -133,7 +138,7 @@ def generate(parts, config, nb_lat, batch: int, key):
     img = np.asarray(img)
     t_run += time.perf_counter() - t0
     images.append(img[:min(bs, n - s)])
-  return to_uint8(np.concatenate(images)), t_compile, t_run
+  return to_uint8(np.concatenate(images)), t_compile, t_run, sizes
 
 
 class Scorer:
@@ -206,7 +211,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
   head = ["solver", "steps", "NFE", "quantize", "classifier FD"]
   head += ["vs DDIM-100 η=1"] if ref else []
   head += ["Inception FID"] if has_fid else []
-  head += ["images/s", "compile s"]
+  head += ["images/s", "compile s", "denoiser MB", "decoder MB"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in sorted(rows, key=lambda r: (r["quantize"], r["solver"], r["steps"])):
     cells = [r["solver"].replace("|", "/"), str(r["steps"]), str(r["nfe"]), r["quantize"],
@@ -215,7 +220,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
       cells.append(f"{100 * (r['classifier_fd'] / ref - 1):+.1f}%")
     if has_fid:
       cells.append(f"{r['inception_fid']:.2f}" if "inception_fid" in r else "")
-    cells += [f"{r['images_per_sec']:.1f}", f"{r['compile_seconds']:.1f}"]
+    cells += [f"{r['images_per_sec']:.1f}", f"{r['compile_seconds']:.1f}",
+              f"{r['denoiser_mb']:.3f}" if "denoiser_mb" in r else "",
+              f"{r['decoder_mb']:.3f}" if "decoder_mb" in r else ""]
     lines.append("| " + " | ".join(cells) + " |")
   ok = meets_target(rows)
   verdict = (f"\nMeets the target (≤{TARGET_NFE} NFE, classifier FD within "
@@ -288,10 +295,10 @@ def run(config, workdir, out: Path, solvers, steps_list, quant_modes, num: int, 
         if k in done or (spec.startswith("ddpm") and steps != steps_list[0]):
           continue
         c = sample_config(config, spec, steps, q)
-        images, t_c, t_r = generate(parts, c, nb_lat, batch, key)
+        images, t_c, t_r, sizes = generate(parts, c, nb_lat, batch, key)
         row = {"solver": spec, "steps": int(steps), "quantize": q, "nfe": nfe(c, parts.model),
                "images_per_sec": num / t_r, "seconds_per_image": t_r / num,
-               "compile_seconds": t_c, **scorer(images)}
+               "compile_seconds": t_c, **sizes, **scorer(images)}
         rows.append(row)
         done.add(k)
         atomic_write_json(path, {"meta": meta, "rows": rows})
