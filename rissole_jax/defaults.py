@@ -126,6 +126,10 @@ def base_config() -> mlc.ConfigDict:
   # unguided) | time_quadratic.
   s.spacing = "time_uniform"
   s.lower_order_final = True    # DPM-Solver++: lower orders over the last steps below 15 steps
+  # >0: clip each predicted x0 (normalised latents) to [-clip_x0, clip_x0]
+  # before the update (static thresholding); 0: off. The default MNIST
+  # latents lie within about +-4.2.
+  s.clip_x0 = 0.0
   # Post-training quantization (rissole_jax/quantize.py): none | int8_weights
   # (weight-only) | int8 (weights and activations, static scales calibrated on
   # training latents).

@@ -198,3 +198,13 @@ def test_switch_compiles_each_model_into_its_own_loop(small, name, kw):
   assert len(bodies) == 2
   assert ("sin" in bodies[0]) != ("cos" in bodies[0]) and ("sin" in bodies[1]) != ("cos" in bodies[1])
   assert "sin" in bodies[0] and "cos" in bodies[1]
+
+
+def test_clip_x0_bounds_the_prediction(small):
+  s, fn, x_T = small
+  wide = lambda x, t: (fn(x, t)[0], 100.0 * fn(x, t)[1])
+  out = samplers.run_sampler("dpmpp", s, wide, x_T, jax.random.PRNGKey(0), 6, 0.0, clip_x0=3.0)
+  assert np.abs(np.asarray(out)).max() <= 3.0 + 1e-5     # the last step returns x0 itself
+  same = samplers.run_sampler("ddim", s, fn, x_T, jax.random.PRNGKey(0), 6, 1.0, clip_x0=1e6)
+  np.testing.assert_allclose(same, samplers.run_sampler("ddim", s, fn, x_T, jax.random.PRNGKey(0), 6, 1.0),
+                             rtol=1e-5, atol=1e-5)

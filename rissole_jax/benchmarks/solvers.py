@@ -95,7 +95,8 @@ def parse_solver(spec: str) -> dict:
   out: dict = {"sampler": name}
   for item in filter(None, rest.split(";")):
     k, _, v = item.partition("=")
-    out[k] = v if k == "spacing" else (v.lower() == "true" if k == "lower_order_final" else float(v) if k == "eta" else int(v))
+    out[k] = v if k == "spacing" else (v.lower() == "true" if k == "lower_order_final" else
+                                       float(v) if k in ("eta", "clip_x0") else int(v))
   return out
 
 

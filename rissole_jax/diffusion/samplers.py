@@ -276,12 +276,17 @@ def _dpmpp_sde(eta: float, order: int) -> bool:
 
 def run_sampler(name: str, schedule: Schedule, model_fn, x_T, key, steps: int = 0,
                 eta: float = 0.0, *, order: int = 2, spacing: str = "time_uniform",
-                lower_order_final: bool = True, model_fn_low=None, t_switch=None):
+                lower_order_final: bool = True, model_fn_low=None, t_switch=None,
+                clip_x0: float = 0.0):
   """The one dispatch the sampling loop calls. `order` and `lower_order_final`
   are DPM-Solver++'s, `spacing` DDIM's and DPM-Solver++'s, `eta` DDIM's (any
   value in [0, 1]) and DPM-Solver++'s (0: ODE, 1: SDE).
   With model_fn_low and t_switch, steps at t < t_switch use model_fn_low
-  (see the module docstring)."""
+  (see the module docstring). clip_x0 > 0 clips the predicted x0 to
+  [-clip_x0, clip_x0] (static thresholding) before every update."""
+  if clip_x0:
+    model_fn = clipped(schedule, model_fn, clip_x0)
+    model_fn_low = model_fn_low and clipped(schedule, model_fn_low, clip_x0)
   switch = dict(model_fn_low=model_fn_low, t_switch=t_switch)
   if name == "ddpm":
     return ddpm(schedule, model_fn, x_T, key, **switch)
@@ -293,11 +298,25 @@ def run_sampler(name: str, schedule: Schedule, model_fn, x_T, key, steps: int = 
   raise ConfigError(f"Unknown sample.sampler {name!r}: use one of {SAMPLERS}.")
 
 
+def clipped(schedule: Schedule, model_fn, c: float):
+  """model_fn with x0 clipped to [-c, c] and eps made consistent with it:
+  static thresholding (Saharia et al. 2022; Lu et al. use it with
+  DPM-Solver++). For normalised latents c is about the data's largest |z|;
+  it stops a poorly fitted model's x0 estimates at high noise from sending
+  a deterministic sampler far outside the data."""
+  def fn(x, t):
+    _, x0 = model_fn(x, t)
+    x0 = jnp.clip(x0, -c, c)
+    return schedule.eps_from_x0(x, t, x0), x0
+  return fn
+
+
 def options(sample_cfg) -> dict:
   """run_sampler's solver keywords from a config's `sample` section."""
   get = lambda k, d: sample_cfg.get(k, d) if hasattr(sample_cfg, "get") else getattr(sample_cfg, k, d)
   return {"order": int(get("order", 2)), "spacing": get("spacing", "time_uniform"),
-          "lower_order_final": bool(get("lower_order_final", True))}
+          "lower_order_final": bool(get("lower_order_final", True)),
+          "clip_x0": float(get("clip_x0", 0.0) or 0.0)}
 
 
 def num_steps(sample_cfg, timesteps_T: int) -> int:
