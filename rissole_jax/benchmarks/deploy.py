@@ -6,7 +6,8 @@ runner on ONE CPU thread at batch 1, for each quantization mode.
       --workdir /work/runs/default --out docs/solvers/deploy.json \
       --set sampler=ddim --set steps=10 --set eta=1 [--baseline full]
 
---baseline VARIANT also measures that denoiser variant (e.g. `full`) with the
+--baseline VARIANT also measures that denoiser variant (e.g. `full`, with the
+architecture of the benchmark's `full` run: configs/bench/default.py) with the
 same sampler, decoder and database; its weights are random (time and memory
 do not depend on their values), so its quality comes from its own trained
 run (docs/RESULTS.md), not from here.
@@ -31,8 +32,16 @@ from pathlib import Path
 import numpy as np
 
 MEASURE = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
+
+def hwm():
+  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a
+  # child of a big parent would report the parent's peak.
+  for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+      return int(line.split()[1]) / 1024
+
 import run as runner
 t0 = time.perf_counter()
 exported, params, db, m = runner.load(sys.argv[1])
@@ -48,8 +57,12 @@ for i in range(1, len(nb)):
   times.append(time.perf_counter() - t0)
 print(json.dumps({"load_s": t_load, "first_image_s": t_first,
                   "seconds_per_image": sorted(times)[len(times) // 2],
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": hwm()}))
 """
+
+
+# The architectures of the benchmark's baseline runs (configs/bench/default.py).
+BASELINES = {"full": {"ch_mult": (1, 2, 4), "num_res_blocks": 3}}
 
 
 def one_thread_env() -> dict:
@@ -79,6 +92,7 @@ def random_variant(parts, variant: str):
   from rissole_jax.models import unet
   c = parts.config.copy_and_resolve_references()
   VARIANTS[variant](c)
+  c.model.update(**BASELINES.get(variant, {}))
   shape = tuple(parts.stats["latent_shape"])
   model = unet.make_denoiser(c, shape)
   x, t, cond = unet.init_inputs(model, shape, int(parts.stats["k"]), 1)
