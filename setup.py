@@ -32,6 +32,8 @@ setup(
         "scipy>=1.13",       # matrix square root for Frechet distances
         "tqdm>=4.66",
         "tensorboardX>=2.6.5",
+        "qwix>=0.1.8",       # int8 post-training quantization (sample.quantize)
+        "flatbuffers>=24.3", # jax.export serialization (the StableHLO sampler export)
     ],
     extras_require={
         "tpu": ["jax[tpu]>=0.10.2"],

@@ -1,22 +1,40 @@
-"""Writes a trained model to one file that holds everything sampling needs.
+"""Writes a trained model for use elsewhere.
 
   python -m rissole_jax.export --workdir DIR --out FILE
-
-The file (see rissole_jax/modelfile.py) loads with `Sampler.load(FILE)` or
-`python -m rissole_jax.sample --model FILE`, on any machine with rissole_jax.
+      one file with everything sampling needs (rissole_jax/modelfile.py); load
+      it with Sampler.load(FILE) or python -m rissole_jax.sample --model FILE
+  python -m rissole_jax.export --format stablehlo --workdir DIR --out EXPORT_DIR
+      [--quantize int8] [--sampler ddim --steps 10 ...] [--platforms cpu,cuda,tpu]
+      the whole sampler as a jax.export program with its parameters and
+      database (rissole_jax/stablehlo.py); python EXPORT_DIR/run.py EXPORT_DIR
+      runs it with only jax and numpy (docs/deploy.md)
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+_SETTINGS = (("sampler", str), ("steps", int), ("eta", float), ("guidance_scale", float),
+             ("order", int), ("spacing", str))
+
 
 def parse(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m rissole_jax.export", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", required=True,
-                 help="a finished run's folder (stages vqgan, encode, index, diffusion done)")
-  p.add_argument("--out", required=True, help="the model file to write (e.g. mnist.rissole)")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="a finished run's folder (stages vqgan, encode, index, "
+                                     "diffusion done)")
+  src.add_argument("--model", help="a model file (for --format stablehlo)")
+  p.add_argument("--out", required=True,
+                 help="the model file (e.g. mnist.rissole), or the export folder for stablehlo")
+  p.add_argument("--format", choices=("model", "stablehlo"), default="model")
+  p.add_argument("--quantize", choices=("none", "int8_weights", "int8"),
+                 help="stablehlo: int8 parameters (default: the config's sample.quantize)")
+  p.add_argument("--platforms", default="cpu,cuda,tpu",
+                 help="stablehlo: platforms to lower for (those JAX cannot are skipped)")
+  for name, kind in _SETTINGS:
+    p.add_argument(f"--{name}", type=kind,
+                   help=f"stablehlo: sample.{name} baked into the program (default: the config's)")
   return p.parse_args(argv)
 
 
@@ -25,7 +43,12 @@ def main(argv=None) -> int:
   from rissole_jax.errors import RissoleError
   from rissole_jax.sampler import Sampler
   try:
-    sizes = Sampler.from_workdir(args.workdir).save(args.out)
+    if args.format == "model" and not args.workdir:
+      raise RissoleError("--format model needs --workdir (a model file is already one).")
+    s = Sampler.from_workdir(args.workdir) if args.workdir else Sampler.load(args.model)
+    if args.format == "stablehlo":
+      return _stablehlo(s, args)
+    sizes = s.save(args.out)
   except RissoleError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -37,6 +60,20 @@ def main(argv=None) -> int:
   codes = sizes["database/codes.npy"]
   print(f"  the database as codes: {mib(codes)}, as float32 latents it would be "
         f"{mib(sizes['database_as_float32_latents'])} ({sizes['database_as_float32_latents'] / codes:.1f}x)")
+  return 0
+
+
+def _stablehlo(s, args) -> int:
+  import json
+  from rissole_jax import stablehlo
+  with s.config.unlocked():
+    for name, _ in _SETTINGS:
+      if getattr(args, name) is not None:
+        s.config.sample[name] = getattr(args, name)
+  m = stablehlo.export_stablehlo(s, args.out, quantize=args.quantize,
+                                 platforms=tuple(args.platforms.split(",")))
+  print(f"wrote {args.out}/ (run: python {args.out}/run.py {args.out} --num 8 --out pngs/)")
+  print(json.dumps({k: m[k] for k in ("platforms", "quantize", "bytes", "nfe_per_image")}))
   return 0
 
 

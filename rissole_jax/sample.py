@@ -28,13 +28,17 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--num", type=int, default=64,
                  help="images to make; with --variations, per input image (default 64)")
   p.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
-  p.add_argument("--sampler", help="ddpm or ddim (default: the model's config)")
+  p.add_argument("--sampler", help="ddpm, ddim or dpmpp (DPM-Solver++) (default: the model's config)")
   p.add_argument("--steps", type=int, help="sampling steps (DDIM; default: the config's)")
   p.add_argument("--eta", type=float,
                  help="DDIM noise: 0 deterministic, 1 ancestral (default: the config's)")
   p.add_argument("--guidance", type=float,
                  help="classifier-free guidance scale; 1 is none (needs a model trained "
                       "with diffusion.cond_dropout > 0)")
+  p.add_argument("--order", type=int, help="DPM-Solver++ order (1-3; default: the config's)")
+  p.add_argument("--spacing", help="timestep spacing: time_uniform, logsnr or time_quadratic")
+  p.add_argument("--quantize", choices=("none", "int8_weights", "int8"), default=None,
+                 help="int8 denoiser and decoder (default: the config's sample.quantize)")
   p.add_argument("--t_break", type=float,
                  help="LEGO models: the fraction of the trajectory run without the skipped "
                       "bricks (sample.skip; 0 runs every brick)")
@@ -58,9 +62,11 @@ def main(argv=None) -> int:
     if args.num < 1:
       raise RissoleError(f"--num {args.num}: ask for at least one image.")
     s = Sampler.from_workdir(args.workdir) if args.workdir else Sampler.load(args.model)
+    s = s.quantized(args.quantize or s.config.sample.quantize)
     if args.database:
       s = s.with_database(args.database, progress=not args.no_progress)
     kw = dict(seed=args.seed, sampler=args.sampler, steps=args.steps, eta=args.eta,
+              order=args.order, spacing=args.spacing,
               guidance=args.guidance, t_break=args.t_break, batch_size=args.batch_size,
               progress=not args.no_progress)
     if args.variations:

@@ -20,6 +20,7 @@ size; a request smaller than a compiled batch is padded to it.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import hashlib
 import json
@@ -57,12 +58,17 @@ class Settings:
   steps: int = 100
   eta: float = 1.0
   guidance: float = 1.0
+  order: int = 2                   # DPM-Solver++
+  spacing: str = "time_uniform"    # DDIM, DPM-Solver++
+  lower_order_final: bool = True   # DPM-Solver++
+  clip_x0: float = 0.0             # static thresholding of the predicted x0 (0: off)
   t_break: float = 0.0   # LEGO: the fraction of the trajectory run without sample.skip.bricks
 
   @classmethod
   def from_config(cls, s, **overrides) -> "Settings":
     base = cls(sampler=s.sampler, steps=int(s.steps), eta=float(s.eta),
-               guidance=float(s.guidance_scale), t_break=float(s.skip.t_break))
+               guidance=float(s.guidance_scale), t_break=float(s.skip.t_break),
+               **samplers.options(s))
     given = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(base, **given)
 
@@ -70,11 +76,7 @@ class Settings:
 def check_settings(settings: Settings, config) -> None:
   """Refuses settings the model or the sampler cannot use, naming the fix."""
   v = config.model.variant
-  if settings.sampler not in samplers.SAMPLERS:
-    raise ConfigError(f"Unknown sampler {settings.sampler!r} (sample.sampler): use one of "
-                      f"{samplers.SAMPLERS}.")
-  if settings.sampler == "ddim" and settings.steps < 1:
-    raise ConfigError(f"sample.steps={settings.steps}: DDIM needs at least one step.")
+  samplers.check_config(settings, config.diffusion.timesteps)
   if not 0.0 <= settings.eta <= 1.0:
     raise ConfigError(f"sample.eta={settings.eta} must be in [0, 1].")
   if not 0.0 <= settings.t_break <= 1.0:
@@ -97,6 +99,8 @@ def check_config(config) -> None:
   """The sample section, refused early with the fix."""
   s = config.sample
   check_settings(Settings.from_config(s), config)
+  from rissole_jax import quantize
+  quantize.check_mode(s.get("quantize", "none"))
   if s.pseudo_query not in PSEUDO_QUERIES:
     raise ConfigError(f"Unknown sample.pseudo_query {s.pseudo_query!r}: use one of {PSEUDO_QUERIES}.")
   if s.num < 1 or s.batch_size < 1:
@@ -105,8 +109,7 @@ def check_config(config) -> None:
 
 def nfe(settings: Settings, config, model) -> int:
   """Network evaluations per image (each over all its blocks at once)."""
-  T = config.diffusion.timesteps
-  steps = T if settings.sampler == "ddpm" else len(samplers.ddim_timesteps(T, settings.steps))
+  steps = samplers.num_steps(settings, config.diffusion.timesteps)
   steps *= 1 if settings.guidance == 1.0 else 2
   return steps * (blk.num_blocks(config.blocks.grid) if model.prev_block else 1)
 
@@ -189,7 +192,8 @@ def sample_latents(model, params, schedule, prediction: str, settings: Settings,
     x_T = jax.vmap(lambda k: samplers.normal(jax.random.fold_in(k, 0), row_shape))(row_keys)
     run_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(row_keys)
     return samplers.run_sampler(settings.sampler, schedule, model_fn(plan and plan[0]), x_T,
-                                run_keys, settings.steps, settings.eta, **split)
+                                run_keys, settings.steps, settings.eta, **split,
+                                **samplers.options(settings))
 
   if not model.blocks:
     return run(unet.condition(model, nb, B), keys, shape)
@@ -364,6 +368,8 @@ class Sampler:
     self.trace_counts: collections.Counter = collections.Counter()  # (settings, batch) -> traces
     self.last_timings: dict = {}
     self._db_norm = None
+    self.quantize = "none"
+    self._decoder = (ae.decode_fn, ae.params)   # (decode_fn, its params): int8 once quantized
     if unet.uses_retrieval(model.variant) and db.neighbours.shape[1] != stats["k"]:
       raise DataError(f"the denoiser was trained with k={stats['k']} neighbours; the database "
                       f"{db.name} has k={db.neighbours.shape[1]}.")
@@ -422,6 +428,7 @@ class Sampler:
 
   def sample(self, num: int, *, seed: int = 0, sampler: str | None = None,
              steps: int | None = None, eta: float | None = None, guidance: float | None = None,
+             order: int | None = None, spacing: str | None = None,
              t_break: float | None = None, batch_size: int | None = None,
              pseudo_query: str | None = None, progress: bool = True,
              return_queries: bool = False):
@@ -431,7 +438,7 @@ class Sampler:
     if num < 1:
       raise ConfigError(f"num={num}: ask for at least one image.")
     settings = self.settings(sampler=sampler, steps=steps, eta=eta, guidance=guidance,
-                             t_break=t_break)
+                             order=order, spacing=spacing, t_break=t_break)
     queries = pseudo_queries(self.db.neighbours, num, pseudo_query or self.config.sample.pseudo_query,
                              seed)
     images = self.generate(query_neighbours(self.db.neighbours, queries), seed=seed,
@@ -463,7 +470,7 @@ class Sampler:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk), 0)])  # static shape
         nb = parallel.put_batch(lat[chunk][sl], self.mesh, self._rules)
         t0 = time.perf_counter()
-        _, img = fn(self.params, self.ae.params, nb, key,
+        _, img = fn(self.params, self._decoder[1], nb, key,
                     parallel.put_replicated(np.int32(start), self.mesh))
         img = parallel.to_host(img)
         times.append(time.perf_counter() - t0)
@@ -502,7 +509,7 @@ class Sampler:
     """The jitted sampler for `settings` (jit keeps one executable per batch size)."""
     if settings not in self._fns:
       fn = make_sample_fn(self.model, self.schedule, self.config.diffusion.prediction, settings,
-                          self.ae.decode_fn, self.stats, skip_plan(self.model, self.config, settings))
+                          self._decoder[0], self.stats, skip_plan(self.model, self.config, settings))
 
       def counted(params, ae_params, nb, key, start):
         self.trace_counts[(settings, nb.shape[0])] += 1  # runs once per trace
@@ -560,7 +567,8 @@ class Sampler:
       raise ConfigError(f"num_per_image={num_per_image}: ask for at least one.")
     ids = self.retrieve(self.encode_images(images))
     settings = self.settings(**{k: kw.pop(k, None) for k in
-                                ("sampler", "steps", "eta", "guidance", "t_break")})
+                                ("sampler", "steps", "eta", "guidance", "order", "spacing",
+                                 "t_break")})
     out = self.generate(np.repeat(ids, num_per_image, 0), seed=seed, settings=settings,
                         desc="variations", **kw)
     return out.reshape(len(ids), num_per_image, *out.shape[1:])
@@ -584,9 +592,26 @@ class Sampler:
       directory = cache_dir() / "databases" / _database_key(self, src)
     db = retrieval.build_database(self.ae, src, self.config, Path(directory),
                                   say=log.info, progress=_bar if progress else None)
-    new = Database.from_retrieval(db, codes_lib.codebook_of(self.ae.params))
-    out = Sampler(self.config, self.ae, self.model, self.params, self.stats, new, self.mesh)
-    out._fns, out.trace_counts = self._fns, self.trace_counts  # same model: same compiled code
+    out = copy.copy(self)   # same model: the same compiled code serves it
+    out.db, out._db_norm = Database.from_retrieval(db, codes_lib.codebook_of(self.ae.params)), None
+    return out
+
+  def quantized(self, mode: str) -> "Sampler":
+    """This sampler with its denoiser and VQ-GAN decoder quantized to int8
+    ('int8_weights': int8 weights, float compute; 'int8': int8 weights and
+    activations with static scales calibrated on the database), see
+    rissole_jax/quantize.py. 'none' returns this sampler."""
+    from rissole_jax import quantize
+    quantize.check_mode(mode)
+    if mode == self.quantize:
+      return self
+    if self.quantize != "none":
+      raise ConfigError(f"this sampler is already quantized ({self.quantize}); quantize the "
+                        "float one.")
+    q = quantize.quantize_parts(self, mode)
+    out = copy.copy(self)
+    out.model, out.params, out._decoder, out.quantize = q.model, q.params, (q.decode_fn, q.ae_params), mode
+    out._fns, out.trace_counts = {}, collections.Counter()   # another program
     return out
 
   # -- pictures ------------------------------------------------------------------

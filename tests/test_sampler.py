@@ -307,3 +307,18 @@ def test_notebook_runs_top_to_bottom(model_file, tmp_path, monkeypatch):
   images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
   assert len(images) >= 5          # grid, figure, swapped figure, variations, timing plot
   assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+
+
+def test_int8_sampler_and_stablehlo_export_cli(sampler, workdir, tmp_path):
+  q = sampler.quantized("int8_weights")
+  assert q.quantize == "int8_weights" and sampler.quantize == "none"
+  a = sampler.sample(4, seed=6, progress=False).astype(int)
+  b = q.sample(4, seed=6, progress=False).astype(int)
+  assert b.shape == a.shape and np.abs(b - a).mean() < 20     # close to float, not equal
+  from rissole_jax import export
+  out = tmp_path / "hlo"
+  assert export.main(["--format", "stablehlo", "--workdir", str(workdir), "--out", str(out),
+                      "--platforms", "cpu", "--steps", "2"]) == 0
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert manifest["sampler"]["steps"] == 2 and manifest["platforms"] == ["cpu"]
+  assert (out / "run.py").exists() and (out / "sampler.stablehlo").exists()

@@ -300,7 +300,9 @@ def condition(model: Denoiser, neighbours, batch: int) -> dict:
   if not model.blocks:
     return {"neighbours": neighbours if model.retrieval else None}
   n = blk.num_blocks(model.grid)
-  cond = {"pos": jnp.tile(jnp.arange(n, dtype=jnp.int32), batch), "neighbours": None}
+  # broadcast + reshape rather than tile: works for a symbolic batch (jax.export)
+  cond = {"pos": jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n)).reshape(-1),
+          "neighbours": None}
   if model.retrieval:
     nb = jnp.swapaxes(blk.split(neighbours, model.grid), 1, 2)  # (B, n, k, bh, bw, c)
     cond["neighbours"] = fold(nb)

@@ -22,7 +22,7 @@ __all__ = ["run", "check_config"]
 def run(ctx) -> dict:
   config, s = ctx.config, ctx.config.sample
   check_config(config)
-  sampler = Sampler.from_workdir(ctx.root, config)
+  sampler = Sampler.from_workdir(ctx.root, config).quantized(s.quantize)
   if s.database:
     sampler = sampler.with_database(s.database, directory=ctx.stage_dir / "database",
                                     progress=ctx.progress_bars)
@@ -45,6 +45,8 @@ def run(ctx) -> dict:
     pictures.save_png(out / "figure.png", pictures.figure(q_img, nb_img, samples[:show]))
   t = sampler.last_timings
   # The first batch compiles; later ones time the sampler itself.
-  return {"num": int(len(samples)), "seconds_first_batch": t["seconds_first_batch"],
+  from rissole_jax.quantize import param_bytes
+  return {"denoiser_bytes": param_bytes(sampler.params), "decoder_bytes": param_bytes(sampler._decoder[1]),
+          "num": int(len(samples)), "seconds_first_batch": t["seconds_first_batch"],
           "seconds_per_batch": t["seconds_per_batch"], "samples_per_sec": t["samples_per_sec"],
           "nfe_per_sample": t["nfe_per_sample"]}
