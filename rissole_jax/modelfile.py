@@ -24,14 +24,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from rissole_jax.errors import DataError
+from rissole_jax.workdir import atomic_write_bytes
 
 FORMAT = "rissole_jax.model"
 VERSION = 1  # bump on any change a version-1 reader would misread
@@ -89,21 +88,12 @@ def save(sampler, path) -> dict:
               "files": {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()}
                         for n, b in parts.items()}}
   if parallel.process_info()[0] == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
-          for name, data in parts.items():
-            z.writestr(name, data)
-          z.writestr("manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
+    buf = io.BytesIO()   # the members are in memory already; the file is their sum
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+      for name, data in parts.items():
+        z.writestr(name, data)
+      z.writestr("manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+    atomic_write_bytes(path, buf.getvalue())
   sizes = {n: len(b) for n, b in parts.items()}
   sizes["total"] = path.stat().st_size if path.exists() else sum(sizes.values())
   sizes["database_as_float32_latents"] = int(np.prod(sampler.db.latents.shape)) * 4

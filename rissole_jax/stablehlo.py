@@ -27,9 +27,6 @@ window), and always refuses a calling-convention version its jax cannot read.
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
-import sys
 from pathlib import Path
 
 import jax
@@ -198,6 +195,3 @@ def _load_config(spec: str):
   mod_spec.loader.exec_module(mod)
   return mod.get_config(arg)
 
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -41,6 +41,7 @@ import numpy as np
 from rissole_jax import blocks as blk
 from rissole_jax.errors import ConfigError
 from rissole_jax.models.layers import dense, embedding
+from rissole_jax.models.unet import _need, with_null
 
 PRESETS = ("pg", "pr", "u")
 SKIP_ENDS = ("low", "high")
@@ -222,7 +223,7 @@ class LegoDenoiser(nn.Module):
   @nn.compact
   def __call__(self, x, t, pos=None, neighbours=None, prev=None, keep=None, train=False,
                active=None, all_bricks=False):
-    B, E = x.shape[0], self.emb_dim
+    E = self.emb_dim
     c = dense(E, name="time1")(timestep_embedding(t, E))
     c = dense(E, name="time2")(nn.silu(c))
     if self.position:
@@ -234,14 +235,7 @@ class LegoDenoiser(nn.Module):
     if self.prev_block:
       inputs.append(_need(prev, "prev"))
     if self.retrieval:
-      nb = _need(neighbours, "neighbours")
-      if keep is not None:
-        if not self.learn_null:
-          raise ValueError("`keep` needs a model trained with condition dropout "
-                           "(diffusion.cond_dropout > 0).")
-        null = self.param("null_neighbours", nn.with_logical_partitioning(
-            nn.initializers.zeros, (None,) * (nb.ndim - 1)), nb.shape[1:])
-        nb = jnp.where(keep.reshape((B,) + (1,) * (nb.ndim - 1)), nb, null[None].astype(nb.dtype))
+      nb = with_null(self, _need(neighbours, "neighbours"), keep, self.learn_null)
       inputs.append(einops.rearrange(nb, "b k h w c -> b h w (k c)"))
     base = jnp.concatenate(inputs, -1)
 
@@ -255,12 +249,6 @@ class LegoDenoiser(nn.Module):
                         self.dropout, name=f"brick{i}")(h, c, train)
       preds.append(prev_pred)
     return jnp.stack(preds) if all_bricks else preds[-1]
-
-
-def _need(x, name):
-  if x is None:
-    raise ValueError(f"The LEGO denoiser needs `{name}` with this config.")
-  return x
 
 
 # ---------------------------------------------------------------------------

@@ -165,7 +165,7 @@ class Denoiser(nn.Module):
 
   @nn.compact
   def __call__(self, x, t, pos=None, neighbours=None, prev=None, keep=None, train=False):
-    B, g, emb_dim = x.shape[0], self.num_groups, 4 * self.ch
+    g, emb_dim = self.num_groups, 4 * self.ch
     emb = dense(emb_dim, name="time1")(timestep_embedding(t, self.ch))
     emb = dense(emb_dim, name="time2")(nn.silu(emb))
     if self.position:
@@ -176,14 +176,7 @@ class Denoiser(nn.Module):
     if self.prev_block:
       inputs.append(_need(prev, "prev"))
     if self.retrieval:
-      nb = _need(neighbours, "neighbours")
-      if keep is not None:
-        if not self.learn_null:
-          raise ValueError("`keep` needs a model trained with condition dropout "
-                           "(diffusion.cond_dropout > 0).")
-        null = self.param("null_neighbours", nn.with_logical_partitioning(
-            nn.initializers.zeros, (None,) * (nb.ndim - 1)), nb.shape[1:])
-        nb = jnp.where(keep.reshape((B,) + (1,) * (nb.ndim - 1)), nb, null[None].astype(nb.dtype))
+      nb = with_null(self, _need(neighbours, "neighbours"), keep, self.learn_null)
       if self.variant == "rdm":
         context = LatentTokens(self.ch, name="neighbour_tokens")(nb)
       elif self.cond == "concat":
@@ -225,6 +218,20 @@ class Denoiser(nn.Module):
     if context is not None:
       h = Attention(self.num_groups, name=f"{name}_xattn")(h, context)
     return h
+
+
+def with_null(module: nn.Module, nb, keep, learn_null: bool):
+  """Condition dropout: nb (B, ...) where keep (B,) is True, else the module's
+  learned stand-in `null_neighbours` (created only when keep is given)."""
+  if keep is None:
+    return nb
+  if not learn_null:
+    raise ValueError("`keep` needs a model trained with condition dropout "
+                     "(diffusion.cond_dropout > 0).")
+  null = module.param("null_neighbours", nn.with_logical_partitioning(
+      nn.initializers.zeros, (None,) * (nb.ndim - 1)), nb.shape[1:])
+  return jnp.where(keep.reshape((nb.shape[0],) + (1,) * (nb.ndim - 1)), nb,
+                   null[None].astype(nb.dtype))
 
 
 def _need(x, name):
