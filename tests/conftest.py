@@ -33,3 +33,19 @@ def smoke_config(data_dir):
   c = mnist.get_config("smoke")
   c.data.data_dir = data_dir
   return c
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory, data_dir):
+  """One smoke run (stages vqgan..sample), in this process, once per test
+  process; shared by modules, so read only: copy it to change it."""
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  from configs import mnist
+  from rissole_jax import main
+  c = mnist.get_config("smoke")
+  c.data.data_dir = data_dir
+  c.stages = ("vqgan", "encode", "index", "diffusion", "sample")
+  root = tmp_path_factory.mktemp("smoke") / "run"
+  main.run(c, root, progress=False)
+  return root

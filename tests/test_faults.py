@@ -46,12 +46,10 @@ def _config(data_dir, **changes):
   return c
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
-  """An undisturbed smoke run (in-process: later runs here reuse its compiled steps)."""
-  root = tmp_path_factory.mktemp("faults") / "reference"
-  main.run(_config(data_dir), root, progress=False)
-  return root
+@pytest.fixture
+def reference(smoke_workdir):
+  """An undisturbed smoke run of _config(data_dir) (conftest's, shared: copy to change)."""
+  return smoke_workdir
 
 
 def _copy(reference, tmp_path) -> Path:

@@ -21,17 +21,9 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, data_dir):
-  """A smoke run up to the sample stage, in this process."""
-  sys.path.insert(0, ROOT)
-  from configs import mnist
-  from rissole_jax import main
-  c = mnist.get_config("smoke")
-  c.data.data_dir = data_dir
-  c.stages = ("vqgan", "encode", "index", "diffusion", "sample")
-  root = tmp_path_factory.mktemp("sampler") / "run"
-  main.run(c, root, progress=False)
-  return root
+def workdir(smoke_workdir):
+  """A smoke run up to the sample stage (conftest's, shared: read only)."""
+  return smoke_workdir
 
 
 @pytest.fixture(scope="module")
