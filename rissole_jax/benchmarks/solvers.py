@@ -71,21 +71,12 @@ def load_parts(config, workdir) -> types.SimpleNamespace:
 
 
 def make_sample_fn(model, schedule, config, decode_fn, stats):
-  """fn(params, ae_params, nb, key) -> (latents, images), from whichever of
-  the sample stage (config-based) and the sampling API (Settings-based,
-  issue 10) holds the sampler here."""
-  import dataclasses
-  import inspect
-  from rissole_jax.stages import sample as smp
-  make = getattr(smp, "make_sample_fn", None)
-  if make is not None and "config" in inspect.signature(make).parameters:
-    return make(model, schedule, config, decode_fn, stats)
+  """fn(params, ae_params, nb, key) -> (latents, images) with config.sample's
+  settings: the Sampler's program (rissole_jax/sampler.py)."""
   from rissole_jax import sampler as api
-  s = config.sample
-  fields = {f.name for f in dataclasses.fields(api.Settings)}
-  extra = {k: s[k] for k in ("order", "spacing", "lower_order_final") if k in fields}
-  settings = api.Settings.from_config(s, **extra)
-  fn = api.make_sample_fn(model, schedule, config.diffusion.prediction, settings, decode_fn, stats)
+  settings = api.Settings.from_config(config.sample)
+  fn = api.make_sample_fn(model, schedule, config.diffusion.prediction, settings, decode_fn,
+                          stats, api.skip_plan(model, config, settings))
   return lambda params, ae_params, nb, key: fn(params, ae_params, nb, key, 0)
 
 
@@ -180,8 +171,8 @@ def row_key(spec: str, steps: int, quantize: str) -> str:
 
 
 def nfe(config, model) -> int:
-  from rissole_jax.stages.sample import _nfe
-  return _nfe(config, model)
+  from rissole_jax import sampler as api
+  return api.nfe(api.Settings.from_config(config.sample), config, model)
 
 
 # ---------------------------------------------------------------------------
@@ -270,7 +261,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def run(config, workdir, out: Path, solvers, steps_list, quant_modes, num: int, batch: int,
         inception: bool = False, quantize_at=(), say=print) -> list[dict]:
-  from rissole_jax.stages import sample as smp
+  from rissole_jax import sampler as smp
   from rissole_jax.train import diffusion as dif
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
