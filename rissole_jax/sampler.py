@@ -453,6 +453,8 @@ class Sampler:
     settings = settings or self.settings()
     ids = np.asarray(neighbour_ids, np.int64)
     num = len(ids)
+    if num == 0:
+      return np.zeros((0, *self.image_shape), np.uint8)
     bs = self._batch_size(settings, num, batch_size or self.config.sample.batch_size)
     fn = self._compiled(settings)
     pidx, pcount = parallel.process_info()
