@@ -41,7 +41,7 @@ import numpy as np
 from rissole_jax import blocks as blk
 from rissole_jax.errors import ConfigError
 from rissole_jax.models.layers import dense, embedding
-from rissole_jax.models.unet import _need, with_null
+from rissole_jax.models.unet import VariantFlags, _need, with_null
 
 PRESETS = ("pg", "pr", "u")
 SKIP_ENDS = ("low", "high")
@@ -176,7 +176,7 @@ class Brick(nn.Module):
     return from_regions(out, B, H, W, self.region, self.patch)
 
 
-class LegoDenoiser(nn.Module):
+class LegoDenoiser(VariantFlags, nn.Module):
   """A stack of LEGO bricks with the U-Net denoiser's interface.
 
   x: (B, h, w, c) noisy canvas (a block, or the whole latent); t: (B,) int;
@@ -197,22 +197,6 @@ class LegoDenoiser(nn.Module):
   learn_null: bool = False
   out_channels: int = 4
   stacked = True                 # the trainer's cue: a loss on every brick
-
-  @property
-  def blocks(self) -> bool:
-    return self.variant in ("rissole", "blocks_only")
-
-  @property
-  def retrieval(self) -> bool:
-    return self.variant == "rissole"
-
-  @property
-  def position(self) -> bool:
-    return self.blocks and self.use_position
-
-  @property
-  def prev_block(self) -> bool:
-    return self.blocks and self.use_prev_block
 
   def canvas_coords(self, x, pos):
     B, h, w, _ = x.shape

@@ -43,6 +43,28 @@ def uses_retrieval(variant: str) -> bool:
   return variant in ("rissole", "rdm")
 
 
+class VariantFlags:
+  """What a denoiser's variant and flags mean, for every backbone (the
+  trainer and sampler read these): needs `variant`, `use_position`,
+  `use_prev_block` fields."""
+
+  @property
+  def blocks(self) -> bool:
+    return uses_blocks(self.variant)
+
+  @property
+  def retrieval(self) -> bool:
+    return uses_retrieval(self.variant)
+
+  @property
+  def position(self) -> bool:
+    return self.blocks and self.use_position
+
+  @property
+  def prev_block(self) -> bool:
+    return self.blocks and self.use_prev_block
+
+
 def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
   """Sinusoidal embedding (B,) -> (B, dim), as in Transformer/DDPM."""
   half = dim // 2
@@ -125,7 +147,7 @@ class LatentTokens(nn.Module):
     return nn.LayerNorm(name="norm")(h)
 
 
-class Denoiser(nn.Module):
+class Denoiser(VariantFlags, nn.Module):
   """Predicts eps (or x0, v) for a batch of noisy blocks (or whole latents).
 
   x: (B, bh, bw, c); t: (B,) int; pos: (B,) int block index; neighbours:
@@ -146,22 +168,6 @@ class Denoiser(nn.Module):
   use_prev_block: bool = False
   learn_null: bool = False    # a learned stand-in for the neighbours (condition dropout)
   out_channels: int = 4
-
-  @property
-  def blocks(self) -> bool:
-    return uses_blocks(self.variant)
-
-  @property
-  def retrieval(self) -> bool:
-    return uses_retrieval(self.variant)
-
-  @property
-  def position(self) -> bool:
-    return self.blocks and self.use_position
-
-  @property
-  def prev_block(self) -> bool:
-    return self.blocks and self.use_prev_block
 
   @nn.compact
   def __call__(self, x, t, pos=None, neighbours=None, prev=None, keep=None, train=False):
