@@ -19,7 +19,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 from absl import app, flags
 
 _RUNS = flags.DEFINE_list("runs", [], "NAME=WORKDIR pairs.")

@@ -89,12 +89,11 @@ def larger_canvas(config, run: Path, hw, out: Path, num: int = 64) -> dict:
   decoded by the (convolutional) VQ-GAN; a grid PNG and the seam scores."""
   import jax
   import jax.numpy as jnp
-  from rissole_jax import blocks as blk
   from rissole_jax.data.pipeline import to_uint8
   from rissole_jax.diffusion.schedule import make_schedule
   from rissole_jax.metrics import seams
   from rissole_jax.models import lego
-  from rissole_jax import pictures, sampler as smp
+  from rissole_jax import sampler as smp
   from rissole_jax.train import diffusion as dif
   from rissole_jax.train.vqgan import load_autoencoder
   ae = load_autoencoder(config, run / "vqgan")
@@ -157,7 +156,6 @@ def timing(config, run: Path, t_breaks, rounds: int, batch: int = 16) -> list[di
   shared machine spread over all of them instead of biasing one."""
   import time
   import jax
-  import jax.numpy as jnp
   from rissole_jax.diffusion.schedule import make_schedule
   from rissole_jax.models import unet
   from rissole_jax import pictures, sampler as smp
