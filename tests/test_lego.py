@@ -145,7 +145,6 @@ def test_neighbours_as_tokens_reach_only_their_region():
   prediction in that region only (a region attends to the same region of each
   neighbour); 'both' keeps the channels too. 'channels' is today's model."""
   z0, nb = data()
-  t = jnp.zeros((B,), jnp.int32)
   outs, counts = {}, {}
   for how in lego.NEIGHBOURS_AS:
     c = tiny("pg", "full", bricks=((4, 2, 1, 32),), neighbours=how)
