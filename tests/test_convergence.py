@@ -11,7 +11,7 @@ def test_fd_per_checkpoint(smoke_workdir, tmp_path):
   assert steps == [2, 4]          # smoke: 4 steps, a checkpoint every 2, two kept
   rows = convergence.fd_curve("smoke", smoke_workdir, num=8, seed=0, done=set())
   assert [r["step"] for r in rows] == steps
-  assert all(np.isfinite(r["classifier_fd"]) for r in rows)
+  assert all(np.isfinite(r["classifier_fd"]) and 0 <= r["near_copies"] <= 1 for r in rows)
   # each checkpoint's own EMA weights sample: the scores differ between steps
   assert rows[0]["classifier_fd"] != rows[1]["classifier_fd"]
   # resuming: steps already measured are not redone

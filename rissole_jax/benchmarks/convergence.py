@@ -9,7 +9,9 @@ with e.g. --config.diffusion.train.ckpt_every=200
 --config.diffusion.train.keep_checkpoints=7). For every kept checkpoint the
 EMA denoiser samples `num` images with the workdir's own sampling settings
 (the Sampler, same seed for every checkpoint) and the evaluate stage's
-classifier scores them against the held-out split: classifier FD per step.
+classifier scores them against the held-out split: classifier FD per step,
+with the memorisation figures (median nearest-training-image distance
+ratio, near-copy fraction), since fast convergence can also mean copying.
 Rows already in --out are kept, so an interrupted run resumes. `--losses`
 adds the training-loss curve from each run's diffusion log to the plot.
 """
@@ -35,7 +37,8 @@ def checkpoint_steps(root: Path) -> list[int]:
 
 
 def instrument(config):
-  """(classifier, held-out classifier features) as the evaluate stage makes them."""
+  """(classifier, held-out classifier features, training images, held-out
+  images) as the evaluate stage makes them."""
   from rissole_jax.data import HELDOUT, TRAIN, load_source
   from rissole_jax.metrics import classifier as clf_lib
   from rissole_jax.metrics import frechet
@@ -50,18 +53,19 @@ def instrument(config):
                               frechet.cache_dir(ev.get("cache_dir")), ev.classifier_steps,
                               ev.classifier_batch, ev_stage.CLASSIFIER_SEED,
                               heldout=(held, held_labels))
-  return clf, clf.features(held)
+  return clf, clf.features(held), train, held
 
 
 def fd_curve(name: str, root: Path, num: int, seed: int, done: set) -> list[dict]:
   """Rows (step, classifier FD, ...) for each kept checkpoint of `root` not in `done`."""
   from rissole_jax import sampler as smp
+  from rissole_jax.metrics import memorization
   from rissole_jax.stages import evaluate as ev_stage
   from rissole_jax.train import checkpoints
   from rissole_jax.train import diffusion as dif
   root = Path(root)
   s = smp.Sampler.from_workdir(root)      # checks the stages; holds the final EMA
-  clf, f_held = instrument(s.config)
+  clf, f_held, train, held = instrument(s.config)
   like, _ = dif.abstract_state(s.config, s.model, s.stats["latent_shape"], s.stats["k"], s.mesh)
   rows = []
   for step in checkpoint_steps(root):
@@ -73,6 +77,10 @@ def fd_curve(name: str, root: Path, num: int, seed: int, done: set) -> list[dict
     row = {"name": name, "run": str(root), "step": step, "num": num, "seed": seed,
            "sampler": s.config.sample.sampler, "steps": int(s.config.sample.steps),
            "classifier_fd": m["fd"], "precision": m["precision"], "recall": m["recall"]}
+    # Fast convergence could also mean copying the neighbours: say how close
+    # the samples sit to their nearest training images.
+    mem = memorization.memorization_metrics(images, train, held, s.config.evaluate.near_copy)
+    row.update(memorisation_ratio=mem["median_ratio"], near_copies=mem["near_copy_fraction"])
     if clf.task == "labels":
       row["confident"] = float((clf.probs(images).max(-1) > s.config.evaluate.confidence).mean())
     print(json.dumps(row), flush=True)
