@@ -115,6 +115,10 @@ def base_config() -> mlc.ConfigDict:
   lg.width = 96                 # preset: token width of every brick
   lg.emb_dim = 96               # timestep (+ block position) condition width
   lg.mlp_ratio = 4
+  # How the neighbours' blocks enter every brick: channels (concatenated to the
+  # input) | tokens (each region attends to that region of every neighbour) |
+  # both. docs/lego.md has the measured comparison.
+  lg.neighbours = "channels"
 
   c.diffusion = f = mlc.ConfigDict()
   f.timesteps = 1000

@@ -81,11 +81,15 @@ def config_sections(config: mlc.ConfigDict, keys) -> dict:
 def _without_inert(sections: dict) -> dict:
   """Leaves out keys that change nothing at their values, so that workdirs made
   before the keys existed keep their fingerprints: the LEGO settings of a
-  U-Net model, and LEGO brick skipping over no part of the trajectory."""
+  U-Net model, LEGO neighbours as channels (the only way before the option),
+  and LEGO brick skipping over no part of the trajectory."""
   m = sections.get("model")
   if isinstance(m, dict) and m.get("backbone", "unet") == "unet":
     m.pop("backbone", None)
     m.pop("lego", None)
+  if isinstance(m, dict) and isinstance(m.get("lego"), dict) and \
+      m["lego"].get("neighbours") == "channels":
+    m["lego"].pop("neighbours")
   s = sections.get("sample")
   if isinstance(s, dict) and isinstance(s.get("skip"), dict) and not s["skip"].get("t_break"):
     s.pop("skip")

@@ -139,6 +139,37 @@ def test_attention_and_patches_stay_inside_a_region():
   np.testing.assert_array_equal(lego.from_regions(tok, 1, 8, 8, (4, 4), 2), x)
 
 
+def test_neighbours_as_tokens_reach_only_their_region():
+  """model.lego.neighbours: 'tokens' adds parameters for the neighbour tokens
+  and drops the channels; a change in one region of one neighbour changes the
+  prediction in that region only (a region attends to the same region of each
+  neighbour); 'both' keeps the channels too. 'channels' is today's model."""
+  z0, nb = data()
+  outs, counts = {}, {}
+  for how in lego.NEIGHBOURS_AS:
+    c = tiny("pg", "full", bricks=((4, 2, 1, 32),), neighbours=how)
+    c.model.variant = "rissole"
+    c.blocks.grid = (1, 1)        # the block is the whole 8x8 latent: regions 4x4
+    m = unet.make_denoiser(c, SHAPE)
+    params = random_params(m)
+    counts[how] = unet.count_params(params)
+    x, cond = unet.model_inputs(m, z0, nb)
+    tt = jnp.zeros((x.shape[0],), jnp.int32)
+    f = jax.jit(lambda nb_: m.apply({"params": params}, x, tt,
+                                    **{**cond, "neighbours": unet.condition(m, nb_, B)["neighbours"]}))
+    d = np.abs(np.asarray(f(nb.at[0, 1, 1, 2].add(3.0)) - f(nb)))[0].sum(-1)
+    outs[how] = d
+  assert counts["tokens"] != counts["channels"]   # token embeddings instead of input channels
+  assert counts["both"] > counts["tokens"] and counts["both"] > counts["channels"]
+  for how in ("tokens", "both"):
+    d = outs[how].copy()
+    assert d[:4, :4].max() > 1e-3       # the changed region sees it
+    d[:4, :4] = 0
+    assert d.max() == 0                 # no other region does
+  with pytest.raises(ConfigError, match="model.lego.neighbours"):
+    unet.make_denoiser(tiny("pg", neighbours="bag"), SHAPE)
+
+
 # ---------------------------------------------------------------------------
 # Training: every brick is a denoiser.
 
@@ -271,6 +302,9 @@ def test_workdirs_made_before_lego_keep_their_fingerprints():
   del old["model"]["backbone"], old["model"]["lego"], old["sample"]["skip"]
   import ml_collections as mlc
   assert wd.config_sections(mlc.ConfigDict(old), ("model", "sample")) == secs
+  lego_secs = wd.config_sections(tiny("pr"), ("model",))   # neighbours='channels' is inert
+  assert "neighbours" not in lego_secs["model"]["lego"]
+  assert wd.config_sections(tiny("pr", neighbours="tokens"), ("model",)) != lego_secs
   lg = tiny("pr")
   lg.sample.skip.t_break = 0.5
   secs = wd.config_sections(lg, ("model", "sample"))

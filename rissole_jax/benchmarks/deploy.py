@@ -29,7 +29,6 @@ import tempfile
 import types
 from pathlib import Path
 
-import numpy as np
 
 MEASURE = r"""
 import json, sys, time

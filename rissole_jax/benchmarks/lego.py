@@ -30,8 +30,6 @@ _OUT = flags.DEFINE_string("out", None, "JSON file for the rows.")
 _TB = flags.DEFINE_list("t_breaks", ["0", "0.2", "0.4", "0.6", "0.8", "1.0"], "t_break values.")
 _CANVAS = flags.DEFINE_list("canvas", [], "Instead of the sweep: sample a larger canvas "
                             "(latent rows,cols, e.g. 16,16) to --out (a folder).")
-_CONV = flags.DEFINE_list("convergence", [], "Instead of the sweep: NAME=DIFFUSION_LOG.txt "
-                          "pairs; plots training loss against step to --plot.")
 _TIMING = flags.DEFINE_integer("timing", 0, "Instead of the sweep: time the compiled latent "
                                "sampler for every t_break, interleaved, this many rounds (median).")
 _PLOT = flags.DEFINE_string("plot", None, "Also draw every JSON given here (comma-separated) to this PNG.")
@@ -91,7 +89,6 @@ def larger_canvas(config, run: Path, hw, out: Path, num: int = 64) -> dict:
   decoded by the (convolutional) VQ-GAN; a grid PNG and the seam scores."""
   import jax
   import jax.numpy as jnp
-  from rissole_jax import blocks as blk
   from rissole_jax.data.pipeline import to_uint8
   from rissole_jax.diffusion.schedule import make_schedule
   from rissole_jax.metrics import seams
@@ -153,42 +150,15 @@ def plot(paths, out: str) -> None:
   fig.savefig(out, dpi=110)
 
 
-def loss_curve(log: Path) -> tuple[list[int], list[float]]:
-  """(steps, losses) from a diffusion stage's log.txt ("step N/M: loss X")."""
-  import re
-  pts = [(int(m[1]), float(m[2])) for m in
-         re.finditer(r"step (\d+)/\d+: loss ([0-9.]+)", Path(log).read_text())]
-  return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def plot_convergence(pairs, out: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 3.8))
-  for pair in pairs:
-    name, log = pair.split("=", 1)
-    steps, loss = loss_curve(Path(log))
-    ax.plot(steps, loss, "o-", ms=3, label=name)
-  ax.set_xlabel("training step (64 images)")
-  ax.set_ylabel("training loss (eps MSE; LEGO: mean over bricks)")
-  ax.set_yscale("log")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(out, dpi=110)
-
-
 def timing(config, run: Path, t_breaks, rounds: int, batch: int = 16) -> list[dict]:
   """Median seconds of the compiled latent sampler (no decode) per t_break.
   The t_breaks are timed in turn, `rounds` times, so that load changes on a
   shared machine spread over all of them instead of biasing one."""
   import time
   import jax
-  import jax.numpy as jnp
   from rissole_jax.diffusion.schedule import make_schedule
   from rissole_jax.models import unet
-  from rissole_jax import pictures, sampler as smp
+  from rissole_jax import sampler as smp
   from rissole_jax.train import diffusion as dif
   model, params, stats = dif.load_denoiser(config, run)
   schedule = make_schedule(config.diffusion)
@@ -243,9 +213,6 @@ def main(argv):
   del argv
   if _PLOT.value is None and _RUN.value is None and _OUT.value:
     print(table(_OUT.value.split(",")))
-    return
-  if _CONV.value:
-    plot_convergence(_CONV.value, _PLOT.value)
     return
   if _PLOT.value and not _RUN.value:
     plot(_OUT.value.split(","), _PLOT.value)

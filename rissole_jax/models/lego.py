@@ -15,7 +15,9 @@ then PG (full, local, full). The canvas is one block for the block variants
 (rissole, blocks_only) and the whole latent for `full`.
 
 Block variants: the neighbours' blocks enter as channels at every brick's
-input, the coordinates span the whole latent (a block knows where it sits),
+input (model.lego.neighbours='channels'), or as extra tokens that each region
+attends to (keys and values: that region of every neighbour; 'tokens'), or
+both; the coordinates span the whole latent (a block knows where it sits),
 and the block position joins the timestep in the adaLN-Zero condition.
 
 The module presents the U-Net's interface (attributes variant, grid, blocks,
@@ -44,6 +46,9 @@ from rissole_jax.models.layers import dense, embedding
 from rissole_jax.models.unet import VariantFlags, _need, with_null
 
 PRESETS = ("pg", "pr", "u")
+# How the neighbours' blocks enter every brick: as input channels, as extra
+# tokens each region attends to (its region of every neighbour), or both.
+NEIGHBOURS_AS = ("channels", "tokens", "both")
 SKIP_ENDS = ("low", "high")
 HEAD_DIM = 32
 
@@ -123,14 +128,18 @@ class DiTBlock(nn.Module):
   dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x, c, train: bool):
+  def __call__(self, x, c, train: bool, memory=None):
+    """x (N, L, d) tokens; c (N, E) condition; memory (N, M, d): extra tokens
+    that x attends to (keys and values only; they are not updated)."""
     N, L, d = x.shape
     mod = dense(6 * d, name="adaln", zero_init=True)(nn.silu(c))
     s1, g1, a1, s2, g2, a2 = jnp.split(mod, 6, -1)
     heads = num_heads(d)
-    h = _modulate(nn.LayerNorm(use_scale=False, use_bias=False, name="norm1")(x), s1, g1)
-    split = lambda a: a.reshape(N, L, heads, d // heads)
-    q, k, v = (split(dense(d, name=n)(h)) for n in ("q", "k", "v"))
+    norm1 = nn.LayerNorm(use_scale=False, use_bias=False, name="norm1")
+    h = _modulate(norm1(x), s1, g1)
+    kv = h if memory is None else jnp.concatenate([h, _modulate(norm1(memory), s1, g1)], 1)
+    split = lambda a: a.reshape(N, a.shape[1], heads, d // heads)
+    q, k, v = split(dense(d, name="q")(h)), split(dense(d, name="k")(kv)), split(dense(d, name="v")(kv))
     att = nn.dot_product_attention(q, k, v).reshape(N, L, d)
     x = x + a1[:, None] * dense(d, name="out")(att)
     h = _modulate(nn.LayerNorm(use_scale=False, use_bias=False, name="norm2")(x), s2, g2)
@@ -150,7 +159,9 @@ class Brick(nn.Module):
   dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, h, c, train: bool):
+  def __call__(self, h, c, train: bool, neighbours=None):
+    """h (B, H, W, C) canvas features; c (B, E); neighbours (B, k, H, W, c): the
+    neighbours' canvases, as extra tokens of every region (lego.neighbours)."""
     B, H, W, _ = h.shape
     rh, rw = self.region
     if H % rh or W % rw:
@@ -166,8 +177,20 @@ class Brick(nn.Module):
         nn.initializers.normal(0.02), (None, None)), (L, self.width))
     tok = tok + pe[None]
     cr = jnp.repeat(c, n_regions, axis=0)      # the condition of each region's image
+    memory = None
+    if neighbours is not None:
+      # Each region attends to the same region of every neighbour: k*L tokens
+      # with the patch's place in the region and the neighbour's rank.
+      k = neighbours.shape[1]
+      nt = to_regions(einops.rearrange(neighbours, "b k h w c -> (b k) h w c"),
+                      self.region, self.patch)
+      nt = einops.rearrange(nt, "(b k r) l f -> (b r) k l f", b=B, k=k)
+      memory = dense(self.width, name="neighbour_embed")(nt) + pe[None, None]
+      memory = memory + embedding(k, self.width, "neighbour_rank")(jnp.arange(k))[None, :, None]
+      memory = memory.reshape(B * n_regions, k * L, self.width)
     for i in range(self.depth):
-      tok = DiTBlock(self.width, self.mlp_ratio, self.dropout, name=f"block{i}")(tok, cr, train)
+      tok = DiTBlock(self.width, self.mlp_ratio, self.dropout, name=f"block{i}")(
+          tok, cr, train, memory)
     shift, scale = jnp.split(dense(2 * self.width, name="final_adaln", zero_init=True)(
         nn.silu(cr)), 2, -1)
     tok = _modulate(nn.LayerNorm(use_scale=False, use_bias=False, name="norm_out")(tok),
@@ -196,6 +219,7 @@ class LegoDenoiser(VariantFlags, nn.Module):
   use_prev_block: bool = False
   learn_null: bool = False
   out_channels: int = 4
+  neighbours_as: str = "channels"   # channels | tokens | both (NEIGHBOURS_AS)
   stacked = True                 # the trainer's cue: a loss on every brick
 
   def canvas_coords(self, x, pos):
@@ -218,10 +242,13 @@ class LegoDenoiser(VariantFlags, nn.Module):
     inputs = [x, self.canvas_coords(x, pos).astype(x.dtype)]
     if self.prev_block:
       inputs.append(_need(prev, "prev"))
+    nb = None
     if self.retrieval:
       nb = with_null(self, _need(neighbours, "neighbours"), keep, self.learn_null)
-      inputs.append(einops.rearrange(nb, "b k h w c -> b h w (k c)"))
+      if self.neighbours_as in ("channels", "both"):
+        inputs.append(einops.rearrange(nb, "b k h w c -> b h w (k c)"))
     base = jnp.concatenate(inputs, -1)
+    tokens = nb if self.neighbours_as in ("tokens", "both") else None
 
     run = tuple(range(len(self.bricks))) if active is None else tuple(active)
     preds, prev_pred = [], jnp.zeros_like(x)
@@ -230,7 +257,7 @@ class LegoDenoiser(VariantFlags, nn.Module):
         continue   # skipped: the next brick takes the last prediction made
       h = base if i == 0 else jnp.concatenate([base, prev_pred], -1)
       prev_pred = Brick(tuple(region), patch, depth, width, self.out_channels, self.mlp_ratio,
-                        self.dropout, name=f"brick{i}")(h, c, train)
+                        self.dropout, name=f"brick{i}")(h, c, train, tokens)
       preds.append(prev_pred)
     return jnp.stack(preds) if all_bricks else preds[-1]
 
@@ -320,6 +347,9 @@ def check_config(config, latent_shape) -> None:
   if m.cond != "concat":
     raise ConfigError("model.backbone='lego' takes the neighbours' blocks as input channels "
                       "(model.cond='concat'). Fix: --config.model.cond=concat.")
+  if m.lego.get("neighbours", "channels") not in NEIGHBOURS_AS:
+    raise ConfigError(f"Unknown model.lego.neighbours {m.lego.neighbours!r}: use one of "
+                      f"{NEIGHBOURS_AS}.")
   bricks = resolve_bricks(config, latent_shape)
   check_bricks(bricks, canvas_shape(config, latent_shape))
   check_skip(config.sample.skip, len(bricks))
@@ -334,7 +364,7 @@ def make_denoiser(config, latent_shape) -> LegoDenoiser:
       emb_dim=int(m.lego.emb_dim), mlp_ratio=int(m.lego.mlp_ratio), dropout=m.dropout,
       use_position=m.use_position, use_prev_block=m.use_prev_block,
       learn_null=m.variant == "rissole" and config.diffusion.cond_dropout > 0,
-      out_channels=int(latent_shape[-1]))
+      out_channels=int(latent_shape[-1]), neighbours_as=m.lego.get("neighbours", "channels"))
 
 
 # ---------------------------------------------------------------------------

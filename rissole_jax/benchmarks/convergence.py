@@ -1,0 +1,147 @@
+"""Convergence: sample quality against training steps, for any backbone.
+
+  python -m rissole_jax.benchmarks.convergence \
+      --runs "U-Net=runs/unet,LEGO-PG=runs/lego_pg" --out docs/lego/convergence_fd.json \
+      [--num 256] [--plot docs/lego/convergence_fd.png] [--losses]
+
+Each run is a workdir whose diffusion stage kept several checkpoints (train
+with e.g. --config.diffusion.train.ckpt_every=200
+--config.diffusion.train.keep_checkpoints=7). For every kept checkpoint the
+EMA denoiser samples `num` images with the workdir's own sampling settings
+(the Sampler, same seed for every checkpoint) and the evaluate stage's
+classifier scores them against the held-out split: classifier FD per step,
+with the memorisation figures (median nearest-training-image distance
+ratio, near-copy fraction), since fast convergence can also mean copying.
+Rows already in --out are kept, so an interrupted run resumes. `--losses`
+adds the training-loss curve from each run's diffusion log to the plot.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from absl import app, flags
+
+_RUNS = flags.DEFINE_list("runs", [], "NAME=WORKDIR pairs.")
+_OUT = flags.DEFINE_string("out", None, "JSON file for the rows.")
+_NUM = flags.DEFINE_integer("num", 256, "Samples per checkpoint.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (the same for every checkpoint).")
+_PLOT = flags.DEFINE_string("plot", None, "Draw the rows of --out to this PNG.")
+_LOSSES = flags.DEFINE_bool("losses", False, "Add the training-loss panel to the plot.")
+
+
+def checkpoint_steps(root: Path) -> list[int]:
+  d = Path(root) / "diffusion" / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def instrument(config):
+  """(classifier, held-out classifier features, training images, held-out
+  images) as the evaluate stage makes them."""
+  from rissole_jax.data import HELDOUT, TRAIN, load_source
+  from rissole_jax.metrics import classifier as clf_lib
+  from rissole_jax.metrics import frechet
+  from rissole_jax.stages import evaluate as ev_stage
+  ev = config.evaluate
+  train, train_labels = ev_stage.load_capped(load_source(config.data, TRAIN),
+                                             ev.max_train_images, config.seed)
+  held, held_labels = ev_stage.load_capped(load_source(config.data, HELDOUT),
+                                           ev.max_heldout_images, config.seed)
+  labelled = bool((train_labels >= 0).all())
+  clf = clf_lib.load_or_train(train, train_labels if labelled else None,
+                              frechet.cache_dir(ev.get("cache_dir")), ev.classifier_steps,
+                              ev.classifier_batch, ev_stage.CLASSIFIER_SEED,
+                              heldout=(held, held_labels))
+  return clf, clf.features(held), train, held
+
+
+def fd_curve(name: str, root: Path, num: int, seed: int, done: set) -> list[dict]:
+  """Rows (step, classifier FD, ...) for each kept checkpoint of `root` not in `done`."""
+  from rissole_jax import sampler as smp
+  from rissole_jax.metrics import memorization
+  from rissole_jax.stages import evaluate as ev_stage
+  from rissole_jax.train import checkpoints
+  from rissole_jax.train import diffusion as dif
+  root = Path(root)
+  s = smp.Sampler.from_workdir(root)      # checks the stages; holds the final EMA
+  clf, f_held, train, held = instrument(s.config)
+  like, _ = dif.abstract_state(s.config, s.model, s.stats["latent_shape"], s.stats["k"], s.mesh)
+  rows = []
+  for step in checkpoint_steps(root):
+    if step in done:
+      continue
+    s.params = checkpoints.restore_final(root / "diffusion", "diffusion", step, like)["ema"]
+    images = s.sample(num, seed=seed, progress=False)
+    m = ev_stage.feature_metrics(f_held, clf.features(images), s.config.evaluate)
+    row = {"name": name, "run": str(root), "step": step, "num": num, "seed": seed,
+           "sampler": s.config.sample.sampler, "steps": int(s.config.sample.steps),
+           "classifier_fd": m["fd"], "precision": m["precision"], "recall": m["recall"]}
+    # Fast convergence could also mean copying the neighbours: say how close
+    # the samples sit to their nearest training images.
+    mem = memorization.memorization_metrics(images, train, held, s.config.evaluate.near_copy)
+    row.update(memorisation_ratio=mem["median_ratio"], near_copies=mem["near_copy_fraction"])
+    if clf.task == "labels":
+      row["confident"] = float((clf.probs(images).max(-1) > s.config.evaluate.confidence).mean())
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  return rows
+
+
+def loss_curve(log: Path) -> tuple[list[int], list[float]]:
+  """(steps, losses) from a diffusion stage's log.txt ("step N/M: loss X")."""
+  pts = [(int(m[1]), float(m[2])) for m in
+         re.finditer(r"step (\d+)/\d+: loss ([0-9.]+)", Path(log).read_text())]
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot(rows: list[dict], out: str, losses: dict[str, Path] | None = None) -> None:
+  """Classifier FD against training steps (and, given logs, training loss)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  n = 2 if losses else 1
+  fig, axes = plt.subplots(1, n, figsize=(6 * n, 3.8), squeeze=False)
+  ax = axes[0][0]
+  for name in dict.fromkeys(r["name"] for r in rows):
+    pts = sorted((r["step"], r["classifier_fd"]) for r in rows if r["name"] == name)
+    ax.plot(*zip(*pts), "o-", ms=4, label=name)
+  ax.set_xlabel("training step (64 images)")
+  ax.set_ylabel("classifier FD (lower is better)")
+  ax.set_yscale("log")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  if losses:
+    ax = axes[0][1]
+    for name, log in losses.items():
+      ax.plot(*loss_curve(log), "-", lw=1, label=name)
+    ax.set_xlabel("training step (64 images)")
+    ax.set_ylabel("training loss (eps MSE; LEGO: mean over bricks)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+
+
+def main(argv):
+  del argv
+  out = Path(_OUT.value)
+  rows = json.loads(out.read_text())["rows"] if out.exists() else []
+  runs = dict(p.split("=", 1) for p in _RUNS.value)
+  for name, root in runs.items():
+    done = {r["step"] for r in rows if r["name"] == name}
+    for row in fd_curve(name, Path(root), _NUM.value, _SEED.value, done):
+      rows.append(row)
+      out.parent.mkdir(parents=True, exist_ok=True)
+      out.write_text(json.dumps({"rows": rows}, indent=1))
+  if _PLOT.value:
+    runs = runs or {r["name"]: r["run"] for r in rows}
+    logs = ({n: Path(r) / "diffusion" / "log.txt" for n, r in runs.items()}
+            if _LOSSES.value else None)
+    plot(rows, _PLOT.value, logs)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("out")
+  app.run(main)
