@@ -102,6 +102,15 @@ def base_config() -> mlc.ConfigDict:
   m.cond = "concat"             # concat | cross_attn (how neighbour blocks enter)
   m.use_position = True         # block-position embedding (block variants)
   m.use_prev_block = False      # condition on the previous block in raster order
+  # How the U-Net meets the blocks (models/mapped.py): "fold" them into the
+  # batch, or "vmap" a one-block denoiser over them (same parameters and
+  # results). share_weights=False: one set of weights per block position (an
+  # ablation; needs block_map="vmap").
+  m.block_map = "fold"          # fold | vmap
+  m.share_weights = True
+  # Activations' dtype (U-Net): float32 | bfloat16 (for GPUs/TPUs; parameters,
+  # optimizer state and the loss stay float32).
+  m.dtype = "float32"
   m.backbone = "unet"           # unet | lego (LEGO bricks, models/lego.py; docs/lego.md)
   # LEGO bricks (read with backbone='lego'). Sized for the MNIST default:
   # width 96 and 6 DiT blocks in all are about the U-Net's 1M parameters.
@@ -137,6 +146,10 @@ def base_config() -> mlc.ConfigDict:
   t.nan_policy = "stop"         # stop | skip_step (as vqgan.train.nan_policy)
   t.max_skipped_steps = 10
   t.gather = "device"           # device | host: where neighbour blocks are gathered
+  # Train steps per jitted call (lax.scan over them): less host overhead per
+  # step; logs, checkpoints and the NaN guard act between calls (a multiple of
+  # log_every/ckpt_every inside a call is acted on at the call's end).
+  t.steps_per_call = 1
 
   # ---- sampling and evaluation ----------------------------------------------
   c.sample = s = mlc.ConfigDict()
