@@ -658,8 +658,9 @@ def _bar(total: int, desc: str):
 
 
 def cache_dir() -> Path:
-  """$RISSOLE_CACHE, else ~/.cache/rissole_jax."""
-  return Path(os.environ.get("RISSOLE_CACHE") or Path.home() / ".cache" / "rissole_jax")
+  """$RISSOLE_CACHE, else ~/.cache/rissole_jax (rissole_jax.cache)."""
+  from rissole_jax.cache import user_cache_dir
+  return user_cache_dir()
 
 
 def database_source(source, config):

@@ -197,3 +197,34 @@ def test_bfloat16_compute_keeps_float32_state(init_state):
   found = list(ops(eqns))
   assert found and all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in found)
   assert fn(trained["params"]).dtype == jnp.float32
+
+
+def test_compilation_cache_setting(monkeypatch, tmp_path):
+  """The CLIs' compilation cache: in the user cache, never over the user's
+  JAX_COMPILATION_CACHE_DIR, off with RISSOLE_NO_COMPILATION_CACHE or the flag."""
+  from rissole_jax import cache, export, sample
+  before = (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs)
+  try:
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "theirs"))
+    assert cache.enable_compilation_cache() == tmp_path / "theirs"
+    assert jax.config.jax_compilation_cache_dir == before[0]    # untouched
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("RISSOLE_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv(cache.OFF_ENV, "1")
+    assert cache.enable_compilation_cache() is None
+    monkeypatch.setenv(cache.OFF_ENV, "0")
+    assert cache.enable_compilation_cache(disabled=True) is None
+    assert jax.config.jax_compilation_cache_dir == before[0]
+    assert cache.enable_compilation_cache() == tmp_path / "mine" / "jax"
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine" / "jax")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+  # sample and export call it first, with their flag.
+  calls = []
+  monkeypatch.setattr(cache, "enable_compilation_cache", lambda disabled=False: calls.append(disabled))
+  assert sample.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "o"), "--num", "0",
+                      "--no_compilation_cache"]) == 2
+  assert export.main(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")]) == 2
+  assert calls == [True, False]

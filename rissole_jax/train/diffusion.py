@@ -297,7 +297,6 @@ def run(ctx) -> dict:
   if ctx.is_main:
     wd.atomic_write_json(ctx.stage_dir / "latent_stats.json", stats_out)
 
-  repl = parallel.replicated(mesh)
   key = parallel.put_replicated(jax.random.PRNGKey(config.seed + 1), mesh)
   stream = TrainStream(_Rows(len(latents)), t.batch_size, config.seed,
                        ctx.process_index, ctx.process_count, cache=False)
