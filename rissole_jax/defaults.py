@@ -246,8 +246,10 @@ def smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
   c.retrieval.k = 3
   c.model.update(ch=16, ch_mult=(1,), num_res_blocks=1, num_groups=4)
   c.diffusion.timesteps = 50
+  # Two steps per jitted call: every smoke run (resume, NaN guard, meshes)
+  # goes through the scanned loop.
   c.diffusion.train.update(steps=4, batch_size=8, warmup_steps=1, log_every=2,
-                           ckpt_every=2)
+                           ckpt_every=2, steps_per_call=2)
   c.sample.update(num=8, batch_size=8, steps=5, show=2)
   c.evaluate.update(classifier_steps=5, classifier_batch=32, inception="off", kid_subsets=5)
   return c
