@@ -221,9 +221,18 @@ def test_compilation_cache_setting(monkeypatch, tmp_path):
   finally:
     jax.config.update("jax_compilation_cache_dir", before[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-  # sample and export call it first, with their flag.
+  # main, sample and export call it first, with their flag.
+  from rissole_jax import main
   calls = []
   monkeypatch.setattr(cache, "enable_compilation_cache", lambda disabled=False: calls.append(disabled))
+  monkeypatch.setattr(main, "run", lambda *a, **k: calls.append("ran"))
+  monkeypatch.setattr(main, "FLAGS", type("F", (), dict(
+      config=object(), workdir=str(tmp_path), overwrite=False, only=[], no_progress=True,
+      no_compilation_cache=False, coordinator_address=None, num_processes=None,
+      process_id=None))())
+  main.main(["prog"])
+  assert calls == [False, "ran"]
+  calls.clear()
   assert sample.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "o"), "--num", "0",
                       "--no_compilation_cache"]) == 2
   assert export.main(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")]) == 2
