@@ -102,6 +102,15 @@ def base_config() -> mlc.ConfigDict:
   m.cond = "concat"             # concat | cross_attn (how neighbour blocks enter)
   m.use_position = True         # block-position embedding (block variants)
   m.use_prev_block = False      # condition on the previous block in raster order
+  # How the U-Net meets the blocks (models/mapped.py): "fold" them into the
+  # batch, or "vmap" a one-block denoiser over them (same parameters and
+  # results). share_weights=False: one set of weights per block position (an
+  # ablation; needs block_map="vmap").
+  m.block_map = "fold"          # fold | vmap
+  m.share_weights = True
+  # Activations' dtype (U-Net): float32 | bfloat16 (for GPUs/TPUs; parameters,
+  # optimizer state and the loss stay float32).
+  m.dtype = "float32"
   m.backbone = "unet"           # unet | lego (LEGO bricks, models/lego.py; docs/lego.md)
   # LEGO bricks (read with backbone='lego'). Sized for the MNIST default:
   # width 96 and 6 DiT blocks in all are about the U-Net's 1M parameters.
@@ -141,6 +150,12 @@ def base_config() -> mlc.ConfigDict:
   t.nan_policy = "stop"         # stop | skip_step (as vqgan.train.nan_policy)
   t.max_skipped_steps = 10
   t.gather = "device"           # device | host: where neighbour blocks are gathered
+  # Train steps per jitted call (lax.scan over them): less host overhead per
+  # step; logs, checkpoints and the NaN guard act between calls (a multiple of
+  # log_every/ckpt_every inside a call is acted on at the call's end). 1: on
+  # XLA:CPU the scanned step ran 5.6x slower (8 per call: 3.6 against 20.4
+  # images/s, benchmarks/variants.py); for accelerators, where dispatch counts.
+  t.steps_per_call = 1
 
   # ---- sampling and evaluation ----------------------------------------------
   c.sample = s = mlc.ConfigDict()
@@ -237,8 +252,10 @@ def smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
   c.retrieval.k = 3
   c.model.update(ch=16, ch_mult=(1,), num_res_blocks=1, num_groups=4)
   c.diffusion.timesteps = 50
+  # Two steps per jitted call: every smoke run (resume, NaN guard, meshes)
+  # goes through the scanned loop.
   c.diffusion.train.update(steps=4, batch_size=8, warmup_steps=1, log_every=2,
-                           ckpt_every=2)
+                           ckpt_every=2, steps_per_call=2)
   c.sample.update(num=8, batch_size=8, steps=5, show=2)
   c.evaluate.update(classifier_steps=5, classifier_batch=32, inception="off", kid_subsets=5)
   return c

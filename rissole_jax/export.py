@@ -35,11 +35,15 @@ def parse(argv=None) -> argparse.Namespace:
   for name, kind in _SETTINGS:
     p.add_argument(f"--{name}", type=kind,
                    help=f"stablehlo: sample.{name} baked into the program (default: the config's)")
+  p.add_argument("--no_compilation_cache", action="store_true",
+                 help="do not keep compiled programs in ~/.cache/rissole_jax/jax")
   return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
   args = parse(argv)
+  from rissole_jax import cache
+  cache.enable_compilation_cache(args.no_compilation_cache)
   from rissole_jax.errors import RissoleError
   from rissole_jax.sampler import Sampler
   try:

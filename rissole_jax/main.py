@@ -51,6 +51,9 @@ def define_flags() -> None:
   flags.DEFINE_bool("overwrite", False, "Redo stages made with another config.")
   flags.DEFINE_list("only", [], "Run only these stages (their inputs must exist).")
   flags.DEFINE_bool("no_progress", False, "Hide progress bars.")
+  flags.DEFINE_bool("no_compilation_cache", False,
+                    "Do not keep compiled programs in ~/.cache/rissole_jax/jax ($RISSOLE_CACHE; "
+                    "JAX_COMPILATION_CACHE_DIR, when set, is used instead).")
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
   flags.DEFINE_integer("num_processes", None, "Number of processes.")
   flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -129,6 +132,8 @@ def main(argv):
     raise app.UsageError("Both --config and --workdir are required.")
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/tfds chatter; our log is per stage
+  from rissole_jax import cache
+  cache.enable_compilation_cache(FLAGS.no_compilation_cache)   # before anything compiles
   from rissole_jax import parallel
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)

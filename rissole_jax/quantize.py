@@ -206,6 +206,10 @@ def quantize_denoiser(model, params, mode: str, calib_inputs=None, keep_float=()
   check_mode(mode)
   if mode == "none":
     return model, params
+  from rissole_jax.models import mapped
+  # Qwix rewrites the float32, folded network (same parameters); it refuses
+  # per-position weights.
+  model = mapped.plain(model, f"sample.quantize={mode!r}")
   params = _unbox(params)   # Qwix and the kernel paths want plain arrays, not partitioned boxes
   if mode == "int8_weights":
     return WeightOnly(model), quantize_kernels(params, keep_float)
@@ -386,6 +390,8 @@ def layer_sensitivity(model, params, calib_inputs, mode: str = "int8_weights",
   int8_weights: one compile, kernels fake-quantized per layer; int8: one
   Qwix PTQ model per layer (seconds each)."""
   check_mode(mode)
+  from rissole_jax.models import mapped
+  model = mapped.plain(model, "layer_sensitivity")
   layers = layers or quantizable_layers(params)
   apply = jax.jit(lambda p, x, t, cond: model.apply({"params": p}, x, t, **cond))
   refs = [apply(params, x, t, c) for x, t, c in calib_inputs]

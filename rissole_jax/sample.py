@@ -49,12 +49,15 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--variations", nargs="+", metavar="IMG",
                  help="image files to make variations of ('more like this')")
   p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+  p.add_argument("--no_compilation_cache", action="store_true",
+                 help="do not keep compiled programs in ~/.cache/rissole_jax/jax")
   return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
   args = parse(argv)
-  from rissole_jax import pictures
+  from rissole_jax import cache, pictures
+  cache.enable_compilation_cache(args.no_compilation_cache)
   from rissole_jax.errors import RissoleError
   from rissole_jax.sampler import Sampler
   out = Path(args.out)

@@ -40,7 +40,7 @@ from rissole_jax.data.pipeline import local_slice, to_float, to_uint8
 from rissole_jax.diffusion import samplers
 from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError, DataError
-from rissole_jax.models import lego, unet
+from rissole_jax.models import lego, mapped, unet
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def sample_latents(model, params, schedule, prediction: str, settings: Settings,
   skipped over part of the trajectory (skip_plan), None for all bricks."""
   B, shape = nb.shape[0], nb.shape[2:]
 
-  def run(cond, row_keys, row_shape):
+  def run(cond, row_keys, row_shape, model=model, params=params):
     def model_fn(active=None):
       def pred_fn(x, t, keep):
         return model.apply({"params": params}, x, t, **cond,
@@ -208,7 +208,9 @@ def sample_latents(model, params, schedule, prediction: str, settings: Settings,
   def one_block(prev, inputs):
     i, nb_i = inputs
     cond = {"pos": jnp.full((B,), i, jnp.int32), "neighbours": nb_i, "prev": prev}
-    x = run(cond, jax.vmap(lambda k: jax.random.fold_in(k, i))(keys), bshape)
+    # Rows of one block: the per-block model (block i's weights, if not shared).
+    m_i, p_i = mapped.for_rows(model, params, i)
+    x = run(cond, jax.vmap(lambda k: jax.random.fold_in(k, i))(keys), bshape, m_i, p_i)
     return x, x
 
   _, xs = jax.lax.scan(one_block, jnp.zeros((B, *bshape), nb.dtype),
@@ -656,8 +658,9 @@ def _bar(total: int, desc: str):
 
 
 def cache_dir() -> Path:
-  """$RISSOLE_CACHE, else ~/.cache/rissole_jax."""
-  return Path(os.environ.get("RISSOLE_CACHE") or Path.home() / ".cache" / "rissole_jax")
+  """$RISSOLE_CACHE, else ~/.cache/rissole_jax (rissole_jax.cache)."""
+  from rissole_jax.cache import user_cache_dir
+  return user_cache_dir()
 
 
 def database_source(source, config):

@@ -12,11 +12,11 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 STAGES = ("vqgan", "encode", "index", "diffusion", "sample", "evaluate")
 
 
-def _cli(workdir, data_dir, *extra, check=True):
+def _cli(workdir, data_dir, *extra, check=True, env=None):
   cmd = [sys.executable, "-m", "rissole_jax.main", "--config", "configs/mnist.py:smoke",
          "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
          f"--config.evaluate.cache_dir={workdir}/../cache", "--no_progress", *extra]
-  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
   if check and r.returncode:
     raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
   return r
@@ -59,9 +59,14 @@ def test_rerun_skips_and_mismatch_is_refused(smoke_run):
 
 
 def test_bad_grid_is_refused_before_any_work(tmp_path, data_dir):
-  r = _cli(tmp_path / "w", data_dir, "--config.blocks.grid=(3,3)", check=False)
+  # Without a JAX_COMPILATION_CACHE_DIR of the user's, the CLI turns the
+  # compilation cache on in the user cache (the smoke runs above keep theirs).
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["RISSOLE_CACHE"] = str(tmp_path / "user_cache")
+  r = _cli(tmp_path / "w", data_dir, "--config.blocks.grid=(3,3)", check=False, env=env)
   assert r.returncode == 2 and "does not divide the latent" in r.stderr
   assert not (tmp_path / "w" / "vqgan").exists()
+  assert (tmp_path / "user_cache" / "jax").is_dir()
 
 
 def test_benchmark_runner_tiny_matrix(smoke_run, tmp_path):

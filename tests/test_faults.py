@@ -444,7 +444,7 @@ def test_enospc_in_the_cli_is_a_message(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(main, "run", full)
   monkeypatch.setattr(main, "FLAGS", type("F", (), dict(
       config=object(), workdir=str(tmp_path), overwrite=False, only=[], no_progress=True,
-      coordinator_address=None, num_processes=None, process_id=None))())
+      no_compilation_cache=True, coordinator_address=None, num_processes=None, process_id=None))())
   with pytest.raises(SystemExit) as e:
     main.main(["prog"])
   assert e.value.code == 2

@@ -43,6 +43,10 @@ def get_config(arg: str = ""):
       ("rissole_k20", {"retrieval.k": 20}),
       ("rissole_no_position", {"model.use_position": False}),
       ("full_same_size", {"model.variant": "full"}),
+      # What sharing one set of weights over the blocks saves: one set per
+      # block position (models/mapped.py), 4 x rissole's parameters (4,135,952
+      # for the 2x2 grid) at the same FLOPs per example.
+      ("rissole_per_position", {"model.block_map": "vmap", "model.share_weights": False}),
   ]
   # LEGO bricks (docs/lego.md) at their U-Net rows' parameter budgets:
   # rissole ~1.03M (presets at width 96/92: 1.03-1.09M), full ~5.15M

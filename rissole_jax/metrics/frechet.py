@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +94,9 @@ def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int
 
 def cache_dir(configured: str | None = None) -> Path:
   """Where reference statistics and classifiers live: the configured folder,
-  $RISSOLE_CACHE, or ~/.cache/rissole_jax."""
-  return Path(os.path.expanduser(configured or os.environ.get("RISSOLE_CACHE")
-                                 or "~/.cache/rissole_jax"))
+  $RISSOLE_CACHE, or ~/.cache/rissole_jax (rissole_jax.cache)."""
+  from rissole_jax.cache import user_cache_dir
+  return user_cache_dir(configured)
 
 
 def content_hash(images: np.ndarray) -> str:

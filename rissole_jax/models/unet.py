@@ -172,7 +172,8 @@ class Denoiser(VariantFlags, nn.Module):
   @nn.compact
   def __call__(self, x, t, pos=None, neighbours=None, prev=None, keep=None, train=False):
     g, emb_dim = self.num_groups, 4 * self.ch
-    emb = dense(emb_dim, name="time1")(timestep_embedding(t, self.ch))
+    # In the input's dtype: bfloat16 compute (models/mapped.py) stays bfloat16.
+    emb = dense(emb_dim, name="time1")(timestep_embedding(t, self.ch).astype(x.dtype))
     emb = dense(emb_dim, name="time2")(nn.silu(emb))
     if self.position:
       _need(pos, "pos")
@@ -280,6 +281,8 @@ def check_model_config(config, latent_shape) -> None:
                       f"retrieval condition, but variant {v!r} has none. Fix: set it to 0.")
   if not 0 <= config.diffusion.cond_dropout < 1:
     raise ConfigError("diffusion.cond_dropout must be in [0, 1).")
+  from rissole_jax.models import mapped   # block_map, share_weights, dtype
+  mapped.check_config(config)
 
 
 def make_denoiser(config, latent_shape) -> Denoiser:
@@ -290,7 +293,9 @@ def make_denoiser(config, latent_shape) -> Denoiser:
   if m.backbone == "lego":
     from rissole_jax.models import lego
     return lego.make_denoiser(config, latent_shape)
-  return Denoiser(variant=m.variant, grid=tuple(int(g) for g in config.blocks.grid), ch=m.ch,
+  from rissole_jax.models import mapped   # fold or vmap over blocks, shared or not, dtype
+  cls = mapped.denoiser_class(m.block_map, bool(m.share_weights), m.dtype)
+  return cls(variant=m.variant, grid=tuple(int(g) for g in config.blocks.grid), ch=m.ch,
                   ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                   attn_lowest=m.attn_lowest, dropout=m.dropout, num_groups=m.num_groups,
                   cond=m.cond, use_position=m.use_position, use_prev_block=m.use_prev_block,

@@ -86,6 +86,8 @@ def check_config(config, latent_shape, k: int | None = None) -> None:
   if not 0 <= t.ema_decay < 1:
     raise ConfigError(f"diffusion.train.ema_decay={t.ema_decay} must be in [0, 1).")
   guard.check_config(t, "diffusion.train")
+  if t.steps_per_call < 1:
+    raise ConfigError(f"diffusion.train.steps_per_call={t.steps_per_call} must be at least 1.")
   if k is not None and k < 1 and unet.uses_retrieval(config.model.variant):
     raise ConfigError(f"variant {config.model.variant!r} needs neighbours, but k={k}.")
 
@@ -168,6 +170,23 @@ def device_gather_step(step):
   return gstep
 
 
+def scan_steps(step, gather: bool):
+  """Several steps in one call (lax.scan; diffusion.train.steps_per_call) of
+  `step` (a gather step or a host-batch step). The batch inputs carry the
+  steps on axis 1, batch-major ((B, N) ids, or (B, N, ...) latents), so they
+  shard over the batch as one step's do; metrics come back as (N,) arrays.
+  Each step folds its own counter into the key: N steps per call are N steps."""
+  steps_first = lambda a: jnp.swapaxes(a, 0, 1)
+  if gather:
+    def gathered(state, key, latents, table, ids):
+      return jax.lax.scan(lambda s, i: step(s, key, latents, table, i), state, steps_first(ids))
+    return gathered
+
+  def host(state, key, z0, nb):
+    return jax.lax.scan(lambda s, b: step(s, key, *b), state, (steps_first(z0), steps_first(nb)))
+  return host
+
+
 class _Rows:
   """A stand-in source of N rows: TrainStream only needs the length to
   produce its (seed, step)-pure ids."""
@@ -190,6 +209,8 @@ class Parts:
   step: object          # (state, key, z0, nb) -> (state, metrics)
   gather_step: object   # (state, key, latents, table, ids) -> (state, metrics)
   eval_loss: object     # (params, z0, nb, key) -> per-image loss, no condition dropout
+  steps: object         # step over several steps: (state, key, z0 (B, N, ...), nb) (scan_steps)
+  gather_steps: object  # gather_step over several: (state, key, latents, table, ids (B, N))
 
 
 _PARTS: dict = {}
@@ -208,7 +229,9 @@ def parts(config, latent_shape) -> Parts:
     eval_loss = loss_fn(model, schedule, config.diffusion.prediction, 0.0, per_image=True)
     if len(_PARTS) >= 4:
       _PARTS.pop(next(iter(_PARTS)))
-    _PARTS[key] = Parts(model, schedule, tx, step, device_gather_step(step), eval_loss)
+    gstep = device_gather_step(step)
+    _PARTS[key] = Parts(model, schedule, tx, step, gstep, eval_loss,
+                        scan_steps(step, gather=False), scan_steps(gstep, gather=True))
   return _PARTS[key]
 
 
@@ -274,26 +297,11 @@ def run(ctx) -> dict:
   if ctx.is_main:
     wd.atomic_write_json(ctx.stage_dir / "latent_stats.json", stats_out)
 
-  repl = parallel.replicated(mesh)
   key = parallel.put_replicated(jax.random.PRNGKey(config.seed + 1), mesh)
-  if t.gather == "device":
-    db_lat = parallel.put_replicated(latents, mesh)
-    db_nbr = parallel.put_replicated(db.neighbours, mesh)
-    jstep = jax.jit(fns.gather_step, donate_argnums=(0,),
-                    in_shardings=(state_sh, repl, repl, repl, parallel.batch_sharding(mesh, rules, 1)),
-                    out_shardings=(state_sh, repl))
-    def train_step(state, ids):
-      return jstep(state, key, db_lat, db_nbr, parallel.put_batch(ids, mesh, rules))
-  else:
-    bs = lambda nd: parallel.batch_sharding(mesh, rules, nd)
-    jstep = jax.jit(fns.step, donate_argnums=(0,), in_shardings=(state_sh, repl, bs(4), bs(5)),
-                    out_shardings=(state_sh, repl))
-    def train_step(state, ids):
-      z0, nb = latents[ids], latents[db.neighbours[ids]]
-      return jstep(state, key, *parallel.put_batch((z0, nb), mesh, rules))
-
   stream = TrainStream(_Rows(len(latents)), t.batch_size, config.seed,
                        ctx.process_index, ctx.process_count, cache=False)
+  train_call = make_train_call(fns, t.gather, latents, db.neighbours, stream, key, state_sh,
+                               mesh, rules)
 
   writer = ctx.writer()
   bar = ctx.progress(t.steps, start, "diffusion")
@@ -302,28 +310,35 @@ def run(ctx) -> dict:
   nan_guard = guard.Guard("diffusion", t, hints, ckpt_dir)
   window, last, t_first, timed_from = [], {}, None, start
   first_step_seconds, t_start = 0.0, time.time()
+  crossed = lambda a, b, every: b // max(every, 1) > a // max(every, 1)
   try:
-    for s in range(start, t.steps):
-      state, m = train_step(state, stream.indices(s))
+    s = start
+    while s < t.steps:
+      # steps_per_call steps per jitted call (the last call may be shorter);
+      # the host looks, logs and saves between calls only, so a multiple of
+      # log_every/ckpt_every inside a call is acted on at the call's end.
+      n = min(t.steps_per_call, t.steps - s)
+      state, m = train_call(state, s, n)
       window.append(m)
-      nan_guard.add(s + 1, m)
+      nan_guard.add(s + n, m)
       if s == start:  # the first call compiles: time the rest
         jax.block_until_ready(m)
-        t_first, timed_from = time.time(), s + 1
+        t_first, timed_from = time.time(), s + n
         first_step_seconds = t_first - t_start
+      s0, s = s, s + n
       # The steps since the last look are checked first: a broken state is never saved.
-      if (s + 1) % max(t.ckpt_every, 1) == 0:
+      if crossed(s0, s, t.ckpt_every):
         nan_guard.check(mngr.latest_step())
-        checkpoints.save(mngr, s + 1, state)
-      if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
+        checkpoints.save(mngr, s, state, force=True)  # also off the interval's multiples
+      if crossed(s0, s, t.log_every) or s == t.steps:
         nan_guard.check(mngr.latest_step())
         last = guard.mean_finite(window)
         window = []
-        writer.scalars(s + 1, last)
-        ctx.log("step %d/%d: loss %.4f, grad norm %.3f", s + 1, t.steps, last["loss"],
+        writer.scalars(s, last)
+        ctx.log("step %d/%d: loss %.4f, grad norm %.3f", s, t.steps, last["loss"],
                 last["grad_norm"])
         bar.set_postfix(loss=f"{last['loss']:.4f}")
-      bar.update(1)
+      bar.update(n)
     jax.block_until_ready(state)
     elapsed = time.time() - t_first if t_first else 0.0
     steps_timed = t.steps - timed_from
@@ -347,6 +362,34 @@ def run(ctx) -> dict:
           "compile_seconds": first_step_seconds,
           "latent_std": float(np.mean(stats["std"])), "latent_mean": float(np.mean(stats["mean"])),
           "devices": jax.device_count()}
+
+
+def make_train_call(fns: Parts, gather: str, latents, neighbours, stream, key, state_sh,
+                    mesh, rules):
+  """call(state, s, n) -> (state, metrics): steps s..s+n-1 in one jitted call
+  (metrics (n,) arrays when n > 1); batches from `stream`, gathered on the
+  devices (gather='device', the database replicated there) or on the host."""
+  repl = parallel.replicated(mesh)
+  bs = lambda nd: parallel.batch_sharding(mesh, rules, nd)
+  if gather == "device":
+    db_lat, db_nbr = parallel.put_replicated(latents, mesh), parallel.put_replicated(neighbours, mesh)
+    jit = lambda fn, ids_nd: jax.jit(fn, donate_argnums=(0,), out_shardings=(state_sh, repl),
+                                     in_shardings=(state_sh, repl, repl, repl, bs(ids_nd)))
+    one, many = jit(fns.gather_step, 1), jit(fns.gather_steps, 2)
+  else:
+    jit = lambda fn, extra: jax.jit(fn, donate_argnums=(0,), out_shardings=(state_sh, repl),
+                                    in_shardings=(state_sh, repl, bs(4 + extra), bs(5 + extra)))
+    one, many = jit(fns.step, 0), jit(fns.steps, 1)
+
+  def call(state, s, n):
+    ids = (stream.indices(s) if n == 1 else
+           np.stack([stream.indices(s + j) for j in range(n)], 1))   # (B, n): batch-major
+    fn = one if n == 1 else many
+    if gather == "device":
+      return fn(state, key, db_lat, db_nbr, parallel.put_batch(ids, mesh, rules))
+    return fn(state, key, *parallel.put_batch((latents[ids], latents[neighbours[ids]]),
+                                              mesh, rules))
+  return call
 
 
 def heldout_loss(eval_loss, params, db, stats, latents, batch: int = 64, seed: int = 1234):

@@ -57,13 +57,15 @@ def finite_step(policy: str, old, new, metrics: dict, *checked):
 
 def mean_finite(window: list[dict]) -> dict:
   """The mean of each metric over the window's finite steps (all NaN if none),
-  plus skipped_steps: how many were not finite."""
-  flags = np.asarray([float(m[FLAG]) for m in window]) > 0
+  plus skipped_steps: how many were not finite. An entry holds one step's
+  scalars, or several steps' (n,) arrays (several steps per jitted call)."""
+  steps = lambda n: np.concatenate([np.atleast_1d(np.asarray(m[n], np.float64)) for m in window])
+  flags = steps(FLAG) > 0
   out = {}
   for n in window[0]:
     if n == FLAG:
       continue
-    vals = np.asarray([float(m[n]) for m in window])
+    vals = steps(n)
     out[n] = float(np.mean(vals[flags])) if flags.any() else float("nan")
   out["skipped_steps"] = float(np.sum(~flags))
   return out
@@ -80,11 +82,13 @@ class Guard:
     self._pending: list[tuple[int, dict]] = []  # (step number after the update, metrics)
 
   def add(self, step: int, metrics: dict) -> None:
+    """The metrics of the step that ended at `step`, or of the n steps up to
+    `step` as (n,) arrays (several steps per jitted call)."""
     self._pending.append((step, metrics))
 
   def check(self, last_good: int | None) -> None:
     """Looks at the pending steps (one host sync); raises NonFiniteError."""
-    for step, m in self._pending:
+    for step, m in self._each_step():
       if float(m[FLAG]) > 0:
         self.in_a_row = 0
         continue
@@ -94,6 +98,13 @@ class Guard:
         self._pending = []
         raise NonFiniteError(self._message(step, m, last_good))
     self._pending = []
+
+  def _each_step(self):
+    for last, m in self._pending:
+      host = {n: np.atleast_1d(np.asarray(v)) for n, v in m.items()}
+      count = len(host[FLAG])
+      for j in range(count):
+        yield last - count + 1 + j, {n: v[j] for n, v in host.items()}
 
   def _message(self, step: int, m: dict, last_good: int | None) -> str:
     values = ", ".join(f"{n}={float(v):.4g}" for n, v in m.items() if n != FLAG)
