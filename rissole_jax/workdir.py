@@ -81,11 +81,20 @@ def config_sections(config: mlc.ConfigDict, keys) -> dict:
 def _without_inert(sections: dict) -> dict:
   """Leaves out keys that change nothing at their values, so that workdirs made
   before the keys existed keep their fingerprints: the LEGO settings of a
-  U-Net model, and LEGO brick skipping over no part of the trajectory."""
+  U-Net model, LEGO brick skipping over no part of the trajectory, the encode
+  shard size and the reduced embedding's defaults."""
   m = sections.get("model")
   if isinstance(m, dict) and m.get("backbone", "unet") == "unet":
     m.pop("backbone", None)
     m.pop("lego", None)
+  e = sections.get("encode")
+  if isinstance(e, dict):
+    e.pop("shard_rows", None)  # the layout of the files, not their content
+  r = sections.get("retrieval")
+  if isinstance(r, dict):  # the reduced embedding at its defaults (auto: by size)
+    for key, default in (("reduce", "auto"), ("reduce_dim", 256), ("reduce_above_mb", 4096)):
+      if r.get(key) == default:
+        r.pop(key)
   s = sections.get("sample")
   if isinstance(s, dict) and isinstance(s.get("skip"), dict) and not s["skip"].get("t_break"):
     s.pop("skip")

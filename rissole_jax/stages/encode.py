@@ -1,13 +1,17 @@
 """Stage 'encode': the training split (the retrieval database) and the held-out
-split through the trained VQ-GAN encoder, as plain NumPy files:
+split through the trained VQ-GAN encoder, stored as code indices in shards
+(layout in rissole_jax/shards.py):
 
-  DIR/encode/train.npy, heldout.npy                float32 (N, h, w, c)
-  DIR/encode/train_labels.npy, heldout_labels.npy  int32 (N,), -1 where unknown
-  DIR/encode/meta.json   autoencoder fingerprint, dataset, shapes, checksums
+  DIR/encode/codebook.npy                    (K, c) float32
+  DIR/encode/{split}-{i:05d}.npy             (rows, h, w) uint8/uint16 codes
+  DIR/encode/{split}-{i:05d}_labels.npy      int32 (rows,), -1 where unknown
+  DIR/encode/{split}-{i:05d}.json            the shard's manifest
+  DIR/encode/meta.json   fingerprint, dataset, shapes, every file's checksum
 
-Every process encodes everything, in source order: the encoder may be a jitted
-function over a mesh that spans all processes, which every process must call
-anyway, and the result is then identical everywhere. Only process 0 writes.
+Each process encodes its own shards (every P-th, encode.shard_rows rows each)
+on its own devices, so N images cost N / P per process and no process holds
+more than a shard of latents; process 0 writes meta.json once every shard is
+there. A rerun skips the shards already written (resumes).
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ import time
 
 import numpy as np
 
-from rissole_jax import retrieval
+from rissole_jax import codes as codes_lib
+from rissole_jax import parallel, retrieval, shards
 from rissole_jax.data import HELDOUT, TRAIN, load_source
 
 
@@ -25,30 +30,88 @@ def load_autoencoder(config, vqgan_dir):
   return load(config, vqgan_dir)
 
 
+def local_autoencoder(ae):
+  """The autoencoder on this process's devices only: with several processes
+  each encodes different images, so the encoder must not be a collective
+  over a mesh that spans them."""
+  import jax
+  if jax.process_count() == 1 or not hasattr(ae, "mesh"):
+    return ae
+  from rissole_jax.train.vqgan import Autoencoder
+  mesh = parallel.local_mesh(ae.config.mesh)
+  return Autoencoder(ae.config, jax.tree.map(parallel.to_host, ae.params), mesh)
+
+
+def encode_rows(ae, source, start: int, stop: int, batch_size: int,
+                codebook: np.ndarray | None, bar=None) -> tuple[np.ndarray, np.ndarray]:
+  """Rows [start, stop) as code indices (float latents without a codebook),
+  converted a few batches at a time: the shard never exists as float32."""
+  shape = tuple(ae.latent_shape) if codebook is None else tuple(ae.latent_shape[:-1])
+  dtype = np.float32 if codebook is None else codes_lib.code_dtype(len(codebook))
+  rows, labels = np.empty((stop - start, *shape), dtype), np.empty((stop - start,), np.int32)
+  step = batch_size * 8
+  for s in range(start, stop, step):
+    e = min(s + step, stop)
+    z, labels[s - start:e - start] = retrieval.encode_source(ae, source, batch_size, bar, s, e)
+    rows[s - start:e - start] = z if codebook is None else codes_lib.to_codes(z, codebook)
+  return rows, labels
+
+
 def run(ctx) -> dict:
   cfg = ctx.config
   ae = load_autoencoder(cfg, ctx.dir("vqgan"))
   ctx.log("autoencoder %s: latent %s, f=%s", ae.fingerprint, tuple(ae.latent_shape), ae.f)
-  splits, metrics = {}, {}
+  codebook = codes_lib.codebook_of(getattr(ae, "params", None))
+  local = local_autoencoder(ae)
+  shard_rows = int(cfg.encode.shard_rows)
+  info, metrics = {}, {}
   for split in (TRAIN, HELDOUT):
     source = load_source(cfg.data, split)
-    t0 = time.perf_counter()
-    with ctx.progress(total=len(source), desc=f"encode {split}") as bar:
-      z, labels = retrieval.encode_source(ae, source, cfg.encode.batch_size, bar)
+    ranges = shards.ranges(len(source), shard_rows)
+    mine = shards.mine(len(ranges), ctx.process_index, ctx.process_count)
+    t0, done = time.perf_counter(), 0
+    with ctx.progress(total=sum(ranges[i][1] - ranges[i][0] for i in mine),
+                      desc=f"encode {split}") as bar:
+      for i in mine:
+        start, stop = ranges[i]
+        if shards.shard_done(ctx.stage_dir, split, i, start, stop, ae.fingerprint):
+          bar.update(stop - start)
+          continue
+        rows, labels = encode_rows(local, source, start, stop, cfg.encode.batch_size,
+                                   codebook, bar)
+        shards.write_shard(ctx.stage_dir, split, i, start, rows, labels, ae.fingerprint)
+        done += stop - start
     seconds = time.perf_counter() - t0
-    ctx.log("%s: %d images of %s -> latents %s in %.1fs", split, len(z), source.name,
-            z.shape[1:], seconds)
-    splits[split] = (z, labels, source.name)
-    metrics[f"n_{split}"] = len(z)
+    ctx.log("%s: %d images of %s in %d shards (%d here, %d encoded now) in %.1fs", split,
+            len(source), source.name, len(ranges), len(mine), done, seconds)
+    info[split] = (len(source), shard_rows, source.name)
+    metrics[f"n_{split}"] = len(source)
     if split == TRAIN:  # data.bad_images=skip: the files left out (both splits)
       metrics["bad_images"] = len(getattr(source, "bad_files", ()))
-    metrics[f"{split}_images_per_second"] = len(z) / max(seconds, 1e-9)
-  if ctx.is_main:
-    retrieval.save_latents(ctx.stage_dir, ae.fingerprint, cfg.data.name, splits)
-  train = splits[TRAIN][0]
-  metrics.update(latent_dim=int(np.prod(train.shape[1:])), latent_std=float(train.std()),
-                 train_duplicate_fraction=_duplicate_fraction(train))
+    metrics[f"{split}_images_per_second"] = done / max(seconds, 1e-9)
+  parallel.sync(f"encoded:{ctx.stage_dir}")
+  if not ctx.is_main:
+    return metrics
+  meta = shards.finish(ctx.stage_dir, ae.fingerprint, cfg.data.name, codebook, info,
+                       ae.latent_shape)
+  train = shards.read_split(ctx.stage_dir, meta, TRAIN)[0]
+  metrics.update(latent_dim=int(np.prod(ae.latent_shape)), processes=ctx.process_count,
+                 train_duplicate_fraction=_duplicate_fraction(train),
+                 database_bytes=int(train.nbytes),
+                 database_bytes_as_float32=int(len(train) * np.prod(ae.latent_shape) * 4),
+                 latent_std=_latent_std(train, codebook))
   return metrics
+
+
+def _latent_std(rows: np.ndarray, codebook: np.ndarray | None) -> float:
+  """The std of all latent values, from the code counts (no float copy)."""
+  if codebook is None:
+    return float(rows.std())
+  counts = np.bincount(rows.ravel(), minlength=len(codebook)).astype(np.float64)
+  cb = codebook.astype(np.float64)
+  n = counts.sum() * cb.shape[1]
+  mean = (counts @ cb).sum() / n
+  return float(np.sqrt(max((counts @ (cb * cb)).sum() / n - mean * mean, 0.0)))
 
 
 def _duplicate_fraction(z: np.ndarray) -> float:
