@@ -56,6 +56,8 @@ def config(shape: str, data_dir: str | None = None):
   c.vqgan.disc_start = 10**6
   # Only the final checkpoint: each orbax save costs a second or two here.
   c.vqgan.train.ckpt_every = c.vqgan.train.steps
+  # Several shards of the database (4,500 digits: 5), so that two processes share them.
+  c.encode.shard_rows = 1024
   c.diffusion.train.ckpt_every = c.diffusion.train.steps
   return c
 
@@ -128,10 +130,48 @@ def fsdp_bytes(shape: str, out_path: str) -> None:
     json.dump(row, f, indent=1)
 
 
+def gather_bytes(shape: str, out_path: str) -> None:
+  """The database (1,001 rows of uint8 codes, its neighbour table, a codebook)
+  placed for each diffusion.train.gather: bytes per device, and the sharded
+  gather against the plain one."""
+  import jax
+  from rissole_jax.train import diffusion
+  c = config(shape)
+  mesh = parallel.make_mesh(c.mesh)
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, 256, (1001, 8, 8)).astype(np.uint8)
+  table = rng.integers(0, 1001, (1001, 3)).astype(np.int32)
+  cb = rng.standard_normal((256, 4)).astype(np.float32)
+  ids = rng.integers(0, 1001, 16).astype(np.int32)
+  row = {"codes_bytes": codes.nbytes, "table_bytes": table.nbytes, "codebook_bytes": cb.nbytes,
+         "per_device": {}, "host_bytes": {}}
+  for gather in diffusion.GATHERS:
+    (r, b, t), placed = diffusion.place_database(codes, cb, table, gather, mesh)
+    arrays = [x for x in (r, b, t) if isinstance(x, jax.Array)]
+    row["per_device"][gather] = sorted(parallel.bytes_per_device(arrays).values())
+    row["host_bytes"][gather] = placed["database_bytes_host"]
+    assert placed["database_bytes_per_device"] == max(row["per_device"][gather])
+    if gather == "sharded":
+      take = jax.jit(parallel.take_sharded(mesh))
+      row["sharded_equals_plain"] = bool(
+          np.array_equal(np.asarray(take(r, ids)), codes[ids])
+          and np.array_equal(np.asarray(take(t, ids)), table[ids])
+          and np.array_equal(np.asarray(take(r, table[ids])), codes[table[ids]]))
+      step = jax.jit(diffusion.device_gather_step(lambda s, k, z0, nb: (z0, nb),
+                                                  parallel.take_sharded(mesh)))
+      z0, nb = step(None, None, r, t, ids, b)
+      row["step_equals_plain"] = bool(np.array_equal(np.asarray(z0), cb[codes[ids]])
+                                      and np.array_equal(np.asarray(nb), cb[codes[table[ids]]]))
+  with open(out_path, "w") as f:
+    json.dump(row, f, indent=1)
+
+
 if __name__ == "__main__":
   parallel.initialize_distributed()
   if sys.argv[2] == "fsdp-bytes":
     fsdp_bytes(sys.argv[3], sys.argv[4])
+  elif sys.argv[2] == "gather-bytes":
+    gather_bytes(sys.argv[3], sys.argv[4])
   else:
     for job in sys.argv[3:]:
       run_job(job, sys.argv[2])
