@@ -652,42 +652,76 @@ def index_database(directory: Path, config, encode_dir: Path,
   searched the same way), checks recall against exact search on up to 2,000
   held-out queries and returns the metrics ({} on the other processes).
   progress(total=, desc=) -> a tqdm-like bar, e.g. ctx.progress."""
-  from rissole_jax import parallel, shards
-  directory, encode_dir = Path(directory), Path(encode_dir)
-  rcfg, k = config.retrieval, int(config.retrieval.k)
+  from rissole_jax import parallel
+  metrics = build_index(directory, config, encode_dir, say) if process_index == 0 else {}
+  if process_count > 1:
+    parallel.sync(f"index-built:{directory}")
+  metrics.update(search_shards(directory, config, encode_dir, process_index, process_count,
+                               progress=progress))
+  if process_count > 1:
+    parallel.sync(f"index-searched:{directory}")
+  if process_index != 0:
+    return {}
+  metrics.update(assemble_tables(directory, config, encode_dir, say))
+  return {**metrics, "processes": process_count}
+
+
+def _encoded(encode_dir: Path, config):
+  """(meta, codebook, n, latent shape, reduction kind, provenance) of an encode folder."""
+  from rissole_jax import shards
+  rcfg = config.retrieval
   meta = shards.read_meta(encode_dir)
-  cb = shards.codebook(encode_dir, meta)
   n, shape = meta["rows"]["train"], tuple(meta["latent_shape"])
-  _check_k(k, n, 1)
+  _check_k(int(rcfg.k), n, 1)
   kind = reduction_kind(n, shape, config)
   info = {"fingerprint": meta["fingerprint"], "embedding": rcfg.embedding,
           "grid": list(config.blocks.grid) if rcfg.embedding == "first_block" else None,
           "latent_shape": list(shape), "reduce": kind}
-  main = process_index == 0
-  metrics: dict = {}
-  if main:
-    directory.mkdir(parents=True, exist_ok=True)
-    _remove(directory / "neighbours.json")
-    train = shards.read_split(encode_dir, meta, "train")[0]
-    t0 = time.perf_counter()
-    reduction = fit_reduction(train, cb, shape, config)
-    emb = embed_rows(train, cb, config, reduction)
-    embed_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    index = Index.build(emb, config, meta=info, reduction=reduction)
-    metrics.update(build_seconds=time.perf_counter() - t0, embed_seconds=embed_s)
-    say("index: %s %s over %d x %d (embedding %s, reduced: %s)", index.backend, index.params,
-        *emb.shape, rcfg.embedding, kind)
-    index.save(directory)
-    (directory / "parts").mkdir(exist_ok=True)
-  if process_count > 1:
-    parallel.sync(f"index-built:{directory}")
-  if not main:
-    index = Index.load(directory, {"fingerprint": meta["fingerprint"], "n": n}, rcfg.query_batch)
+  return meta, shards.codebook(encode_dir, meta), n, shape, kind, info
 
+
+def build_index(directory: Path, config, encode_dir: Path,
+                say: Callable[..., None] = log.info) -> dict:
+  """Fits the reduced embedding, embeds the train split a chunk at a time,
+  builds the index and saves it under `directory` (one process)."""
+  from rissole_jax import shards
+  directory, encode_dir = Path(directory), Path(encode_dir)
+  meta, cb, n, shape, kind, info = _encoded(encode_dir, config)
+  directory.mkdir(parents=True, exist_ok=True)
+  _remove(directory / "neighbours.json")
+  shutil.rmtree(directory / "parts", ignore_errors=True)
+  train = shards.read_split(encode_dir, meta, "train")[0]
+  t0 = time.perf_counter()
+  reduction = fit_reduction(train, cb, shape, config)
+  emb = embed_rows(train, cb, config, reduction)
+  embed_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  index = Index.build(emb, config, meta=info, reduction=reduction)
+  build_s = time.perf_counter() - t0
+  say("index: %s %s over %d x %d (embedding %s, reduced: %s)", index.backend, index.params,
+      *emb.shape, config.retrieval.embedding, kind)
+  index.save(directory)
+  (directory / "parts").mkdir(exist_ok=True)
+  return {"build_seconds": build_s, "embed_seconds": embed_s}
+
+
+def search_shards(directory: Path, config, encode_dir: Path, process_index: int = 0,
+                  process_count: int = 1, limit: int | None = None,
+                  progress: Callable[..., object] | None = None) -> dict:
+  """This process's share of the neighbour tables: the saved index searched
+  with the queries of encode shards process_index, +process_count, ... of
+  each split (at most `limit` per split: for benchmarks), one part file each."""
+  from rissole_jax import shards
+  directory, encode_dir = Path(directory), Path(encode_dir)
+  meta, cb, n, _, _, _ = _encoded(encode_dir, config)
+  k = int(config.retrieval.k)
+  # Every process searches with the index as saved (process 0 too), so the
+  # tables cannot depend on which process built it.
+  index = Index.load(directory, {"fingerprint": meta["fingerprint"], "n": n},
+                     config.retrieval.query_batch)
   t0, searched = time.perf_counter(), 0
   for split in meta["rows"]:
-    mine = shards.mine(shards.num_shards(meta, split), process_index, process_count)
+    mine = shards.mine(shards.num_shards(meta, split), process_index, process_count)[:limit]
     bar = progress(total=len(mine), desc=f"neighbours ({split})") if progress else None
     for i in mine:
       rows, _ = shards.read_shard(encode_dir, meta, split, i)
@@ -701,16 +735,28 @@ def index_database(directory: Path, config, encode_dir: Path,
         bar.update(1)
     if bar is not None:
       bar.close()
-  search_s = time.perf_counter() - t0
-  if process_count > 1:
-    parallel.sync(f"index-searched:{directory}")
-  if not main:
-    return {}
+  seconds = time.perf_counter() - t0
+  return {"neighbours_seconds": seconds, "queries_searched": searched,
+          "queries_per_second": searched / max(seconds, 1e-9)}
 
+
+def assemble_tables(directory: Path, config, encode_dir: Path,
+                    say: Callable[..., None] = log.info) -> dict:
+  """The neighbour tables from every shard's part, their manifest, and recall
+  against exact search (one process, once every part is written)."""
+  from rissole_jax import shards
+  directory, encode_dir = Path(directory), Path(encode_dir)
+  meta, cb, n, _, kind, info = _encoded(encode_dir, config)
+  rcfg, k = config.retrieval, int(config.retrieval.k)
+  index = Index.load(directory, {"fingerprint": meta["fingerprint"], "n": n}, rcfg.query_batch)
   tables = {}
   for split in ("train", "heldout"):
     parts = [directory / "parts" / f"{split}-{i:05d}.npy"
              for i in range(shards.num_shards(meta, split) if split in meta["rows"] else 0)]
+    missing = [p for p in parts if not p.exists()]
+    if missing:
+      raise IndexMismatch(f"{missing[0]} is missing: a process did not search its shards. "
+                          + _fix(directory, "index"))
     tables[split] = (np.concatenate([np.load(p) for p in parts]) if parts
                      else np.zeros((0, k), np.int32))
     wd.atomic_save_npy(directory / f"neighbours_{split}.npy", tables[split])
@@ -720,25 +766,26 @@ def index_database(directory: Path, config, encode_dir: Path,
                  {**info, "k": k, "n_train": n, "n_heldout": len(tables["heldout"]),
                   "backend": index.backend, "params": index.params})
 
-  held = shards.read_split(encode_dir, meta, "heldout")[0] if "heldout" in meta["rows"] else None
+  held = shards.read_split(encode_dir, meta, "heldout")[0]
   m = 0 if held is None else min(len(held), _RECALL_QUERIES)
   exact_qps, recall = 0.0, 1.0
+  dim = index.dim
   if m:
+    train = shards.read_split(encode_dir, meta, "train")[0]
+    emb = embed_rows(train, cb, config, index.reduction)
     q = embed_rows(held[:m], cb, config, index.reduction)
     exact_qps, recall = _compare_with_exact(emb, q, tables["heldout"][:m], k, rcfg.query_batch)
-  metrics.update(recall_at_k=recall, queries_per_second=searched / max(search_s, 1e-9),
-                 exact_queries_per_second=exact_qps, neighbours_seconds=search_s,
-                 n_database=n, dim=emb.shape[1], k=k, scann=float(index.backend == "scann"),
-                 processes=process_count)
-  say("recall@%d %.4f vs exact on %d held-out queries; %.0f qps (exact %.0f qps)",
-      k, recall, m, metrics["queries_per_second"], exact_qps)
+    del emb
+  out = {"recall_at_k": recall, "exact_queries_per_second": exact_qps, "n_database": n,
+         "dim": dim, "k": k, "scann": float(index.backend == "scann")}
+  say("recall@%d %.4f vs exact on %d held-out queries (exact %.0f qps)", k, recall, m, exact_qps)
   if index.reduction is not None and m:
     mf = min(m, _RECALL_QUERIES_FULL)
-    metrics["recall_at_k_full_space"] = recall_in_full_space(
+    out["recall_at_k_full_space"] = recall_in_full_space(
         train, cb, config, held[:mf], tables["heldout"][:mf], k)
     say("recall@%d of the %s embedding vs exact search in the full space: %.4f (%d queries)",
-        k, kind, metrics["recall_at_k_full_space"], mf)
-  return metrics
+        k, kind, out["recall_at_k_full_space"], mf)
+  return out
 
 
 _RECALL_QUERIES_FULL = 200  # the full space is large: fewer queries (streamed over the database)

@@ -6,6 +6,7 @@ parameters of the trained stages to WORKDIR/params.npz for comparison.
       JOB = MESH_SHAPE:WORKDIR:STAGES[:LINK_FROM]
       e.g. 8x1:/tmp/a:vqgan 2x4:/tmp/b:vqgan 8x1:/tmp/a:diffusion:/tmp/ref
   python tests/mesh_worker.py DEVICES fsdp-bytes MESH_SHAPE OUT.json
+  python tests/mesh_worker.py DEVICES gather-bytes MESH_SHAPE OUT.json
 
 The device count is fixed per process, but one 8-device process can run
 several meshes one after another (each into its own workdir), and the jobs run
@@ -16,6 +17,9 @@ reference trains from the reference's latents and index.
 
 params.npz maps "STAGE/path" to the final checkpoint's arrays (the whole
 train state of each stage the workdir's jobs trained).
+
+The `gather-bytes` form places a random database of codes for each
+diffusion.train.gather and writes the bytes per device as JSON.
 
 The `fsdp-bytes` form builds the diffusion train state of the smoke config
 sharded on the mesh (no training) and writes its per-device bytes as JSON.
@@ -80,7 +84,10 @@ def link_upstream(workdir: str, link_from: str, only) -> None:
       if time.time() > deadline:
         raise TimeoutError(f"{src} did not finish within {WAIT_S}s")
       time.sleep(1.0)
-    os.symlink(src, os.path.join(workdir, s))
+    try:
+      os.symlink(src, os.path.join(workdir, s))
+    except FileExistsError:  # another process of the same job linked it first
+      pass
 
 
 def run_job(job: str, data_dir: str) -> None:

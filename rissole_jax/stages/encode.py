@@ -21,7 +21,7 @@ import numpy as np
 
 from rissole_jax import codes as codes_lib
 from rissole_jax import parallel, retrieval, shards
-from rissole_jax.data import HELDOUT, TRAIN, load_source
+from rissole_jax.data import HELDOUT, TRAIN, load_source, to_float
 
 
 def load_autoencoder(config, vqgan_dir):
@@ -50,8 +50,15 @@ def encode_rows(ae, source, start: int, stop: int, batch_size: int,
   dtype = np.float32 if codebook is None else codes_lib.code_dtype(len(codebook))
   rows, labels = np.empty((stop - start, *shape), dtype), np.empty((stop - start,), np.int32)
   step = batch_size * 8
+  direct = codebook is not None and hasattr(ae, "encode_codes")
   for s in range(start, stop, step):
     e = min(s + step, stop)
+    if direct:  # the quantizer's indices: exact, and no nearest-code search
+      images, labels[s - start:e - start] = source.get(np.arange(s, e))
+      rows[s - start:e - start] = ae.encode_codes(to_float(images), batch_size=batch_size)
+      if bar is not None:
+        bar.update(e - s)
+      continue
     z, labels[s - start:e - start] = retrieval.encode_source(ae, source, batch_size, bar, s, e)
     rows[s - start:e - start] = z if codebook is None else codes_lib.to_codes(z, codebook)
   return rows, labels
