@@ -2,6 +2,7 @@
 device, reduced embeddings, refusals. (Two processes against one, and bytes
 per device on an 8-device mesh: tests/test_parallel.py.)"""
 import json
+import os
 
 import jax
 import numpy as np
@@ -15,6 +16,7 @@ from rissole_jax.errors import IndexMismatch
 from rissole_jax.train import diffusion as dif
 
 SHAPE = (4, 4, 2)
+ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def codebook_database(n, seed=0, size=16):
@@ -165,3 +167,33 @@ def test_reduced_embeddings(tmp_path):
   np.testing.assert_array_equal(ids, db.heldout_neighbours)
   with pytest.raises(IndexMismatch, match="reduce"):
     R.load_database(config(), tmp_path)   # built reduced, asked for the full space
+
+
+def test_gs_data_dir_reads_the_gcsfuse_mount(tmp_path, monkeypatch):
+  """data.data_dir=gs://BUCKET/PATH: every worker reads ~/gcs/BUCKET/PATH, the
+  mount launch/tpu_pod.sh makes; unmounted, the URL goes to tfds as it is."""
+  from rissole_jax.data import sources
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert sources.resolve_data_dir("gs://bucket/tfds") == "gs://bucket/tfds"
+  (tmp_path / "gcs" / "bucket" / "tfds").mkdir(parents=True)
+  assert sources.resolve_data_dir("gs://bucket/tfds") == str(tmp_path / "gcs/bucket/tfds")
+  assert sources.resolve_data_dir("/data/tfds") == "/data/tfds"
+  assert str(sources._cache_dir("gs://other/x")).startswith(str(tmp_path / ".cache"))
+
+
+def test_data_scale_benchmark_runs_tiny(tmp_path):
+  """The scale benchmark end to end at a tiny size, 2 processes (seconds)."""
+  import subprocess
+  import sys
+  out = tmp_path / "rows.json"
+  subprocess.run([sys.executable, "-m", "rissole_jax.benchmarks.data_scale", "--items=600",
+                  "--processes=2", "--latent=4,4,2", "--codebook=16", "--heldout=40",
+                  "--shard_rows=256", "--k=3", "--reduce_dim=8", "--batch=8", "--nopin",
+                  f"--out={out}"], check=True, timeout=300, capture_output=True,
+                 env={**os.environ, "PYTHONPATH": ROOT})
+  row = json.loads(out.read_text())["rows"][0]
+  assert row["processes"] == 2 and len(row["workers"]) == 2
+  for w in row["workers"]:
+    assert w["search"]["queries_searched"] > 0 and w["encode_peak_bytes"] > 0
+    assert set(w["gather"]) == {"device", "sharded", "host"}
+  assert row["workers"][0]["assemble"]["recall_at_k"] == 1.0
