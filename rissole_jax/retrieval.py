@@ -156,10 +156,12 @@ def reduction_kind(n: int, latent_shape, config) -> str:
   return "none" if small else "pca"
 
 
-def fit_reduction(rows: np.ndarray, codebook: np.ndarray | None, latent_shape,
-                  config) -> Reduction | None:
-  """The reduction for a database of `rows` (codes or float latents); None for 'none'."""
-  kind, r = reduction_kind(len(rows), latent_shape, config), int(config.retrieval.reduce_dim)
+def fit_reduction(rows, codebook: np.ndarray | None, latent_shape, config,
+                  n: int | None = None) -> Reduction | None:
+  """The reduction for a database of `rows` (codes or float latents; or a
+  function ids -> rows, with n the number of rows); None for 'none'."""
+  n = len(rows) if n is None else n
+  kind, r = reduction_kind(n, latent_shape, config), int(config.retrieval.reduce_dim)
   if kind == "none":
     return None
   if r < 1:
@@ -172,8 +174,8 @@ def fit_reduction(rows: np.ndarray, codebook: np.ndarray | None, latent_shape,
     # The finest pooling that fits reduce_dim (all cells pooled: c dimensions).
     pool = next((p for p in range(1, g + 1) if g % p == 0 and (h // p) * (w // p) * c <= r), g)
     return Reduction("pool", pool=pool)
-  sample = rows[np.linspace(0, len(rows) - 1, min(len(rows), _PCA_SAMPLE)).astype(np.int64)]
-  x = embed_rows(np.asarray(sample), codebook, config)
+  ids = np.linspace(0, n - 1, min(n, _PCA_SAMPLE)).astype(np.int64)
+  x = embed_rows(np.asarray(rows(ids) if callable(rows) else rows[ids]), codebook, config)
   if r >= x.shape[1]:
     raise ConfigError(f"retrieval.reduce_dim={r} is not below the embedding's "
                       f"{x.shape[1]} dimensions. Fix: lower it, or set --config.retrieval.reduce=none.")
@@ -690,10 +692,13 @@ def build_index(directory: Path, config, encode_dir: Path,
   directory.mkdir(parents=True, exist_ok=True)
   _remove(directory / "neighbours.json")
   shutil.rmtree(directory / "parts", ignore_errors=True)
-  train = shards.read_split(encode_dir, meta, "train")[0]
   t0 = time.perf_counter()
-  reduction = fit_reduction(train, cb, shape, config)
-  emb = embed_rows(train, cb, config, reduction)
+  # A shard at a time: the codes of the whole database are never in memory.
+  reduction = fit_reduction(lambda ids: shards.rows_at(encode_dir, meta, "train", ids), cb,
+                            shape, config, n=n)
+  emb = np.empty((n, embedding_dim(shape, config, reduction)), np.float32)
+  for start, rows in shards.iter_shards(encode_dir, meta, "train"):
+    emb[start:start + len(rows)] = embed_rows(rows, cb, config, reduction)
   embed_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   index = Index.build(emb, config, meta=info, reduction=reduction)
@@ -770,19 +775,21 @@ def assemble_tables(directory: Path, config, encode_dir: Path,
   m = 0 if held is None else min(len(held), _RECALL_QUERIES)
   exact_qps, recall = 0.0, 1.0
   dim = index.dim
-  if m:
-    train = shards.read_split(encode_dir, meta, "train")[0]
-    emb = embed_rows(train, cb, config, index.reduction)
+  if m:  # exact search streamed over the shards, in the index's space
     q = embed_rows(held[:m], cb, config, index.reduction)
-    exact_qps, recall = _compare_with_exact(emb, q, tables["heldout"][:m], k, rcfg.query_batch)
-    del emb
+    t0 = time.perf_counter()
+    _, exact_scores = exact_search_rows(encode_dir, meta, cb, config, q, k, index.reduction)
+    exact_qps = m / (time.perf_counter() - t0)
+    found = embed_rows(shards.rows_at(encode_dir, meta, "train", tables["heldout"][:m].ravel()),
+                       cb, config, index.reduction)
+    recall = recall_at_k(found, q, np.arange(m * k).reshape(m, k), exact_scores)
   out = {"recall_at_k": recall, "exact_queries_per_second": exact_qps, "n_database": n,
          "dim": dim, "k": k, "scann": float(index.backend == "scann")}
   say("recall@%d %.4f vs exact on %d held-out queries (exact %.0f qps)", k, recall, m, exact_qps)
   if index.reduction is not None and m:
     mf = min(m, _RECALL_QUERIES_FULL)
     out["recall_at_k_full_space"] = recall_in_full_space(
-        train, cb, config, held[:mf], tables["heldout"][:mf], k)
+        encode_dir, meta, cb, config, held[:mf], tables["heldout"][:mf], k)
     say("recall@%d of the %s embedding vs exact search in the full space: %.4f (%d queries)",
         k, kind, out["recall_at_k_full_space"], mf)
   return out
@@ -791,41 +798,36 @@ def assemble_tables(directory: Path, config, encode_dir: Path,
 _RECALL_QUERIES_FULL = 200  # the full space is large: fewer queries (streamed over the database)
 
 
-def exact_search_rows(rows: np.ndarray, codebook: np.ndarray | None, config,
-                      queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """exact_search over the full-space embeddings of database rows, streamed
-  (a chunk of rows embedded at a time): for recall in spaces too big to hold."""
+def exact_search_rows(encode_dir: Path, meta: dict, codebook: np.ndarray | None, config,
+                      queries: np.ndarray, k: int, reduction: Reduction | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """exact_search over the embeddings of the train split, streamed shard by
+  shard (and chunk by chunk): for recall where the database cannot be held."""
+  from rissole_jax import shards
   best_i = np.zeros((len(queries), 0), np.int64)
   best_s = np.zeros((len(queries), 0), np.float32)
   step = 16384
-  for s in range(0, len(rows), step):
-    emb = embed_rows(rows[s:s + step], codebook, config)
-    i, sc = exact_search(emb, queries, min(k, len(emb)))
-    ci, cs = np.concatenate([best_i, i + s], 1), np.concatenate([best_s, sc], 1)
-    order = np.lexsort((ci, -cs), axis=1)[:, :k]
-    best_i, best_s = np.take_along_axis(ci, order, 1), np.take_along_axis(cs, order, 1)
+  for start, rows in shards.iter_shards(encode_dir, meta, "train"):
+    for s in range(0, len(rows), step):
+      emb = embed_rows(rows[s:s + step], codebook, config, reduction)
+      i, sc = exact_search(emb, queries, min(k, len(emb)))
+      ci, cs = np.concatenate([best_i, i + start + s], 1), np.concatenate([best_s, sc], 1)
+      order = np.lexsort((ci, -cs), axis=1)[:, :k]
+      best_i, best_s = np.take_along_axis(ci, order, 1), np.take_along_axis(cs, order, 1)
   return best_i.astype(np.int32), best_s
 
 
-def recall_in_full_space(rows, codebook, config, query_rows, ids, k: int) -> float:
+def recall_in_full_space(encode_dir: Path, meta: dict, codebook, config, query_rows, ids,
+                         k: int) -> float:
   """recall@k of neighbour ids (found in a reduced space) against exact
-  search in the full embedding space, the query itself never counted."""
+  search in the full embedding space (streamed over the train shards)."""
+  from rissole_jax import shards
   q = embed_rows(query_rows, codebook, config)
-  _, exact_scores = exact_search_rows(rows, codebook, config, q, k)
-  found = embed_rows(rows[np.asarray(ids).ravel()], codebook, config).reshape(*ids.shape, -1)
+  _, exact_scores = exact_search_rows(encode_dir, meta, codebook, config, q, k)
+  found = embed_rows(shards.rows_at(encode_dir, meta, "train", np.asarray(ids).ravel()),
+                     codebook, config).reshape(*ids.shape, -1)
   true = np.einsum("qd,qkd->qk", q, found)
   return float((true >= exact_scores[:, -1:] - 1e-5).mean())
-
-
-def _compare_with_exact(emb, q, ids, k, query_batch):
-  """(exact qps, recall@k of `ids` against exact search) on queries q."""
-  if len(q) == 0:
-    return 0.0, 1.0
-  exact_search(emb, q[:query_batch], k, query_batch)  # compile outside the clock
-  t0 = time.perf_counter()
-  _, exact_scores = exact_search(emb, q, k, query_batch)
-  exact_qps = len(q) / (time.perf_counter() - t0)
-  return exact_qps, recall_at_k(emb, q, ids, exact_scores)
 
 
 # ---------------------------------------------------------------------------

@@ -166,3 +166,23 @@ def read_split(directory: Path, meta: dict, split: str,
 def codebook(directory: Path, meta: dict) -> np.ndarray | None:
   return np.load(Path(directory) / "codebook.npy") if meta.get("codes") else None
 
+
+
+def iter_shards(directory: Path, meta: dict, split: str):
+  """(start row, rows) of each shard of a split, memory-mapped: a pass over a
+  database that never holds more than a shard of it."""
+  for i in range(num_shards(meta, split) if split in meta["rows"] else 0):
+    yield shard_start(meta, split, i), read_shard(directory, meta, split, i, mmap=True)[0]
+
+
+def rows_at(directory: Path, meta: dict, split: str, ids) -> np.ndarray:
+  """Rows `ids` (global, any order) of a split, read from their shards."""
+  ids = np.asarray(ids, np.int64)
+  out = None
+  for start, rows in iter_shards(directory, meta, split):
+    hit = (ids >= start) & (ids < start + len(rows))
+    if out is None:
+      out = np.empty((len(ids), *rows.shape[1:]), rows.dtype)
+    if hit.any():
+      out[hit] = rows[ids[hit] - start]
+  return out

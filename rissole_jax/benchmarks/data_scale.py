@@ -261,7 +261,7 @@ def real_recall(encode_dir: str) -> dict:
   """recall@k of each reduced embedding vs exact search in the full space."""
   from rissole_jax import retrieval as R
   from rissole_jax.defaults import base_config
-  _, splits = R.read_latents(Path(encode_dir))
+  meta, splits = R.read_latents(Path(encode_dir))
   train, held = splits["train"][0], splits["heldout"][0]
   c = base_config()
   c.retrieval.k = FLAGS.k
@@ -274,7 +274,7 @@ def real_recall(encode_dir: str) -> dict:
     red = R.fit_reduction(train, None, train.shape[1:], c)
     emb, q = R.embed(train, c, red), R.embed(held, c, red)
     ids, _ = R.exact_search(emb, q, FLAGS.k)
-    rec = R.recall_in_full_space(train, None, c, held, ids, FLAGS.k)
+    rec = R.recall_in_full_space(Path(encode_dir), meta, None, c, held, ids, FLAGS.k)
     dim = emb.shape[1]
     out["rows"].append({"reduce": kind, "reduce_dim": r, "dim": dim, "recall_at_k": rec})
     print(f"{kind:5s} reduce_dim={r:4d} -> {dim:4d} dims: recall@{FLAGS.k} {rec:.4f} "
