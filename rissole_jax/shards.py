@@ -153,13 +153,17 @@ def read_shard(directory: Path, meta: dict, split: str, i: int,
 
 def read_split(directory: Path, meta: dict, split: str,
                mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
-  """(rows, labels) of a split, its shards in order; (None, None) if it has none."""
+  """(rows, labels) of a split, its shards in order; (None, None) if it has none.
+  mmap: the rows as a RowView over the memory-mapped shards (read on use)."""
   if split not in meta["rows"]:
     return None, None
   n = num_shards(meta, split)
   parts = [read_shard(directory, meta, split, i, mmap) for i in range(n)]
   if len(parts) == 1:
     return parts[0]
+  if mmap:
+    return (RowView([(shard_start(meta, split, i), p[0]) for i, p in enumerate(parts)]),
+            np.concatenate([p[1] for p in parts]))
   return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -186,3 +190,49 @@ def rows_at(directory: Path, meta: dict, split: str, ids) -> np.ndarray:
     if hit.any():
       out[hit] = rows[ids[hit] - start]
   return out
+
+
+class RowView:
+  """A split's memory-mapped shards as one read-only array: a slice or an
+  index array reads only the shards it touches (so a process that needs a
+  block of rows, e.g. its devices' part of a sharded placement, reads that)."""
+
+  def __init__(self, parts: list[tuple[int, np.ndarray]]):
+    self._parts = [p for _, p in parts]
+    self._ends = np.cumsum([len(p) for p in self._parts])
+    self.dtype = self._parts[0].dtype
+    self.shape = (int(self._ends[-1]), *self._parts[0].shape[1:])
+    self.ndim = len(self.shape)
+    self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, key) -> np.ndarray:
+    if isinstance(key, slice):
+      start, stop, step = key.indices(len(self))
+      if step == 1:  # contiguous: whole pieces of the shards it spans
+        first = int(np.searchsorted(self._ends, start, side="right"))
+        out, pos = [], start
+        for i in range(first, len(self._parts)):
+          if pos >= stop:
+            break
+          base = int(self._ends[i] - len(self._parts[i]))
+          piece = self._parts[i][pos - base:min(stop, int(self._ends[i])) - base]
+          out.append(np.asarray(piece))
+          pos += len(piece)
+        return (np.concatenate(out) if out
+                else np.zeros((0, *self.shape[1:]), self.dtype))
+      key = np.arange(start, stop, step)
+    ids = np.asarray(key, np.int64)
+    flat = ids.ravel()
+    out = np.empty((len(flat), *self.shape[1:]), self.dtype)
+    which = np.searchsorted(self._ends, flat, side="right")
+    for i in np.unique(which):
+      hit = which == i
+      out[hit] = self._parts[i][flat[hit] - int(self._ends[i] - len(self._parts[i]))]
+    return out.reshape(*ids.shape, *self.shape[1:])
+
+  def __array__(self, dtype=None, copy=None):
+    a = self[:]
+    return a if dtype is None else a.astype(dtype)

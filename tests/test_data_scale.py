@@ -60,6 +60,12 @@ def test_code_shards_decode_to_the_latents_exactly(tmp_path):
   db = R.load_database(c, tmp_path, fingerprint="ae1")
   np.testing.assert_array_equal(db.codes, codes[:300])
   np.testing.assert_array_equal(db.latents, lat[:300])
+  view = R.load_database(c, tmp_path, mmap=True).rows   # the shards, read on use
+  assert isinstance(view, shards.RowView) and view.shape == (300, 4, 4)
+  np.testing.assert_array_equal(view[50:200], codes[50:200])   # across shards 0..3
+  ids = np.array([[299, 0], [64, 63]])
+  np.testing.assert_array_equal(view[ids], codes[ids])
+  np.testing.assert_array_equal(np.asarray(view), codes[:300])
   assert db.rows.nbytes * 4 * SHAPE[-1] == db.latents.nbytes   # 1 byte vs 4 * c
   assert not (db.neighbours == np.arange(300)[:, None]).any()   # never itself, in any shard
   # The sharded search equals one exact search over the whole table.

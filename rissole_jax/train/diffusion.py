@@ -41,7 +41,8 @@ def load_database(config, root: Path):
   (N, h, w) codes with .codebook (or float latents), .neighbours (N, k),
   .labels, held-out arrays."""
   from rissole_jax import retrieval
-  return retrieval.load_database(config, Path(root))
+  # Memory-mapped code shards: a sharded placement reads only its rows.
+  return retrieval.load_database(config, Path(root), mmap=True)
 
 
 def check_database(db) -> None:
@@ -306,7 +307,7 @@ def run(ctx) -> dict:
   # Codes stay codes: the codebook is normalised instead of the database (the
   # same numbers: a lookup commutes with the per-channel affine map).
   if db.codebook is None:
-    rows, codebook = normalise(db.rows, stats).astype(np.float32), None
+    rows, codebook = normalise(np.asarray(db.rows), stats).astype(np.float32), None
   else:
     rows, codebook = db.rows, normalise(db.codebook, stats).astype(np.float32)
   ctx.log("database: %d %s of %s, k=%d; grid %s -> blocks %s; latent std %s",
