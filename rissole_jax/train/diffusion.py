@@ -1,7 +1,8 @@
 """The diffusion stage: trains the (block) denoiser on the latent database.
 
 One jitted step: gather the batch's latents and its neighbours' latents (on
-the devices by default, from the database held replicated there), cut them
+the devices by default: code indices gathered from the database held there,
+replicated or sharded, then looked up in the codebook), cut them
 into blocks folded into the batch, draw one timestep per denoiser example
 (per block), noise, predict, update, EMA. Randomness is fold_in(key, step) and
 batches are a pure function of (seed, step), so a resumed run continues
