@@ -143,8 +143,11 @@ class Reduction:
 
 def reduction_kind(n: int, latent_shape, config) -> str:
   """config.retrieval.reduce, with 'auto' resolved by size as `plan` resolves
-  the index: the full space while n full embeddings fit in
-  retrieval.reduce_above_mb, PCA to retrieval.reduce_dim beyond."""
+  the index: the full space where it has at most reduce_dim dimensions, or
+  where brute force searches it (n < brute_max) and the n full embeddings fit
+  in reduce_above_mb; PCA to reduce_dim otherwise (ScaNN's hashing and trees
+  are built for a few hundred dimensions: on 25,088 its AH training alone
+  takes minutes for 20k rows)."""
   rcfg = config.retrieval
   kind = rcfg.reduce
   if kind not in REDUCTIONS:
@@ -152,8 +155,8 @@ def reduction_kind(n: int, latent_shape, config) -> str:
   if kind != "auto":
     return kind
   d = embedding_dim(latent_shape, config)
-  small = d <= rcfg.reduce_dim or n * d * 4 <= rcfg.reduce_above_mb * 2**20
-  return "none" if small else "pca"
+  brute = n < rcfg.brute_max and n * d * 4 <= rcfg.reduce_above_mb * 2**20
+  return "none" if d <= rcfg.reduce_dim or brute else "pca"
 
 
 def fit_reduction(rows, codebook: np.ndarray | None, latent_shape, config,

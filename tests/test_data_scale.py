@@ -160,6 +160,7 @@ def test_reduced_embeddings(tmp_path):
   assert pool.pool == 2 and R.embed(lat, c, pool).shape == (400, 8)   # 2x2 cells x 2 channels
   auto = config(reduce_dim=8)
   assert R.reduction_kind(400, SHAPE, auto) == "none"
+  assert R.reduction_kind(20_000, SHAPE, auto) == "pca"   # past brute force: reduced
   auto.retrieval.reduce_above_mb = 0
   assert R.reduction_kind(400, SHAPE, auto) == "pca"
   # Through the index: the projection is saved, and queries go through it.
