@@ -189,17 +189,15 @@ def worker(pidx: int, n: int, root: Path) -> dict:
   row["search"]["shards"], row["search"]["shards_of_this_process"] = searched, mine
   # The whole share, from the shards searched (all of them unless --search_shards).
   row["search_s_share"] = row["search_s"] * mine / max(searched, 1)
-  if limit:
-    return row
-  if p == 0:
+  if p == 0 and not limit:
     row["assemble"] = phase0 = {}
     t0 = time.perf_counter()
     if n <= FLAGS.recall_max_items:
       phase0.update(retrieval.assemble_tables(idx_dir, c, enc))
     phase0["seconds"] = time.perf_counter() - t0
   parallel.sync("assembled")
-  if not (idx_dir / "neighbours.json").exists():
-    return row
+  if not (idx_dir / "neighbours.json").exists():  # not assembled: the gather needs a table
+    assemble_tables_only(idx_dir, c, enc, p)
 
   # One train step's gather (the step itself left out): batch ids -> latents
   # of the batch and of its k neighbours, for each placement.
@@ -233,6 +231,42 @@ def worker(pidx: int, n: int, root: Path) -> dict:
     del rows, table, cb
   parallel.sync("done")
   return row
+
+
+def assemble_tables_only(idx_dir, c, enc, p):
+  """With --search_shards the tables have holes: fill the parts not searched
+  with a random table (the gather only needs ids), then write them."""
+  from rissole_jax import parallel, retrieval, shards
+  if p == 0:
+    meta = shards.read_meta(enc)
+    rng = np.random.default_rng(0)
+    for split in meta["rows"]:
+      for i, (start, stop) in enumerate(shards.ranges(meta["rows"][split], meta["shard_rows"][split])):
+        part = idx_dir / "parts" / f"{split}-{i:05d}.npy"
+        if not part.exists():
+          t = (np.arange(start, stop)[:, None] + rng.integers(1, meta["rows"]["train"],
+               (stop - start, FLAGS.k))) % meta["rows"]["train"]
+          np.save(part, t.astype(np.int32))
+    c.retrieval.k = FLAGS.k
+    _write_tables(idx_dir, meta, c)
+  parallel.sync("tables")
+
+
+def _write_tables(idx_dir, meta, c):
+  from rissole_jax import retrieval, shards
+  from rissole_jax import workdir as wd
+  tables = {}
+  for split in ("train", "heldout"):
+    n = shards.num_shards(meta, split)
+    tables[split] = np.concatenate([np.load(idx_dir / "parts" / f"{split}-{i:05d}.npy")
+                                    for i in range(n)])
+    wd.atomic_save_npy(idx_dir / f"neighbours_{split}.npy", tables[split])
+  info = {"fingerprint": meta["fingerprint"], "embedding": "full", "grid": None,
+          "latent_shape": meta["latent_shape"], "k": int(c.retrieval.k),
+          "n_train": meta["rows"]["train"], "n_heldout": len(tables["heldout"]),
+          "reduce": retrieval.reduction_kind(meta["rows"]["train"], meta["latent_shape"], c)}
+  retrieval.write_manifest(idx_dir / "neighbours.json",
+                           ["neighbours_train.npy", "neighbours_heldout.npy"], info)
 
 
 def run_size(n: int, count: int, root: Path) -> dict:

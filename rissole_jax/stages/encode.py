@@ -101,31 +101,46 @@ def run(ctx) -> dict:
     return metrics
   meta = shards.finish(ctx.stage_dir, ae.fingerprint, cfg.data.name, codebook, info,
                        ae.latent_shape)
-  train = shards.read_split(ctx.stage_dir, meta, TRAIN)[0]
+  # Shard by shard: process 0 never holds the whole database here either.
+  hashes, s1, s2, count, nbytes = [], 0.0, 0.0, 0, 0
+  for _, rows in shards.iter_shards(ctx.stage_dir, meta, TRAIN):
+    hashes.append(_row_hashes(rows))
+    z = np.asarray(rows) if codebook is None else None
+    if codebook is not None:  # the sums of the latents, from the code counts
+      c = np.bincount(np.asarray(rows).ravel(), minlength=len(codebook)).astype(np.float64)
+      cb = codebook.astype(np.float64)
+      s1, s2 = s1 + (c @ cb).sum(), s2 + (c @ (cb * cb)).sum()
+      count += int(c.sum()) * cb.shape[1]
+    else:
+      s1, s2, count = s1 + float(z.sum(dtype=np.float64)), s2 + float(np.square(z, dtype=np.float64).sum()), count + z.size
+    nbytes += rows.nbytes
+  mean = s1 / max(count, 1)
   metrics.update(latent_dim=int(np.prod(ae.latent_shape)), processes=ctx.process_count,
-                 train_duplicate_fraction=_duplicate_fraction(train),
-                 database_bytes=int(train.nbytes),
-                 database_bytes_as_float32=int(len(train) * np.prod(ae.latent_shape) * 4),
-                 latent_std=_latent_std(train, codebook))
+                 train_duplicate_fraction=_duplicate_fraction(np.concatenate(hashes)),
+                 database_bytes=int(nbytes),
+                 database_bytes_as_float32=int(info[TRAIN][0] * np.prod(ae.latent_shape) * 4),
+                 latent_std=float(np.sqrt(max(s2 / max(count, 1) - mean * mean, 0.0))))
   return metrics
 
 
-def _latent_std(rows: np.ndarray, codebook: np.ndarray | None) -> float:
-  """The std of all latent values, from the code counts (no float copy)."""
-  if codebook is None:
-    return float(rows.std())
-  counts = np.bincount(rows.ravel(), minlength=len(codebook)).astype(np.float64)
-  cb = codebook.astype(np.float64)
-  n = counts.sum() * cb.shape[1]
-  mean = (counts @ cb).sum() / n
-  return float(np.sqrt(max((counts @ (cb * cb)).sum() / n - mean * mean, 0.0)))
+def _row_hashes(rows: np.ndarray) -> np.ndarray:
+  """A 64-bit hash of each row's bytes (for counting exact twins in 8 bytes a row)."""
+  b = np.ascontiguousarray(rows).reshape(len(rows), -1).view(np.uint8)
+  pad = (-b.shape[1]) % 8
+  if pad:
+    b = np.concatenate([b, np.zeros((len(b), pad), np.uint8)], 1)
+  words = b.view(np.uint64)
+  mult = np.random.default_rng(0).integers(1, 2**63, words.shape[1], dtype=np.uint64) | np.uint64(1)
+  h = np.zeros(len(rows), np.uint64)
+  for j in range(words.shape[1]):  # multiply-add over the words, wrapping mod 2**64
+    h = (h ^ (words[:, j] * mult[j])) * np.uint64(0x9E3779B97F4A7C15)
+  return h
 
 
-def _duplicate_fraction(z: np.ndarray) -> float:
-  """Share of rows with an exact twin: quantized latents can repeat, and the
-  neighbour tables must then still exclude the query by id."""
-  if len(z) == 0:
+def _duplicate_fraction(hashes: np.ndarray) -> float:
+  """Share of rows with an exact twin (equal hashes): quantized latents can
+  repeat, and the neighbour tables must then still exclude the query by id."""
+  if len(hashes) == 0:
     return 0.0
-  rows = np.ascontiguousarray(z.reshape(len(z), -1)).view(np.dtype((np.void, z[0].nbytes)))
-  _, inverse, counts = np.unique(rows.ravel(), return_inverse=True, return_counts=True)
+  _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
   return float((counts[inverse] > 1).mean())
