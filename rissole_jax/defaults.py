@@ -69,6 +69,9 @@ def base_config() -> mlc.ConfigDict:
   # ---- latent database and retrieval --------------------------------------
   c.encode = e = mlc.ConfigDict()
   e.batch_size = 256
+  # Rows per shard of the encoded database (docs/parallel.md): process p of P
+  # encodes and searches shards p, p+P, ...; the files do not depend on P.
+  e.shard_rows = 16384
 
   c.retrieval = r = mlc.ConfigDict()
   r.k = 10                      # neighbours per query
@@ -84,6 +87,12 @@ def base_config() -> mlc.ConfigDict:
   r.reorder = 0                 # 0: 10 * k
   r.training_sample_size = 0    # 0: min(N, 250k)
   r.query_batch = 1024
+  # Reduced embedding for large latents: auto keeps the full space while N
+  # full embeddings fit in reduce_above_mb, else PCA to reduce_dim (see
+  # docs/retrieval.md for recall@k against exact search in the full space).
+  r.reduce = "auto"             # auto | none | pca | pool
+  r.reduce_dim = 256
+  r.reduce_above_mb = 4096
 
   # ---- blocks and denoiser -------------------------------------------------
   c.blocks = b = mlc.ConfigDict()
@@ -149,7 +158,10 @@ def base_config() -> mlc.ConfigDict:
   t.keep_checkpoints = 2        # >= 2: a damaged newest one falls back to the one before
   t.nan_policy = "stop"         # stop | skip_step (as vqgan.train.nan_policy)
   t.max_skipped_steps = 10
-  t.gather = "device"           # device | host: where neighbour blocks are gathered
+  # Where the database (code indices) and neighbour table live for the batch
+  # gather: device (replicated on every device), sharded (split over all
+  # devices of the mesh), host (host memory; the host gathers the batch's codes).
+  t.gather = "device"           # device | sharded | host
   # Train steps per jitted call (lax.scan over them): less host overhead per
   # step; logs, checkpoints and the NaN guard act between calls (a multiple of
   # log_every/ckpt_every inside a call is acted on at the call's end). 1: on

@@ -77,6 +77,14 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   return Mesh(dev, axes)
 
 
+def local_mesh(mesh_cfg) -> Mesh:
+  """A mesh of this process's own devices (all on the first axis, the others
+  of size 1): for work that differs between processes, like encoding shards."""
+  axes = tuple(mesh_cfg.axes)
+  devices = np.asarray(jax.local_devices()).reshape((-1,) + (1,) * (len(axes) - 1))
+  return Mesh(devices, axes)
+
+
 def _rules(rules) -> tuple:
   return tuple((name, tuple(ax) if isinstance(ax, (list, tuple)) else ax) for name, ax in rules)
 
@@ -174,3 +182,50 @@ def put_replicated(tree, mesh: Mesh):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
   return jax.tree.map(put, tree)
+
+
+# ---------------------------------------------------------------------------
+# Row tables (the database's codes, the neighbour table) split over the mesh.
+
+def put_rows_sharded(x, mesh: Mesh):
+  """Host rows (the same on every process) -> an array whose leading dimension
+  is split over every device of the mesh (padded with zero rows to a multiple
+  of the device count; `take_sharded` never reads the padding). Each process
+  reads only the rows of its own devices from x (which may be a memmap)."""
+  x = x if hasattr(x, "shape") else np.asarray(x)
+  n, d = x.shape[0], mesh.devices.size
+  rows = -(-max(n, 1) // d) * d
+  sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+
+  def piece(idx):
+    sl = idx[0]
+    start, stop = sl.start or 0, min(sl.stop if sl.stop is not None else rows, n)
+    part = np.asarray(x[start:stop]) if start < n else np.zeros((0, *x.shape[1:]), x.dtype)
+    pad = (sl.stop if sl.stop is not None else rows) - (sl.start or 0) - len(part)
+    return np.concatenate([part, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else part
+  return jax.make_array_from_callback((rows, *x.shape[1:]), sharding, piece)
+
+
+def take_sharded(mesh: Mesh):
+  """take(rows, ids) -> rows[ids], for rows placed by `put_rows_sharded`:
+  each device looks up the ids that fall in its block, the others add zeros,
+  and a psum over the mesh gives every device the batch's rows. Traffic per
+  step is the batch's rows, not the table (which a plain gather from a
+  sharded operand may all-gather)."""
+  import jax.numpy as jnp
+  axes = tuple(mesh.axis_names)
+
+  def local(block, ids):
+    n = block.shape[0]
+    j = ids - jax.lax.axis_index(axes) * n
+    inside = (j >= 0) & (j < n)
+    got = jnp.take(block, jnp.clip(j, 0, n - 1), axis=0)
+    inside = inside.reshape(inside.shape + (1,) * (got.ndim - inside.ndim))
+    wide = jnp.int32 if jnp.issubdtype(got.dtype, jnp.integer) else got.dtype
+    return jax.lax.psum(jnp.where(inside, got, 0).astype(wide), axes)
+
+  def take(rows, ids):
+    out = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P()), out_specs=P(),
+                        check_vma=False)(rows, ids)
+    return out.astype(rows.dtype)
+  return take

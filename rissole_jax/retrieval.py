@@ -48,34 +48,65 @@ _RECALL_QUERIES = 2000  # held-out queries checked against exact search (plenty 
 # ---------------------------------------------------------------------------
 # Embeddings.
 
-def embed(latents: np.ndarray, config) -> np.ndarray:
+def embed(latents: np.ndarray, config, reduction: "Reduction | None" = None) -> np.ndarray:
   """(N, h, w, c) latents -> (N, d) float32 unit vectors.
 
   config.retrieval.embedding: 'full' (the flattened latent) or 'first_block'
   (block 0 of config.blocks.grid, what the authors' code retrieves with).
+  reduction: the reduced embedding searched with (see `Reduction`); None: the full space.
   """
   mode, grid = config.retrieval.embedding, tuple(config.blocks.grid)
   if mode not in EMBEDDINGS:
     raise ConfigError(f"retrieval.embedding={mode!r} is unknown; use one of {EMBEDDINGS}.")
-  latents = np.asarray(latents)
+  latents = np.asarray(latents) if not hasattr(latents, "shape") else latents
   if latents.ndim != 4:
     raise ValueError(f"embed expects latents (N, h, w, c), got shape {latents.shape}.")
   if mode == "first_block":
     blocks.check_grid(latents.shape[1:], grid)
-  out = np.empty((len(latents), embedding_dim(latents.shape[1:], config)), np.float32)
+  out = np.empty((len(latents), embedding_dim(latents.shape[1:], config, reduction)), np.float32)
   for s in range(0, len(latents), _CHUNK):  # chunks: no full-size temporaries
-    z = np.asarray(latents[s:s + _CHUNK], np.float32)
-    if mode == "first_block":
-      z = blocks.split(z, grid)[:, 0]
-    out[s:s + len(z)] = normalize(z.reshape(len(z), -1))
+    out[s:s + _CHUNK] = _embed_chunk(np.asarray(latents[s:s + _CHUNK], np.float32), config,
+                                     reduction)
   return out
 
 
-def embedding_dim(latent_shape, config) -> int:
+def _embed_chunk(z, config, reduction):
+  if config.retrieval.embedding == "first_block":
+    z = blocks.split(z, tuple(config.blocks.grid))[:, 0]
+  if reduction is not None and reduction.pool > 1:
+    p = reduction.pool
+    n, h, w, c = z.shape
+    z = z.reshape(n, h // p, p, w // p, p, c).mean((2, 4))
+  v = normalize(z.reshape(len(z), -1))
+  if reduction is not None and reduction.matrix is not None:
+    v = normalize(v @ reduction.matrix)
+  return v
+
+
+def embed_rows(rows: np.ndarray, codebook: np.ndarray | None, config,
+               reduction: "Reduction | None" = None) -> np.ndarray:
+  """embed() of database rows: code indices (N, h, w) with their codebook, or
+  float latents (codebook None); decoded a chunk at a time, so a database of
+  codes never exists as float latents."""
+  if codebook is None:
+    return embed(rows, config, reduction)
+  from rissole_jax import codes as codes_lib
+  shape = (*rows.shape[1:], codebook.shape[1])
+  out = np.empty((len(rows), embedding_dim(shape, config, reduction)), np.float32)
+  step = max(1, (64 << 20) // (4 * int(np.prod(shape))))  # ~64 MiB of float latents a chunk
+  for s in range(0, len(rows), step):
+    out[s:s + step] = embed(codes_lib.from_codes(rows[s:s + step], codebook), config, reduction)
+  return out
+
+
+def embedding_dim(latent_shape, config, reduction: "Reduction | None" = None) -> int:
   h, w, c = (int(x) for x in latent_shape)
   if config.retrieval.embedding == "first_block":
-    bh, bw = blocks.check_grid((h, w, c), config.blocks.grid)
-    return bh * bw * c
+    h, w = blocks.check_grid((h, w, c), config.blocks.grid)[:2]
+  if reduction is not None:
+    if reduction.matrix is not None:
+      return reduction.matrix.shape[1]
+    return (h // reduction.pool) * (w // reduction.pool) * c
   return h * w * c
 
 
@@ -84,6 +115,93 @@ def normalize(x: np.ndarray) -> np.ndarray:
   x = np.asarray(x, np.float32)
   n = np.linalg.norm(x, axis=1, keepdims=True)
   return x / np.maximum(n, 1e-12)
+
+
+# ---------------------------------------------------------------------------
+# Reduced embeddings: large latents (ImageNet at f=8: 28x28x32 = 25,088
+# dimensions) are searched in a smaller space; docs/retrieval.md has recall@k
+# of each against exact search in the full space.
+
+REDUCTIONS = ("auto", "none", "pca", "pool")
+_PCA_SAMPLE = 8192  # rows the PCA is fitted on: a fixed, evenly spread sample
+
+
+@dataclasses.dataclass
+class Reduction:
+  """Full embedding -> the one searched. kind 'none'; 'pool' (the latent
+  averaged over pool x pool cells before embedding); 'pca' (the unit vectors
+  projected on their top `dim` principal directions, uncentred, so dot
+  products are kept as well as they can be, then normalised again)."""
+  kind: str
+  pool: int = 1
+  matrix: np.ndarray | None = None  # (d_full, dim) for pca
+
+  def describe(self) -> dict:
+    return {"kind": self.kind, "pool": self.pool,
+            "dim": None if self.matrix is None else int(self.matrix.shape[1])}
+
+
+def reduction_kind(n: int, latent_shape, config) -> str:
+  """config.retrieval.reduce, with 'auto' resolved by size as `plan` resolves
+  the index: the full space where it has at most reduce_dim dimensions, or
+  where brute force searches it (n < brute_max) and the n full embeddings fit
+  in reduce_above_mb; PCA to reduce_dim otherwise (ScaNN's hashing and trees
+  are built for a few hundred dimensions: on 25,088 its AH training alone
+  takes minutes for 20k rows)."""
+  rcfg = config.retrieval
+  kind = rcfg.reduce
+  if kind not in REDUCTIONS:
+    raise ConfigError(f"retrieval.reduce={kind!r} is unknown; use one of {REDUCTIONS}.")
+  if kind != "auto":
+    return kind
+  d = embedding_dim(latent_shape, config)
+  brute = n < rcfg.brute_max and n * d * 4 <= rcfg.reduce_above_mb * 2**20
+  return "none" if d <= rcfg.reduce_dim or brute else "pca"
+
+
+def fit_reduction(rows, codebook: np.ndarray | None, latent_shape, config,
+                  n: int | None = None) -> Reduction | None:
+  """The reduction for a database of `rows` (codes or float latents; or a
+  function ids -> rows, with n the number of rows); None for 'none'."""
+  n = len(rows) if n is None else n
+  kind, r = reduction_kind(n, latent_shape, config), int(config.retrieval.reduce_dim)
+  if kind == "none":
+    return None
+  if r < 1:
+    raise ConfigError(f"retrieval.reduce_dim={r} must be positive.")
+  if kind == "pool":
+    h, w, c = (int(x) for x in latent_shape)
+    if config.retrieval.embedding == "first_block":
+      h, w = blocks.check_grid((h, w, c), config.blocks.grid)[:2]
+    g = math.gcd(h, w)
+    # The finest pooling that fits reduce_dim (all cells pooled: c dimensions).
+    pool = next((p for p in range(1, g + 1) if g % p == 0 and (h // p) * (w // p) * c <= r), g)
+    return Reduction("pool", pool=pool)
+  ids = np.linspace(0, n - 1, min(n, _PCA_SAMPLE)).astype(np.int64)
+  x = embed_rows(np.asarray(rows(ids) if callable(rows) else rows[ids]), codebook, config)
+  if r >= x.shape[1]:
+    raise ConfigError(f"retrieval.reduce_dim={r} is not below the embedding's "
+                      f"{x.shape[1]} dimensions. Fix: lower it, or set --config.retrieval.reduce=none.")
+  return Reduction("pca", matrix=_top_directions(x, r))
+
+
+def _top_directions(x: np.ndarray, r: int, seed: int = 0) -> np.ndarray:
+  """(d, r): the top r right singular vectors of x (s, d), signs fixed.
+  Randomized SVD (Halko et al. 2011, two power iterations) where d is large."""
+  x = np.asarray(x, np.float32)
+  if min(x.shape) <= 4 * r:
+    _, _, vt = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+  else:
+    rng = np.random.default_rng(seed)
+    y = x @ rng.standard_normal((x.shape[1], r + 32)).astype(np.float32)
+    for _ in range(2):
+      y, _ = np.linalg.qr(y)
+      y = x @ (x.T @ y)
+    q, _ = np.linalg.qr(y)
+    _, _, vt = np.linalg.svd((q.T @ x).astype(np.float64), full_matrices=False)
+  v = vt[:r].T
+  v *= np.sign(v[np.abs(v).argmax(0), np.arange(r)])  # a fixed sign per direction
+  return np.ascontiguousarray(v, np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -218,14 +336,20 @@ class Index:
 
   def __init__(self, backend: str, n: int, dim: int, params: dict, searcher=None,
                embeddings: np.ndarray | None = None, query_batch: int = 1024,
-               meta: dict | None = None):
+               meta: dict | None = None, reduction: Reduction | None = None):
     self.backend, self.n, self.dim, self.params = backend, n, dim, params
     self.query_batch = int(query_batch)
     self.meta = dict(meta or {})  # provenance, saved with the index
+    self.reduction = reduction    # what queries go through (embed); saved with the index
     self._searcher, self._emb = searcher, embeddings
 
+  def embed(self, latents: np.ndarray, config) -> np.ndarray:
+    """Queries for this index: `embed` with the index's reduction."""
+    return embed(latents, config, self.reduction)
+
   @classmethod
-  def build(cls, embeddings: np.ndarray, config, meta: dict | None = None) -> "Index":
+  def build(cls, embeddings: np.ndarray, config, meta: dict | None = None,
+            reduction: Reduction | None = None) -> "Index":
     rcfg = config.retrieval
     emb = np.ascontiguousarray(embeddings, np.float32)
     n, dim = emb.shape
@@ -233,10 +357,10 @@ class Index:
     backend = resolve_backend(rcfg.backend)
     if backend == "exact":
       return cls("exact", n, dim, {"structure": "exact"}, embeddings=emb,
-                 query_batch=rcfg.query_batch, meta=meta)
+                 query_batch=rcfg.query_batch, meta=meta, reduction=reduction)
     params = plan(n, rcfg.k, rcfg)
     return cls("scann", n, dim, params, searcher=_build_scann(emb, rcfg.k, params),
-               query_batch=rcfg.query_batch, meta=meta)
+               query_batch=rcfg.query_batch, meta=meta, reduction=reduction)
 
   def search(self, queries: np.ndarray, k: int,
              exclude_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -308,9 +432,15 @@ class Index:
     else:
       wd.atomic_save_npy(directory / "embeddings.npy", self._emb)
       files = ["embeddings.npy"]
+    reduction = {"kind": "none"}
+    if self.reduction is not None:
+      reduction = self.reduction.describe()
+      if self.reduction.matrix is not None:
+        wd.atomic_save_npy(directory / "projection.npy", self.reduction.matrix)
+        files.append("projection.npy")
     write_manifest(directory / "index.json", files, {
         **self.meta, "backend": self.backend, "n": self.n, "dim": self.dim,
-        "params": self.params})
+        "params": self.params, "reduction": reduction})
 
   @classmethod
   def load(cls, directory: Path, expect: dict | None = None,
@@ -321,16 +451,26 @@ class Index:
     meta = read_manifest(directory / "index.json", "index")
     _expect(meta, expect or {}, directory / "index.json", "index")
     own = {k: meta[k] for k in ("backend", "n", "dim", "params")}
-    extra = {k: v for k, v in meta.items() if k not in own and k != "files"}
+    extra = {k: v for k, v in meta.items() if k not in own and k not in ("files", "reduction")}
+    reduction = load_reduction(directory, meta)
     if own["backend"] == "exact":
       emb = np.load(directory / "embeddings.npy")
       return cls("exact", own["n"], own["dim"], own["params"], embeddings=emb,
-                 query_batch=query_batch, meta=extra)
+                 query_batch=query_batch, meta=extra, reduction=reduction)
     resolve_backend("scann")  # a clear error if ScaNN is missing here
     from scann.scann_ops.py import scann_ops_pybind
     searcher = scann_ops_pybind.load_searcher(str(directory / "scann"))
     return cls("scann", own["n"], own["dim"], own["params"], searcher=searcher,
-               query_batch=query_batch, meta=extra)
+               query_batch=query_batch, meta=extra, reduction=reduction)
+
+
+def load_reduction(directory: Path, meta: dict) -> Reduction | None:
+  """The reduction recorded in an index's manifest (index.json, already verified)."""
+  r = meta.get("reduction") or {"kind": "none"}
+  if r["kind"] == "none":
+    return None
+  matrix = np.load(Path(directory) / "projection.npy") if r["kind"] == "pca" else None
+  return Reduction(r["kind"], pool=int(r.get("pool") or 1), matrix=matrix)
 
 
 def _build_scann(emb: np.ndarray, k: int, p: dict):
@@ -443,136 +583,254 @@ def _atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Latent files (the encode stage's output).
+# Latent files (the encode stage's output; shards.py knows their layout).
 
-def encode_source(autoencoder, source, batch_size: int,
-                  progress=None) -> tuple[np.ndarray, np.ndarray]:
-  """Every row of `source` through the autoencoder: latents (N, h, w, c) float32
-  and labels (N,) int32, in source order. Reads a few batches at a time so big
-  datasets never sit in memory as float images."""
+def encode_source(autoencoder, source, batch_size: int, progress=None, start: int = 0,
+                  stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Rows [start, stop) of `source` through the autoencoder: latents (n, h, w, c)
+  float32 and labels (n,) int32, in source order. Reads a few batches at a
+  time so big datasets never sit in memory as float images."""
   from rissole_jax.data import to_float
-  n = len(source)
-  latents = np.empty((n, *autoencoder.latent_shape), np.float32)
-  labels = np.empty((n,), np.int32)
+  stop = len(source) if stop is None else stop
+  latents = np.empty((stop - start, *autoencoder.latent_shape), np.float32)
+  labels = np.empty((stop - start,), np.int32)
   step = batch_size * 8
-  for s in range(0, n, step):
-    images, lab = source.get(np.arange(s, min(s + step, n)))
-    latents[s:s + len(images)] = autoencoder.encode(to_float(images), batch_size=batch_size)
-    labels[s:s + len(images)] = lab
+  for s in range(start, stop, step):
+    images, lab = source.get(np.arange(s, min(s + step, stop)))
+    latents[s - start:s - start + len(images)] = autoencoder.encode(to_float(images),
+                                                                    batch_size=batch_size)
+    labels[s - start:s - start + len(images)] = lab
     if progress is not None:
       progress.update(len(images))
   return latents, labels
 
 
 def save_latents(directory: Path, fingerprint: str, dataset: str,
-                 splits: dict[str, tuple[np.ndarray, np.ndarray, str]]) -> None:
-  """Writes {split}.npy and {split}_labels.npy for each split ('train',
-  'heldout'), then meta.json. splits: {name: (latents, labels, source name)}."""
-  directory = Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  _remove(directory / "meta.json")
-  files, shapes, sources = [], {}, {}
-  for split, (z, labels, source_name) in splits.items():
-    wd.atomic_save_npy(directory / f"{split}.npy", np.asarray(z, np.float32))
-    wd.atomic_save_npy(directory / f"{split}_labels.npy", np.asarray(labels, np.int32))
-    files += [f"{split}.npy", f"{split}_labels.npy"]
-    shapes[split], sources[split] = list(z.shape), source_name
-  latent_shape = list(next(iter(splits.values()))[0].shape[1:])
-  write_manifest(directory / "meta.json", files, {
-      "fingerprint": fingerprint, "dataset": dataset, "latent_shape": latent_shape,
-      "shapes": shapes, "sources": sources})
+                 splits: dict[str, tuple[np.ndarray, np.ndarray, str]],
+                 codebook: np.ndarray | None = None, shard_rows: int = 1 << 30) -> None:
+  """A whole database written by one process, as the encode stage writes it:
+  splits {name: (latents, labels, source name)}; stored as code indices of
+  `codebook` (refusing latents that are not its vectors), else as float32."""
+  from rissole_jax import codes as codes_lib
+  from rissole_jax import shards
+  info = {}
+  for split, (z, labels, name) in splits.items():
+    for i, (a, b) in enumerate(shards.ranges(len(z), shard_rows)):
+      rows = np.asarray(z[a:b], np.float32)
+      if codebook is not None:
+        rows = codes_lib.to_codes(rows, codebook)
+      shards.write_shard(directory, split, i, a, rows, np.asarray(labels[a:b]), fingerprint)
+    info[split] = (len(z), shard_rows, name)
+  latent_shape = next(iter(splits.values()))[0].shape[1:]
+  shards.finish(directory, fingerprint, dataset, codebook, info, latent_shape)
 
 
-def read_latents(directory: Path, mmap: bool = False) -> tuple[dict, dict]:
-  """(meta, {split: (latents, labels)}) from an encode folder, verified."""
-  directory = Path(directory)
-  meta = read_manifest(directory / "meta.json", "latents")
-  mode = "r" if mmap else None
-  out = {split: (np.load(directory / f"{split}.npy", mmap_mode=mode),
-                 np.load(directory / f"{split}_labels.npy"))
-         for split in meta["shapes"]}
+def read_latents(directory: Path) -> tuple[dict, dict]:
+  """(meta, {split: (float latents, labels)}) of an encode folder, verified
+  (codes looked up in the codebook: for small databases and tests)."""
+  from rissole_jax import codes as codes_lib
+  from rissole_jax import shards
+  meta = shards.read_meta(directory)
+  cb = shards.codebook(directory, meta)
+  out = {}
+  for split in meta["rows"]:
+    rows, labels = shards.read_split(directory, meta, split)
+    out[split] = (rows if cb is None else codes_lib.from_codes(rows, cb), labels)
   return meta, out
 
 
 # ---------------------------------------------------------------------------
 # Index + neighbour tables (the index stage's output).
 
-def index_database(directory: Path, config, train: np.ndarray, heldout: np.ndarray,
-                   fingerprint: str, say: Callable[..., None] = log.info,
-                   progress: Callable[..., object] | None = None) -> dict:
-  """Builds the index over `train`, the neighbour tables for `train` (self
-  excluded) and `heldout`, compares with exact search on (up to 2,000)
-  held-out queries, and writes everything under `directory`. Returns the
-  metrics. progress(total=, desc=) -> a tqdm-like bar, e.g. ctx.progress."""
-  directory = Path(directory)
-  rcfg, k = config.retrieval, int(config.retrieval.k)
-  _check_k(k, len(train), 1)
-  emb, q = embed(train, config), embed(heldout, config)
-  meta = {"fingerprint": fingerprint, "embedding": rcfg.embedding,
+def index_database(directory: Path, config, encode_dir: Path,
+                   say: Callable[..., None] = log.info,
+                   progress: Callable[..., object] | None = None,
+                   process_index: int = 0, process_count: int = 1) -> dict:
+  """The index over the encode folder's train split and its neighbour tables
+  (train: an item never finds itself; heldout), under `directory`.
+
+  Process 0 fits the reduced embedding, builds the index and saves it (ScaNN's
+  build is not a collective); every process loads it and searches the
+  neighbours of its share of the encode shards (shard i by process
+  i mod process_count), writing one table part per shard; process 0 assembles
+  the tables (the same bytes for any number of processes: each shard is
+  searched the same way), checks recall against exact search on up to 2,000
+  held-out queries and returns the metrics ({} on the other processes).
+  progress(total=, desc=) -> a tqdm-like bar, e.g. ctx.progress."""
+  from rissole_jax import parallel
+  metrics = build_index(directory, config, encode_dir, say) if process_index == 0 else {}
+  if process_count > 1:
+    parallel.sync(f"index-built:{directory}")
+  metrics.update(search_shards(directory, config, encode_dir, process_index, process_count,
+                               progress=progress))
+  if process_count > 1:
+    parallel.sync(f"index-searched:{directory}")
+  if process_index != 0:
+    return {}
+  metrics.update(assemble_tables(directory, config, encode_dir, say))
+  return {**metrics, "processes": process_count}
+
+
+def _encoded(encode_dir: Path, config):
+  """(meta, codebook, n, latent shape, reduction kind, provenance) of an encode folder."""
+  from rissole_jax import shards
+  rcfg = config.retrieval
+  meta = shards.read_meta(encode_dir)
+  n, shape = meta["rows"]["train"], tuple(meta["latent_shape"])
+  _check_k(int(rcfg.k), n, 1)
+  kind = reduction_kind(n, shape, config)
+  info = {"fingerprint": meta["fingerprint"], "embedding": rcfg.embedding,
           "grid": list(config.blocks.grid) if rcfg.embedding == "first_block" else None,
-          "latent_shape": list(train.shape[1:])}
-  t0 = time.perf_counter()
-  index = Index.build(emb, config, meta=meta)
-  build_s = time.perf_counter() - t0
-  say("index: %s %s over %d x %d", index.backend, index.params, *emb.shape)
+          "latent_shape": list(shape), "reduce": kind}
+  return meta, shards.codebook(encode_dir, meta), n, shape, kind, info
 
-  t0 = time.perf_counter()
-  nb_train = _search_rows(index, emb, k, np.arange(len(emb)), progress, "neighbours (train)")
-  train_s = time.perf_counter() - t0
-  nb_heldout, qps = _timed_search(index, q, k)
-  m = min(len(q), _RECALL_QUERIES)
-  exact_qps, recall = _compare_with_exact(emb, q[:m], nb_heldout[:m], k, rcfg.query_batch)
-  say("recall@%d %.4f vs exact on %d held-out queries; %.0f qps (exact %.0f qps)",
-      k, recall, m, qps, exact_qps)
 
+def build_index(directory: Path, config, encode_dir: Path,
+                say: Callable[..., None] = log.info) -> dict:
+  """Fits the reduced embedding, embeds the train split a chunk at a time,
+  builds the index and saves it under `directory` (one process)."""
+  from rissole_jax import shards
+  directory, encode_dir = Path(directory), Path(encode_dir)
+  meta, cb, n, shape, kind, info = _encoded(encode_dir, config)
   directory.mkdir(parents=True, exist_ok=True)
   _remove(directory / "neighbours.json")
+  shutil.rmtree(directory / "parts", ignore_errors=True)
+  t0 = time.perf_counter()
+  # A shard at a time: the codes of the whole database are never in memory.
+  reduction = fit_reduction(lambda ids: shards.rows_at(encode_dir, meta, "train", ids), cb,
+                            shape, config, n=n)
+  emb = np.empty((n, embedding_dim(shape, config, reduction)), np.float32)
+  for start, rows in shards.iter_shards(encode_dir, meta, "train"):
+    emb[start:start + len(rows)] = embed_rows(rows, cb, config, reduction)
+  embed_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  index = Index.build(emb, config, meta=info, reduction=reduction)
+  build_s = time.perf_counter() - t0
+  say("index: %s %s over %d x %d (embedding %s, reduced: %s)", index.backend, index.params,
+      *emb.shape, config.retrieval.embedding, kind)
   index.save(directory)
-  wd.atomic_save_npy(directory / "neighbours_train.npy", nb_train)
-  wd.atomic_save_npy(directory / "neighbours_heldout.npy", nb_heldout)
+  (directory / "parts").mkdir(exist_ok=True)
+  return {"build_seconds": build_s, "embed_seconds": embed_s}
+
+
+def search_shards(directory: Path, config, encode_dir: Path, process_index: int = 0,
+                  process_count: int = 1, limit: int | None = None,
+                  progress: Callable[..., object] | None = None) -> dict:
+  """This process's share of the neighbour tables: the saved index searched
+  with the queries of encode shards process_index, +process_count, ... of
+  each split (at most `limit` per split: for benchmarks), one part file each."""
+  from rissole_jax import shards
+  directory, encode_dir = Path(directory), Path(encode_dir)
+  meta, cb, n, _, _, _ = _encoded(encode_dir, config)
+  k = int(config.retrieval.k)
+  # Every process searches with the index as saved (process 0 too), so the
+  # tables cannot depend on which process built it.
+  index = Index.load(directory, {"fingerprint": meta["fingerprint"], "n": n},
+                     config.retrieval.query_batch)
+  t0, searched = time.perf_counter(), 0
+  for split in meta["rows"]:
+    mine = shards.mine(shards.num_shards(meta, split), process_index, process_count)[:limit]
+    bar = progress(total=len(mine), desc=f"neighbours ({split})") if progress else None
+    for i in mine:
+      rows, _ = shards.read_shard(encode_dir, meta, split, i)
+      start = shards.shard_start(meta, split, i)
+      q = embed_rows(rows, cb, config, index.reduction)
+      exclude = start + np.arange(len(q)) if split == "train" else None
+      ids = index.search(q, k, exclude)[0] if len(q) else np.zeros((0, k), np.int32)
+      wd.atomic_save_npy(directory / "parts" / f"{split}-{i:05d}.npy", ids)
+      searched += len(q)
+      if bar is not None:
+        bar.update(1)
+    if bar is not None:
+      bar.close()
+  seconds = time.perf_counter() - t0
+  return {"neighbours_seconds": seconds, "queries_searched": searched,
+          "queries_per_second": searched / max(seconds, 1e-9)}
+
+
+def assemble_tables(directory: Path, config, encode_dir: Path,
+                    say: Callable[..., None] = log.info) -> dict:
+  """The neighbour tables from every shard's part, their manifest, and recall
+  against exact search (one process, once every part is written)."""
+  from rissole_jax import shards
+  directory, encode_dir = Path(directory), Path(encode_dir)
+  meta, cb, n, _, kind, info = _encoded(encode_dir, config)
+  rcfg, k = config.retrieval, int(config.retrieval.k)
+  index = Index.load(directory, {"fingerprint": meta["fingerprint"], "n": n}, rcfg.query_batch)
+  tables = {}
+  for split in ("train", "heldout"):
+    parts = [directory / "parts" / f"{split}-{i:05d}.npy"
+             for i in range(shards.num_shards(meta, split) if split in meta["rows"] else 0)]
+    missing = [p for p in parts if not p.exists()]
+    if missing:
+      raise IndexMismatch(f"{missing[0]} is missing: a process did not search its shards. "
+                          + _fix(directory, "index"))
+    tables[split] = (np.concatenate([np.load(p) for p in parts]) if parts
+                     else np.zeros((0, k), np.int32))
+    wd.atomic_save_npy(directory / f"neighbours_{split}.npy", tables[split])
+  shutil.rmtree(directory / "parts", ignore_errors=True)
   write_manifest(directory / "neighbours.json",
                  ["neighbours_train.npy", "neighbours_heldout.npy"],
-                 {**meta, "k": k, "n_train": len(train), "n_heldout": len(heldout),
+                 {**info, "k": k, "n_train": n, "n_heldout": len(tables["heldout"]),
                   "backend": index.backend, "params": index.params})
-  return {"recall_at_k": recall, "build_seconds": build_s, "queries_per_second": qps,
-          "exact_queries_per_second": exact_qps, "neighbours_train_seconds": train_s,
-          "n_database": len(train), "dim": emb.shape[1], "k": k,
-          "scann": float(index.backend == "scann")}
 
-
-def _search_rows(index, emb, k, exclude, progress, desc):
-  """Neighbour table for database rows, in pieces so a progress bar can move."""
-  out = np.empty((len(emb), k), np.int32)
-  step = max(index.query_batch, 8192)
-  bar = progress(total=len(emb), desc=desc) if progress else None
-  for s in range(0, len(emb), step):
-    out[s:s + step], _ = index.search(emb[s:s + step], k, exclude[s:s + step])
-    if bar is not None:
-      bar.update(len(out[s:s + step]))
-  if bar is not None:
-    bar.close()
+  held = shards.read_split(encode_dir, meta, "heldout")[0]
+  m = 0 if held is None else min(len(held), _RECALL_QUERIES)
+  exact_qps, recall = 0.0, 1.0
+  dim = index.dim
+  if m:  # exact search streamed over the shards, in the index's space
+    q = embed_rows(held[:m], cb, config, index.reduction)
+    t0 = time.perf_counter()
+    _, exact_scores = exact_search_rows(encode_dir, meta, cb, config, q, k, index.reduction)
+    exact_qps = m / (time.perf_counter() - t0)
+    found = embed_rows(shards.rows_at(encode_dir, meta, "train", tables["heldout"][:m].ravel()),
+                       cb, config, index.reduction)
+    recall = recall_at_k(found, q, np.arange(m * k).reshape(m, k), exact_scores)
+  out = {"recall_at_k": recall, "exact_queries_per_second": exact_qps, "n_database": n,
+         "dim": dim, "k": k, "scann": float(index.backend == "scann")}
+  say("recall@%d %.4f vs exact on %d held-out queries (exact %.0f qps)", k, recall, m, exact_qps)
+  if index.reduction is not None and m:
+    mf = min(m, _RECALL_QUERIES_FULL)
+    out["recall_at_k_full_space"] = recall_in_full_space(
+        encode_dir, meta, cb, config, held[:mf], tables["heldout"][:mf], k)
+    say("recall@%d of the %s embedding vs exact search in the full space: %.4f (%d queries)",
+        k, kind, out["recall_at_k_full_space"], mf)
   return out
 
 
-def _timed_search(index, q, k):
-  """(neighbours of the queries q, queries per second)."""
-  if len(q) == 0:
-    return np.zeros((0, k), np.int32), 0.0
-  index.search(q[:64], k)  # warm up (first-call costs)
-  t0 = time.perf_counter()
-  ids, _ = index.search(q, k)
-  return ids, len(q) / (time.perf_counter() - t0)
+_RECALL_QUERIES_FULL = 200  # the full space is large: fewer queries (streamed over the database)
 
 
-def _compare_with_exact(emb, q, ids, k, query_batch):
-  """(exact qps, recall@k of `ids` against exact search) on queries q."""
-  if len(q) == 0:
-    return 0.0, 1.0
-  exact_search(emb, q[:query_batch], k, query_batch)  # compile outside the clock
-  t0 = time.perf_counter()
-  _, exact_scores = exact_search(emb, q, k, query_batch)
-  exact_qps = len(q) / (time.perf_counter() - t0)
-  return exact_qps, recall_at_k(emb, q, ids, exact_scores)
+def exact_search_rows(encode_dir: Path, meta: dict, codebook: np.ndarray | None, config,
+                      queries: np.ndarray, k: int, reduction: Reduction | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """exact_search over the embeddings of the train split, streamed shard by
+  shard (and chunk by chunk): for recall where the database cannot be held."""
+  from rissole_jax import shards
+  best_i = np.zeros((len(queries), 0), np.int64)
+  best_s = np.zeros((len(queries), 0), np.float32)
+  step = 16384
+  for start, rows in shards.iter_shards(encode_dir, meta, "train"):
+    for s in range(0, len(rows), step):
+      emb = embed_rows(rows[s:s + step], codebook, config, reduction)
+      i, sc = exact_search(emb, queries, min(k, len(emb)))
+      ci, cs = np.concatenate([best_i, i + start + s], 1), np.concatenate([best_s, sc], 1)
+      order = np.lexsort((ci, -cs), axis=1)[:, :k]
+      best_i, best_s = np.take_along_axis(ci, order, 1), np.take_along_axis(cs, order, 1)
+  return best_i.astype(np.int32), best_s
+
+
+def recall_in_full_space(encode_dir: Path, meta: dict, codebook, config, query_rows, ids,
+                         k: int) -> float:
+  """recall@k of neighbour ids (found in a reduced space) against exact
+  search in the full embedding space (streamed over the train shards)."""
+  from rissole_jax import shards
+  q = embed_rows(query_rows, codebook, config)
+  _, exact_scores = exact_search_rows(encode_dir, meta, codebook, config, q, k)
+  found = embed_rows(shards.rows_at(encode_dir, meta, "train", np.asarray(ids).ravel()),
+                     codebook, config).reshape(*ids.shape, -1)
+  true = np.einsum("qd,qkd->qk", q, found)
+  return float((true >= exact_scores[:, -1:] - 1e-5).mean())
 
 
 # ---------------------------------------------------------------------------
@@ -580,16 +838,19 @@ def _compare_with_exact(emb, q, ids, k, query_batch):
 
 @dataclasses.dataclass
 class Database:
-  """Latents, labels and neighbour tables; what training and sampling read.
+  """Code indices (or float latents), labels and neighbour tables; what
+  training and sampling read.
 
-  neighbours[i] are the k ids (into `latents`) nearest to item i, never i
+  neighbours[i] are the k ids (into the rows) nearest to item i, never i
   itself; heldout_neighbours[j] are the k ids nearest to held-out item j.
-  Held-out arrays have 0 rows for a swapped-in database.
+  Held-out arrays have 0 rows for a swapped-in database. `latents` looks the
+  codes up in the codebook (the whole database as float32: for small ones).
   """
-  latents: np.ndarray             # (N, h, w, c) float32
+  rows: np.ndarray                # (N, h, w) uint8/uint16 codes, or (N, h, w, c) float32
+  codebook: np.ndarray | None     # (K, c) float32; None: rows are float latents
   labels: np.ndarray              # (N,) int32, -1 where unknown
   neighbours: np.ndarray          # (N, k) int32
-  heldout_latents: np.ndarray     # (M, h, w, c) float32
+  heldout_rows: np.ndarray        # (M, ...) as rows
   heldout_labels: np.ndarray      # (M,) int32
   heldout_neighbours: np.ndarray  # (M, k) int32
   fingerprint: str                # of the autoencoder that made the latents
@@ -599,11 +860,35 @@ class Database:
   index_dir: Path
 
   def __len__(self) -> int:
-    return len(self.latents)
+    return len(self.rows)
+
+  @property
+  def codes(self) -> np.ndarray | None:
+    return self.rows if self.codebook is not None else None
+
+  @property
+  def latent_shape(self) -> tuple:
+    if self.codebook is None:
+      return tuple(self.rows.shape[1:])
+    return (*self.rows.shape[1:], self.codebook.shape[1])
+
+  @functools.cached_property
+  def latents(self) -> np.ndarray:
+    return self._float(self.rows)
+
+  @functools.cached_property
+  def heldout_latents(self) -> np.ndarray:
+    return self._float(self.heldout_rows)
+
+  def _float(self, rows):
+    from rissole_jax import codes as codes_lib
+    if self.codebook is None:
+      return rows
+    return codes_lib.from_codes(rows, self.codebook)
 
   def load_index(self, config=None) -> Index:
-    """The saved index (for new queries: `index.search(embed(z, config), k)`).
-    Where ScaNN made it but is missing here, exact search over the latents."""
+    """The saved index (for new queries: `index.search(index.embed(z, config), k)`).
+    Where ScaNN made it but is missing here, exact search over the database."""
     qb = config.retrieval.query_batch if config is not None else 1024
     if _read_json(self.index_dir / "index.json").get("backend") == "scann":
       try:
@@ -613,9 +898,11 @@ class Database:
         if config is None:
           raise ConfigError("load_index(config) needs the config to embed the latents for "
                             "exact search where ScaNN is missing.") from e
-        emb = embed(self.latents, config)
+        meta = read_manifest(self.index_dir / "index.json", "index")
+        reduction = load_reduction(self.index_dir, meta)
+        emb = embed_rows(self.rows, self.codebook, config, reduction)
         return Index("exact", *emb.shape, {"structure": "exact"}, embeddings=emb,
-                     query_batch=qb)
+                     query_batch=qb, reduction=reduction)
     return Index.load(self.index_dir, {"fingerprint": self.fingerprint, "n": len(self)}, qb)
 
 
@@ -623,26 +910,32 @@ def open_database(encode_dir: Path, index_dir: Path, config,
                   fingerprint: str | None = None, mmap: bool = False) -> Database:
   """A Database from an encode folder and an index folder, after checking that
   both are complete, come from the same autoencoder (and `fingerprint`, if
-  given), and match config.retrieval (k, embedding, grid)."""
-  enc, splits = read_latents(encode_dir, mmap)
+  given), and match config.retrieval (k, embedding, grid, reduction)."""
+  from rissole_jax import shards
+  enc = shards.read_meta(encode_dir)
   nmeta = read_manifest(Path(index_dir) / "neighbours.json", "neighbour tables")
+  nmeta.setdefault("reduce", "none")  # tables from before the reduced embeddings
   rcfg = config.retrieval
+  n = enc["rows"]["train"]
   want = {"fingerprint": enc["fingerprint"], "k": int(rcfg.k), "embedding": rcfg.embedding,
-          "n_train": enc["shapes"]["train"][0],
-          "grid": list(config.blocks.grid) if rcfg.embedding == "first_block" else None}
+          "n_train": n,
+          "grid": list(config.blocks.grid) if rcfg.embedding == "first_block" else None,
+          "reduce": reduction_kind(n, enc["latent_shape"], config)}
   _expect(nmeta, want, Path(index_dir) / "neighbours.json", "neighbour tables")
   if fingerprint is not None and enc["fingerprint"] != fingerprint:
     raise IndexMismatch(
         f"{encode_dir} holds latents made by another autoencoder ({enc['fingerprint']}, "
         f"this one is {fingerprint}). " + _fix(Path(encode_dir), "latents"))
-  train_z, train_y = splits["train"]
-  shape = train_z.shape[1:]
-  held_z, held_y = splits.get("heldout", (np.zeros((0, *shape), np.float32),
-                                          np.zeros((0,), np.int32)))
+  cb = shards.codebook(encode_dir, enc)
+  train_rows, train_y = shards.read_split(encode_dir, enc, "train", mmap=mmap)
+  held_rows, held_y = shards.read_split(encode_dir, enc, "heldout", mmap=mmap)
+  if held_rows is None:
+    held_rows = np.zeros((0, *train_rows.shape[1:]), train_rows.dtype)
+    held_y = np.zeros((0,), np.int32)
   return Database(
-      latents=train_z, labels=train_y,
+      rows=train_rows, codebook=cb, labels=train_y,
       neighbours=np.load(Path(index_dir) / "neighbours_train.npy"),
-      heldout_latents=held_z, heldout_labels=held_y,
+      heldout_rows=held_rows, heldout_labels=held_y,
       heldout_neighbours=np.load(Path(index_dir) / "neighbours_heldout.npy"),
       fingerprint=enc["fingerprint"], embedding=rcfg.embedding, k=int(rcfg.k),
       dataset=enc["dataset"], index_dir=Path(index_dir))
@@ -665,6 +958,7 @@ def build_database(autoencoder, source, config, out_dir: Path, say: Callable[...
   With several processes every one must call this (the encoder may be a
   collective); process 0 writes, the others wait for it and then read.
   """
+  from rissole_jax import codes as codes_lib
   from rissole_jax import parallel
   out_dir = Path(out_dir)
   try:
@@ -682,8 +976,10 @@ def build_database(autoencoder, source, config, out_dir: Path, say: Callable[...
   if parallel.process_info()[0] == 0:
     empty = (np.zeros((0, *z.shape[1:]), np.float32), np.zeros((0,), np.int32), "")
     save_latents(out_dir / "encode", autoencoder.fingerprint, source.name,
-                 {"train": (z, y, source.name), "heldout": empty})
-    index_database(out_dir / "index", config, z, empty[0], autoencoder.fingerprint, say, progress)
+                 {"train": (z, y, source.name), "heldout": empty},
+                 codebook=codes_lib.codebook_of(getattr(autoencoder, "params", None)),
+                 shard_rows=config.encode.shard_rows)
+    index_database(out_dir / "index", config, out_dir / "encode", say, progress)
   parallel.sync(f"build_database:{out_dir}")
   return open_database(out_dir / "encode", out_dir / "index", config, autoencoder.fingerprint)
 

@@ -270,10 +270,20 @@ class Database:
     """From retrieval.Database; with a codebook, latents become the exact codebook
     vectors (the encoder's straight-through output can differ in the last bit),
     so a workdir and its model file sample the same images."""
-    latents, codes = np.asarray(db.latents, np.float32), None
-    if codebook is not None:
-      codes = codes_lib.to_codes(latents, codebook)
+    codes = getattr(db, "codes", None)
+    if codebook is not None and codes is not None:  # stored as codes: of this codebook?
+      if db.codebook.shape != codebook.shape or not np.array_equal(db.codebook, codebook):
+        raise DataError(f"the database in {db.index_dir.parent} is stored as codes of another "
+                        "codebook (another VQ-GAN). Fix: re-run the encode and index stages with "
+                        "this VQ-GAN (python -m rissole_jax.main ... --only encode,index "
+                        "--overwrite).")
+      codes = np.asarray(codes)
       latents = codes_lib.from_codes(codes, codebook)
+    else:
+      latents, codes = np.asarray(db.latents, np.float32), None
+      if codebook is not None:  # float latents (an older workdir): to codes, refusing others
+        codes = codes_lib.to_codes(latents, codebook)
+        latents = codes_lib.from_codes(codes, codebook)
     return cls(latents, np.asarray(db.neighbours, np.int32), np.asarray(db.labels, np.int32),
                db.dataset, codes, saved=db)
 
@@ -285,7 +295,9 @@ class Database:
       if self.saved is not None:
         self._index = self.saved.load_index(config)
       else:
-        self._index = retrieval.Index.build(retrieval.embed(self.latents, config), config)
+        red = retrieval.fit_reduction(self.latents, None, self.latents.shape[1:], config)
+        self._index = retrieval.Index.build(retrieval.embed(self.latents, config, red), config,
+                                            reduction=red)
     return self._index
 
 
@@ -549,7 +561,7 @@ class Sampler:
       raise DataError(f"the database {self.db.name!r} has {len(self.db)} items; retrieving "
                       f"k={k} neighbours besides the query's own copies needs {k + width}.")
     index = self.db.index(self.config)
-    ids, _ = index.search(retrieval.embed(latents, self.config), k, exclude)
+    ids, _ = index.search(index.embed(latents, self.config), k, exclude)
     return ids
 
   def _copies_of(self, latents: np.ndarray):

@@ -78,18 +78,39 @@ def config_sections(config: mlc.ConfigDict, keys) -> dict:
   return _without_inert(json.loads(json.dumps(out, sort_keys=True, default=str)))
 
 
+# Keys that change nothing at these values (the behaviour before each key
+# existed): left out of fingerprints, so older workdirs keep theirs.
+INERT = {
+    "model.lego.neighbours": "channels",      # LEGO: neighbours as input channels
+    "model.block_map": "fold",                # blocks folded into the batch
+    "model.share_weights": True,
+    "model.dtype": "float32",
+    "diffusion.train.steps_per_call": 1,
+    "retrieval.reduce": "auto",               # the reduced embedding by size
+    "retrieval.reduce_dim": 256,
+    "retrieval.reduce_above_mb": 4096,
+}
+
+
 def _without_inert(sections: dict) -> dict:
-  """Leaves out keys that change nothing at their values, so that workdirs made
-  before the keys existed keep their fingerprints: the LEGO settings of a
-  U-Net model, LEGO neighbours as channels (the only way before the option),
-  and LEGO brick skipping over no part of the trajectory."""
+  """Leaves out keys that change nothing at their values (INERT), so that
+  workdirs made before the keys existed keep their fingerprints; also the LEGO
+  settings of a U-Net model, LEGO brick skipping over no part of the
+  trajectory, and the encode shard size (the files' layout, not their content)."""
   m = sections.get("model")
   if isinstance(m, dict) and m.get("backbone", "unet") == "unet":
     m.pop("backbone", None)
     m.pop("lego", None)
-  if isinstance(m, dict) and isinstance(m.get("lego"), dict) and \
-      m["lego"].get("neighbours") == "channels":
-    m["lego"].pop("neighbours")
+  e = sections.get("encode")
+  if isinstance(e, dict):
+    e.pop("shard_rows", None)
+  for dotted, value in INERT.items():
+    *path, key = dotted.split(".")
+    d = sections
+    for part in path:
+      d = d.get(part) if isinstance(d, dict) else None
+    if isinstance(d, dict) and key in d and d[key] == value:
+      d.pop(key)
   s = sections.get("sample")
   if isinstance(s, dict) and isinstance(s.get("skip"), dict) and not s["skip"].get("t_break"):
     s.pop("skip")

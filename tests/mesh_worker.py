@@ -6,6 +6,7 @@ parameters of the trained stages to WORKDIR/params.npz for comparison.
       JOB = MESH_SHAPE:WORKDIR:STAGES[:LINK_FROM]
       e.g. 8x1:/tmp/a:vqgan 2x4:/tmp/b:vqgan 8x1:/tmp/a:diffusion:/tmp/ref
   python tests/mesh_worker.py DEVICES fsdp-bytes MESH_SHAPE OUT.json
+  python tests/mesh_worker.py DEVICES gather-bytes MESH_SHAPE OUT.json
 
 The device count is fixed per process, but one 8-device process can run
 several meshes one after another (each into its own workdir), and the jobs run
@@ -16,6 +17,9 @@ reference trains from the reference's latents and index.
 
 params.npz maps "STAGE/path" to the final checkpoint's arrays (the whole
 train state of each stage the workdir's jobs trained).
+
+The `gather-bytes` form places a random database of codes for each
+diffusion.train.gather and writes the bytes per device as JSON.
 
 The `fsdp-bytes` form builds the diffusion train state of the smoke config
 sharded on the mesh (no training) and writes its per-device bytes as JSON.
@@ -56,6 +60,8 @@ def config(shape: str, data_dir: str | None = None):
   c.vqgan.disc_start = 10**6
   # Only the final checkpoint: each orbax save costs a second or two here.
   c.vqgan.train.ckpt_every = c.vqgan.train.steps
+  # Several shards of the database (4,500 digits: 5), so that two processes share them.
+  c.encode.shard_rows = 1024
   c.diffusion.train.ckpt_every = c.diffusion.train.steps
   return c
 
@@ -78,7 +84,10 @@ def link_upstream(workdir: str, link_from: str, only) -> None:
       if time.time() > deadline:
         raise TimeoutError(f"{src} did not finish within {WAIT_S}s")
       time.sleep(1.0)
-    os.symlink(src, os.path.join(workdir, s))
+    try:
+      os.symlink(src, os.path.join(workdir, s))
+    except FileExistsError:  # another process of the same job linked it first
+      pass
 
 
 def run_job(job: str, data_dir: str) -> None:
@@ -128,10 +137,48 @@ def fsdp_bytes(shape: str, out_path: str) -> None:
     json.dump(row, f, indent=1)
 
 
+def gather_bytes(shape: str, out_path: str) -> None:
+  """The database (1,001 rows of uint8 codes, its neighbour table, a codebook)
+  placed for each diffusion.train.gather: bytes per device, and the sharded
+  gather against the plain one."""
+  import jax
+  from rissole_jax.train import diffusion
+  c = config(shape)
+  mesh = parallel.make_mesh(c.mesh)
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, 256, (1001, 8, 8)).astype(np.uint8)
+  table = rng.integers(0, 1001, (1001, 3)).astype(np.int32)
+  cb = rng.standard_normal((256, 4)).astype(np.float32)
+  ids = rng.integers(0, 1001, 16).astype(np.int32)
+  row = {"codes_bytes": codes.nbytes, "table_bytes": table.nbytes, "codebook_bytes": cb.nbytes,
+         "per_device": {}, "host_bytes": {}}
+  for gather in diffusion.GATHERS:
+    (r, b, t), placed = diffusion.place_database(codes, cb, table, gather, mesh)
+    arrays = [x for x in (r, b, t) if isinstance(x, jax.Array)]
+    row["per_device"][gather] = sorted(parallel.bytes_per_device(arrays).values())
+    row["host_bytes"][gather] = placed["database_bytes_host"]
+    assert placed["database_bytes_per_device"] == max(row["per_device"][gather])
+    if gather == "sharded":
+      take = jax.jit(parallel.take_sharded(mesh))
+      row["sharded_equals_plain"] = bool(
+          np.array_equal(np.asarray(take(r, ids)), codes[ids])
+          and np.array_equal(np.asarray(take(t, ids)), table[ids])
+          and np.array_equal(np.asarray(take(r, table[ids])), codes[table[ids]]))
+      step = jax.jit(diffusion.device_gather_step(lambda s, k, z0, nb: (z0, nb),
+                                                  parallel.take_sharded(mesh)))
+      z0, nb = step(None, None, r, t, ids, b)
+      row["step_equals_plain"] = bool(np.array_equal(np.asarray(z0), cb[codes[ids]])
+                                      and np.array_equal(np.asarray(nb), cb[codes[table[ids]]]))
+  with open(out_path, "w") as f:
+    json.dump(row, f, indent=1)
+
+
 if __name__ == "__main__":
   parallel.initialize_distributed()
   if sys.argv[2] == "fsdp-bytes":
     fsdp_bytes(sys.argv[3], sys.argv[4])
+  elif sys.argv[2] == "gather-bytes":
+    gather_bytes(sys.argv[3], sys.argv[4])
   else:
     for job in sys.argv[3:]:
       run_job(job, sys.argv[2])

@@ -36,8 +36,8 @@ def test_every_stage_writes_its_outputs(smoke_run):
     assert m and all(isinstance(v, (int, float)) for v in m.values()), s
     assert (wd / s / "log.txt").exists() and json.loads((wd / s / "stage.json").read_text())["done"]
   assert {"psnr", "codebook_usage", "perplexity"} <= set(json.loads((wd / "vqgan/metrics.json").read_text()))
-  train = np.load(wd / "encode" / "train.npy")
-  assert train.dtype == np.float32 and train.shape == (4500, 8, 8, 4)
+  train = np.load(wd / "encode" / "train-00000.npy")   # code indices, one shard
+  assert train.dtype == np.uint8 and train.shape == (4500, 8, 8)
   nb = np.load(wd / "index" / "neighbours_train.npy")
   assert nb.dtype == np.int32 and nb.shape == (4500, 3)
   assert not (nb == np.arange(4500)[:, None]).any()  # never itself

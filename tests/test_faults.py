@@ -279,7 +279,7 @@ def test_leftover_partial_save_is_ignored(reference, tmp_path):
 @pytest.mark.parametrize("path,content,only,match", [
     ("diffusion/stage.json", "{trunc", "diffusion", r"diffusion/stage.json is damaged[\s\S]*delete it"),
     ("diffusion/latent_stats.json", '{"mean": [1]}', "sample", r"latent_stats.json is damaged"),
-    ("encode/train.npy", None, "diffusion", r"encode/train.npy is truncated"),
+    ("encode/train-00000.npy", None, "diffusion", r"encode/train-00000.npy is truncated"),
     ("index/neighbours_train.npy", b"\x93NUMPY garbage", "diffusion", r"neighbours_train.npy is"),
 ])
 def test_damaged_records_name_the_file(reference, tmp_path, data_dir, path, content, only, match):
@@ -414,7 +414,7 @@ def test_kill_9_at_several_points_then_identical_results(reference, tmp_path, da
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   np.testing.assert_array_equal(_samples(work), _samples(reference))
-  for name in ("train.npy", "heldout.npy"):
+  for name in ("train-00000.npy", "heldout-00000.npy"):
     np.testing.assert_array_equal(np.load(work / "encode" / name),
                                   np.load(reference / "encode" / name))
 

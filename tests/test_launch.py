@@ -24,6 +24,18 @@ def test_tpu_pod_dry_run():
   assert main[main.index("--workdir") + 1] == "$HOME/gcs/bucket/run 1"
   assert "gcsfuse" in remote
   assert "RISSOLE_DISTRIBUTED=auto" in remote
+  assert not any("data_dir" in a for a in remote)
+
+
+def test_tpu_pod_data_dir_on_gcs():
+  """--data-dir gs://...: its bucket is mounted on every worker too, and the
+  run reads the datasets from the mount."""
+  cmds = _dry("tpu_pod.sh", "--tpu", "t", "--zone", "z", "--accelerator", "v4-32",
+              "--workdir", "gs://runs/r1", "--data-dir", "gs://data/tensorflow_datasets")
+  ssh = cmds[-1]
+  remote = shlex.split(ssh[ssh.index("--command") + 1])
+  assert "$HOME/gcs/data" in " ".join(remote) and remote.count("gcsfuse") == 2
+  assert "--config.data.data_dir=$HOME/gcs/data/tensorflow_datasets" in remote
 
 
 def test_tpu_pod_requires_arguments():

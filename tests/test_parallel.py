@@ -44,6 +44,8 @@ def _train_all(root, data_dir, groups) -> dict:
            model on each mesh from the reference's latents and index (linked
            once the reference has them), so both see the same inputs
     two    2 processes on localhost (CPU collectives), 1 device each: the VQ-GAN
+    twodata  2 processes, 1 device each: the encode and index stages from the
+           reference's VQ-GAN (linked once it is trained)
   """
   procs, logs = {}, {}
 
@@ -68,6 +70,13 @@ def _train_all(root, data_dir, groups) -> dict:
       env = {"RISSOLE_COORDINATOR": f"localhost:{port}", "RISSOLE_NUM_PROCESSES": "2",
              "RISSOLE_PROCESS_ID": str(pid)}
       start("two", 1, [f"-1x1:{root / 'two'}:vqgan"], env, suffix=str(pid))
+  if "twodata" in groups:
+    port = _free_port()
+    for pid in range(2):
+      env = {"RISSOLE_COORDINATOR": f"localhost:{port}", "RISSOLE_NUM_PROCESSES": "2",
+             "RISSOLE_PROCESS_ID": str(pid)}
+      start("twodata", 1, [f"-1x1:{root / 'twodata'}:encode,index:{one}"], env,
+            suffix=str(pid))
   def kill(groups):
     for g in groups:
       for p in procs[g]:
@@ -97,7 +106,9 @@ def trained(request, tmp_path_factory, data_dir):
   this file spread over several workers still train once."""
   names = {getattr(item, "originalname", item.name) for item in request.session.items}
   groups = {g for g, test in (("eight", "test_mesh_does_not_change_results"),
-                              ("two", "test_two_processes_equal_one")) if test in names}
+                              ("two", "test_two_processes_equal_one"),
+                              ("twodata", "test_two_processes_encode_and_index_like_one"))
+            if test in names}
   base = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     base = base.parent
@@ -158,6 +169,41 @@ def test_two_processes_equal_one(trained):
   root = _check(trained, "two")
   _assert_params_equal(_params(root / "two"), _params(root / "one"), "vqgan")
   assert _metrics(root / "two", "vqgan")["devices"] == 2
+
+
+def test_two_processes_encode_and_index_like_one(trained):
+  """Each of 2 processes encodes and searches its own shards (every other
+  one of 5): the database and the neighbour tables are the same bytes as
+  one process's, and no item is its own neighbour."""
+  root = _check(trained, "twodata")
+  one, two = root / "one", root / "twodata"
+  files = sorted(p.name for p in (one / "encode").iterdir() if p.suffix in (".npy", ".json")
+                 and p.name not in ("stage.json", "metrics.json"))
+  assert "train-00004.npy" in files and "codebook.npy" in files   # 5 shards of codes
+  for name in files:
+    assert (two / "encode" / name).read_bytes() == (one / "encode" / name).read_bytes(), name
+  for name in ("neighbours_train.npy", "neighbours_heldout.npy", "neighbours.json"):
+    assert (two / "index" / name).read_bytes() == (one / "index" / name).read_bytes(), name
+  nb = np.load(two / "index" / "neighbours_train.npy")
+  assert not (nb == np.arange(len(nb))[:, None]).any()
+  assert _metrics(two, "index")["processes"] == 2
+  assert np.load(one / "encode" / "train-00000.npy").dtype == np.uint8
+
+
+def test_gather_placements_on_eight_devices(tmp_path):
+  """Codes replicated, sharded over 8 devices, or on the host: the sharded
+  gather (a psum of each device's block) equals the plain one, and the bytes
+  on each device follow the placement."""
+  out = tmp_path / "gather.json"
+  _worker(8, "gather-bytes", "8x1", out)
+  row = json.loads(out.read_text())
+  codes, table, cb = row["codes_bytes"], row["table_bytes"], row["codebook_bytes"]
+  assert row["sharded_equals_plain"] and row["step_equals_plain"]
+  per = row["per_device"]
+  assert per["device"] == [codes + table + cb] * 8
+  # 1001 rows padded to 1008: 126 rows of codes and of the table per device.
+  assert per["sharded"] == [(codes + table) * 126 // 1001 + cb] * 8
+  assert per["host"] == [cb] * 8 and row["host_bytes"]["host"] == codes + table
 
 
 def _worker(devices, *args, timeout=600):

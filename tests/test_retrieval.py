@@ -219,7 +219,7 @@ def write_database(tmp_path, c, fingerprint="ae1", n=600, m=40):
   R.save_latents(tmp_path / "encode", fingerprint, "toy",
                  {"train": (train, labels, "toy:train"),
                   "heldout": (held, np.zeros(m, np.int32), "toy:heldout")})
-  metrics = R.index_database(tmp_path / "index", c, train, held, fingerprint)
+  metrics = R.index_database(tmp_path / "index", c, tmp_path / "encode")
   return train, held, metrics
 
 
@@ -255,8 +255,8 @@ def test_database_round_trip_and_refusals(tmp_path):
   (tmp_path / "index" / "neighbours_train.npy").unlink()
   with pytest.raises(IndexMismatch, match="neighbours_train.npy is missing.*Fix: delete"):
     R.load_database(c, tmp_path)
-  (tmp_path / "encode" / "train.npy").write_bytes(b"\x93NUMPY")
-  with pytest.raises(IndexMismatch, match="train.npy is truncated"):
+  (tmp_path / "encode" / "train-00000.npy").write_bytes(b"\x93NUMPY")
+  with pytest.raises(IndexMismatch, match="train-00000.npy is truncated"):
     R.load_database(c, tmp_path)
 
 
@@ -299,10 +299,11 @@ def test_encode_and_index_stages(smoke_config, tmp_path, monkeypatch):
   enc, idx = tmp_path / "encode", tmp_path / "index"
   meta = json.loads((enc / "meta.json").read_text())
   assert meta["fingerprint"] == "fake-ae" and meta["dataset"] == "mnist_embedded"
-  train, held = np.load(enc / "train.npy"), np.load(enc / "heldout.npy")
-  assert train.dtype == held.dtype == np.float32
+  _, splits = R.read_latents(enc)   # the fake has no codebook: float32 shards
+  train, held = splits["train"][0], splits["heldout"][0]
+  assert train.dtype == held.dtype == np.float32 and meta["codes"] is False
   assert train.shape[1:] == held.shape[1:] == (8, 8, 4) and len(train) > len(held) > 0
-  assert np.load(enc / "train_labels.npy").dtype == np.int32
+  assert splits["train"][1].dtype == np.int32
   nb_train, nb_held = np.load(idx / "neighbours_train.npy"), np.load(idx / "neighbours_heldout.npy")
   k = c.retrieval.k
   assert nb_train.shape == (len(train), k) and nb_held.shape == (len(held), k)

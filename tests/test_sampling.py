@@ -213,7 +213,7 @@ def write_database(root, c, n=40):
   retrieval.save_latents(root / "encode", "fake", "toy", {
       "train": (lat, lab, "toy:train"), "heldout": (held, lab[:6], "toy:heldout")})
   c.retrieval.backend = "exact"
-  retrieval.index_database(root / "index", c, lat, held, "fake")
+  retrieval.index_database(root / "index", c, root / "encode")
   return lat
 
 

@@ -61,8 +61,8 @@ def setup(config, latents, table):
   t = config.diffusion.train
   stream = TrainStream(diffusion._Rows(len(latents)), t.batch_size, 0, 0, 1, cache=False)
   key = parallel.put_replicated(jax.random.PRNGKey(1), mesh)
-  call = diffusion.make_train_call(fns, t.gather, latents, table, stream, key, state_sh, mesh,
-                                   config.mesh.logical_axis_rules)
+  call, _ = diffusion.make_train_call(fns, t.gather, latents, None, table, stream, key,
+                                      state_sh, mesh, config.mesh.logical_axis_rules)
   n_per = t.steps_per_call
 
   def train(state, steps):

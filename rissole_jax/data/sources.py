@@ -67,6 +67,28 @@ class ArraySource:
     return self.images[indices], self.labels[indices]
 
 
+def resolve_data_dir(data_dir: str | None) -> str | None:
+  """data.data_dir as this process reads it: gs://BUCKET/PATH becomes
+  ~/gcs/BUCKET/PATH where that gcsfuse mount exists (launch/tpu_pod.sh mounts
+  it on every worker of a pod); otherwise it stays a URL, which tfds reads
+  itself where its GCS support (gcsfs or TensorFlow) is installed."""
+  if data_dir and str(data_dir).startswith("gs://"):
+    bucket, _, rest = str(data_dir)[len("gs://"):].partition("/")
+    local = Path.home() / "gcs" / bucket
+    if os.path.ismount(local) or (local / rest).is_dir():
+      return str(local / rest)
+  return data_dir
+
+
+def _cache_dir(data_dir: str | None) -> Path:
+  """Where small derived files (label row lists) go: next to the data, or
+  in the user cache for data read straight from gs:// ."""
+  if data_dir and str(data_dir).startswith("gs://"):
+    key = hashlib.sha1(str(data_dir).encode()).hexdigest()[:12]
+    return Path(os.path.expanduser("~/.cache/rissole_jax/tfds_rows")) / key
+  return Path(os.path.expanduser(data_dir or "~/tensorflow_datasets"))
+
+
 class TfdsSource:
   """A prepared tfds dataset read with `tfds.data_source` (array_record)."""
 
@@ -76,6 +98,7 @@ class TfdsSource:
     self.name = f"{name}:{split}"
     self.image_size, self.channels = image_size, channels
     self.label_key, self.image_key, self.crop = label_key, image_key, crop
+    data_dir = resolve_data_dir(data_dir)
     try:
       self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises several types here; all mean "not usable".
@@ -113,7 +136,7 @@ def _rows_with_labels(ds, label_key, keep_labels, data_dir, name, split):
   """Rows of `ds` whose label is kept; cached next to the data (a one-off scan)."""
   keep = np.asarray(sorted(keep_labels))
   tag = hashlib.sha1(keep.tobytes()).hexdigest()[:12]
-  cache = Path(os.path.expanduser(data_dir or "~/tensorflow_datasets")) / f"{name}_{split}_rows_{tag}.npy"
+  cache = _cache_dir(data_dir) / f"{name}_{split}_rows_{tag}.npy"
   if cache.exists():
     try:
       return np.load(cache)
@@ -121,7 +144,8 @@ def _rows_with_labels(ds, label_key, keep_labels, data_dir, name, split):
       pass  # damaged: a cache, so it is made again below
   labels = np.asarray([int(ds[i][label_key]) for i in range(len(ds))])
   rows = np.flatnonzero(np.isin(labels, keep)).astype(np.int64)
-  tmp = cache.with_suffix(".tmp.npy")
+  cache.parent.mkdir(parents=True, exist_ok=True)
+  tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")  # every process of a pod may write it
   np.save(tmp, rows)
   os.replace(tmp, cache)
   return rows
@@ -269,7 +293,7 @@ class FolderSource:
 def prepare_embedded(data_dir: str | None) -> None:
   """Writes the embedded MNIST split once (a few seconds, no network)."""
   from rissole_jax.data.mnist_embedded import MnistEmbedded
-  builder = MnistEmbedded(data_dir=data_dir, file_format="array_record")
+  builder = MnistEmbedded(data_dir=resolve_data_dir(data_dir), file_format="array_record")
   builder.download_and_prepare()
 
 

@@ -1,13 +1,17 @@
 """Stage 'encode': the training split (the retrieval database) and the held-out
-split through the trained VQ-GAN encoder, as plain NumPy files:
+split through the trained VQ-GAN encoder, stored as code indices in shards
+(layout in rissole_jax/shards.py):
 
-  DIR/encode/train.npy, heldout.npy                float32 (N, h, w, c)
-  DIR/encode/train_labels.npy, heldout_labels.npy  int32 (N,), -1 where unknown
-  DIR/encode/meta.json   autoencoder fingerprint, dataset, shapes, checksums
+  DIR/encode/codebook.npy                    (K, c) float32
+  DIR/encode/{split}-{i:05d}.npy             (rows, h, w) uint8/uint16 codes
+  DIR/encode/{split}-{i:05d}_labels.npy      int32 (rows,), -1 where unknown
+  DIR/encode/{split}-{i:05d}.json            the shard's manifest
+  DIR/encode/meta.json   fingerprint, dataset, shapes, every file's checksum
 
-Every process encodes everything, in source order: the encoder may be a jitted
-function over a mesh that spans all processes, which every process must call
-anyway, and the result is then identical everywhere. Only process 0 writes.
+Each process encodes its own shards (every P-th, encode.shard_rows rows each)
+on its own devices, so N images cost N / P per process and no process holds
+more than a shard of latents; process 0 writes meta.json once every shard is
+there. A rerun skips the shards already written (resumes).
 """
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ import time
 
 import numpy as np
 
-from rissole_jax import retrieval
-from rissole_jax.data import HELDOUT, TRAIN, load_source
+from rissole_jax import codes as codes_lib
+from rissole_jax import parallel, retrieval, shards
+from rissole_jax.data import HELDOUT, TRAIN, load_source, to_float
 
 
 def load_autoencoder(config, vqgan_dir):
@@ -25,37 +30,117 @@ def load_autoencoder(config, vqgan_dir):
   return load(config, vqgan_dir)
 
 
+def local_autoencoder(ae):
+  """The autoencoder on this process's devices only: with several processes
+  each encodes different images, so the encoder must not be a collective
+  over a mesh that spans them."""
+  import jax
+  if jax.process_count() == 1 or not hasattr(ae, "mesh"):
+    return ae
+  from rissole_jax.train.vqgan import Autoencoder
+  mesh = parallel.local_mesh(ae.config.mesh)
+  return Autoencoder(ae.config, jax.tree.map(parallel.to_host, ae.params), mesh)
+
+
+def encode_rows(ae, source, start: int, stop: int, batch_size: int,
+                codebook: np.ndarray | None, bar=None) -> tuple[np.ndarray, np.ndarray]:
+  """Rows [start, stop) as code indices (float latents without a codebook),
+  converted a few batches at a time: the shard never exists as float32."""
+  shape = tuple(ae.latent_shape) if codebook is None else tuple(ae.latent_shape[:-1])
+  dtype = np.float32 if codebook is None else codes_lib.code_dtype(len(codebook))
+  rows, labels = np.empty((stop - start, *shape), dtype), np.empty((stop - start,), np.int32)
+  step = batch_size * 8
+  direct = codebook is not None and hasattr(ae, "encode_codes")
+  for s in range(start, stop, step):
+    e = min(s + step, stop)
+    if direct:  # the quantizer's indices: exact, and no nearest-code search
+      images, labels[s - start:e - start] = source.get(np.arange(s, e))
+      rows[s - start:e - start] = ae.encode_codes(to_float(images), batch_size=batch_size)
+      if bar is not None:
+        bar.update(e - s)
+      continue
+    z, labels[s - start:e - start] = retrieval.encode_source(ae, source, batch_size, bar, s, e)
+    rows[s - start:e - start] = z if codebook is None else codes_lib.to_codes(z, codebook)
+  return rows, labels
+
+
 def run(ctx) -> dict:
   cfg = ctx.config
   ae = load_autoencoder(cfg, ctx.dir("vqgan"))
   ctx.log("autoencoder %s: latent %s, f=%s", ae.fingerprint, tuple(ae.latent_shape), ae.f)
-  splits, metrics = {}, {}
+  codebook = codes_lib.codebook_of(getattr(ae, "params", None))
+  local = local_autoencoder(ae)
+  shard_rows = int(cfg.encode.shard_rows)
+  info, metrics = {}, {}
   for split in (TRAIN, HELDOUT):
     source = load_source(cfg.data, split)
-    t0 = time.perf_counter()
-    with ctx.progress(total=len(source), desc=f"encode {split}") as bar:
-      z, labels = retrieval.encode_source(ae, source, cfg.encode.batch_size, bar)
+    ranges = shards.ranges(len(source), shard_rows)
+    mine = shards.mine(len(ranges), ctx.process_index, ctx.process_count)
+    t0, done = time.perf_counter(), 0
+    with ctx.progress(total=sum(ranges[i][1] - ranges[i][0] for i in mine),
+                      desc=f"encode {split}") as bar:
+      for i in mine:
+        start, stop = ranges[i]
+        if shards.shard_done(ctx.stage_dir, split, i, start, stop, ae.fingerprint):
+          bar.update(stop - start)
+          continue
+        rows, labels = encode_rows(local, source, start, stop, cfg.encode.batch_size,
+                                   codebook, bar)
+        shards.write_shard(ctx.stage_dir, split, i, start, rows, labels, ae.fingerprint)
+        done += stop - start
     seconds = time.perf_counter() - t0
-    ctx.log("%s: %d images of %s -> latents %s in %.1fs", split, len(z), source.name,
-            z.shape[1:], seconds)
-    splits[split] = (z, labels, source.name)
-    metrics[f"n_{split}"] = len(z)
+    ctx.log("%s: %d images of %s in %d shards (%d here, %d encoded now) in %.1fs", split,
+            len(source), source.name, len(ranges), len(mine), done, seconds)
+    info[split] = (len(source), shard_rows, source.name)
+    metrics[f"n_{split}"] = len(source)
     if split == TRAIN:  # data.bad_images=skip: the files left out (both splits)
       metrics["bad_images"] = len(getattr(source, "bad_files", ()))
-    metrics[f"{split}_images_per_second"] = len(z) / max(seconds, 1e-9)
-  if ctx.is_main:
-    retrieval.save_latents(ctx.stage_dir, ae.fingerprint, cfg.data.name, splits)
-  train = splits[TRAIN][0]
-  metrics.update(latent_dim=int(np.prod(train.shape[1:])), latent_std=float(train.std()),
-                 train_duplicate_fraction=_duplicate_fraction(train))
+    metrics[f"{split}_images_per_second"] = done / max(seconds, 1e-9)
+  parallel.sync(f"encoded:{ctx.stage_dir}")
+  if not ctx.is_main:
+    return metrics
+  meta = shards.finish(ctx.stage_dir, ae.fingerprint, cfg.data.name, codebook, info,
+                       ae.latent_shape)
+  # Shard by shard: process 0 never holds the whole database here either.
+  hashes, s1, s2, count, nbytes = [], 0.0, 0.0, 0, 0
+  for _, rows in shards.iter_shards(ctx.stage_dir, meta, TRAIN):
+    hashes.append(_row_hashes(rows))
+    z = np.asarray(rows) if codebook is None else None
+    if codebook is not None:  # the sums of the latents, from the code counts
+      c = np.bincount(np.asarray(rows).ravel(), minlength=len(codebook)).astype(np.float64)
+      cb = codebook.astype(np.float64)
+      s1, s2 = s1 + (c @ cb).sum(), s2 + (c @ (cb * cb)).sum()
+      count += int(c.sum()) * cb.shape[1]
+    else:
+      s1, s2, count = s1 + float(z.sum(dtype=np.float64)), s2 + float(np.square(z, dtype=np.float64).sum()), count + z.size
+    nbytes += rows.nbytes
+  mean = s1 / max(count, 1)
+  metrics.update(latent_dim=int(np.prod(ae.latent_shape)), processes=ctx.process_count,
+                 train_duplicate_fraction=_duplicate_fraction(np.concatenate(hashes)),
+                 database_bytes=int(nbytes),
+                 database_bytes_as_float32=int(info[TRAIN][0] * np.prod(ae.latent_shape) * 4),
+                 latent_std=float(np.sqrt(max(s2 / max(count, 1) - mean * mean, 0.0))))
   return metrics
 
 
-def _duplicate_fraction(z: np.ndarray) -> float:
-  """Share of rows with an exact twin: quantized latents can repeat, and the
-  neighbour tables must then still exclude the query by id."""
-  if len(z) == 0:
+def _row_hashes(rows: np.ndarray) -> np.ndarray:
+  """A 64-bit hash of each row's bytes (for counting exact twins in 8 bytes a row)."""
+  b = np.ascontiguousarray(rows).reshape(len(rows), -1).view(np.uint8)
+  pad = (-b.shape[1]) % 8
+  if pad:
+    b = np.concatenate([b, np.zeros((len(b), pad), np.uint8)], 1)
+  words = b.view(np.uint64)
+  mult = np.random.default_rng(0).integers(1, 2**63, words.shape[1], dtype=np.uint64) | np.uint64(1)
+  h = np.zeros(len(rows), np.uint64)
+  for j in range(words.shape[1]):  # multiply-add over the words, wrapping mod 2**64
+    h = (h ^ (words[:, j] * mult[j])) * np.uint64(0x9E3779B97F4A7C15)
+  return h
+
+
+def _duplicate_fraction(hashes: np.ndarray) -> float:
+  """Share of rows with an exact twin (equal hashes): quantized latents can
+  repeat, and the neighbour tables must then still exclude the query by id."""
+  if len(hashes) == 0:
     return 0.0
-  rows = np.ascontiguousarray(z.reshape(len(z), -1)).view(np.dtype((np.void, z[0].nbytes)))
-  _, inverse, counts = np.unique(rows.ravel(), return_inverse=True, return_counts=True)
+  _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
   return float((counts[inverse] > 1).mean())

@@ -1,7 +1,8 @@
 """The diffusion stage: trains the (block) denoiser on the latent database.
 
 One jitted step: gather the batch's latents and its neighbours' latents (on
-the devices by default, from the database held replicated there), cut them
+the devices by default: code indices gathered from the database held there,
+replicated or sharded, then looked up in the codebook), cut them
 into blocks folded into the batch, draw one timestep per denoiser example
 (per block), noise, predict, update, EMA. Randomness is fold_in(key, step) and
 batches are a pure function of (seed, step), so a resumed run continues
@@ -10,7 +11,6 @@ exactly where the interrupted one stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -30,24 +30,26 @@ from rissole_jax.errors import ConfigError, DataError
 from rissole_jax.models import unet
 from rissole_jax.train import checkpoints, guard, optim
 
-GATHERS = ("device", "host")
+GATHERS = ("device", "sharded", "host")
 
 
 # ---------------------------------------------------------------------------
 # The latent database (from the encode and index stages).
 
 def load_database(config, root: Path):
-  """retrieval.Database of the encode and index stages under `root`: .latents
-  (N, h, w, c), .neighbours (N, k), .labels, held-out arrays."""
+  """retrieval.Database of the encode and index stages under `root`: .rows
+  (N, h, w) codes with .codebook (or float latents), .neighbours (N, k),
+  .labels, held-out arrays."""
   from rissole_jax import retrieval
-  return retrieval.load_database(config, Path(root))
+  # Memory-mapped code shards: a sharded placement reads only its rows.
+  return retrieval.load_database(config, Path(root), mmap=True)
 
 
 def check_database(db) -> None:
   n, k = db.neighbours.shape
-  if n != len(db.latents):
-    raise DataError(f"neighbour table has {n} rows but the database {len(db.latents)} latents.")
-  if db.neighbours.min() < 0 or db.neighbours.max() >= len(db.latents):
+  if n != len(db):
+    raise DataError(f"neighbour table has {n} rows but the database {len(db)} latents.")
+  if db.neighbours.min() < 0 or db.neighbours.max() >= len(db):
     raise DataError("neighbour table holds ids outside the database.")
   if np.any(db.neighbours == np.arange(n)[:, None]):
     raise DataError("neighbour table lists an item as its own neighbour: a query must "
@@ -59,6 +61,20 @@ def latent_stats(latents: np.ndarray) -> dict:
   (z - mean) / std, about unit variance whatever scale the VQ-GAN chose."""
   z = np.asarray(latents, np.float64).reshape(-1, latents.shape[-1])
   return {"mean": z.mean(0).astype(np.float32), "std": np.maximum(z.std(0), 1e-6).astype(np.float32)}
+
+
+def database_stats(rows: np.ndarray, codebook: np.ndarray | None) -> dict:
+  """latent_stats of a database of code indices, from how often each code
+  occurs (no float copy of the database); float rows as latent_stats."""
+  if codebook is None:
+    return latent_stats(rows)
+  counts = np.zeros(len(codebook), np.float64)
+  for s in range(0, len(rows), 65536):
+    counts += np.bincount(np.asarray(rows[s:s + 65536]).ravel(), minlength=len(codebook))
+  cb, total = codebook.astype(np.float64), counts.sum()
+  mean = counts @ cb / total
+  var = np.maximum(counts @ (cb * cb) / total - mean * mean, 0.0)
+  return {"mean": mean.astype(np.float32), "std": np.maximum(np.sqrt(var), 1e-6).astype(np.float32)}
 
 
 def normalise(z, stats):
@@ -162,29 +178,71 @@ def make_train_step(model, schedule, tx, config):
   return step
 
 
-def device_gather_step(step):
-  """The step with the batch gathered inside the jit: the database latents and
-  neighbour table live on the devices, only the batch's ids travel."""
-  def gstep(state, key, latents, table, ids):
-    return step(state, key, latents[ids], latents[table[ids]])
+def lookup(rows, codebook):
+  """Latents of gathered database rows: code indices looked up in the
+  (normalised) codebook; rows without a codebook are float latents already."""
+  return rows if codebook is None else jnp.take(codebook, rows.astype(jnp.int32), axis=0)
+
+
+def _take(rows, ids):
+  return rows[ids]
+
+
+def device_gather_step(step, take=_take):
+  """The step with the batch gathered inside the jit: the database (codes, or
+  float latents when codebook is None) and neighbour table live on the
+  devices, only the batch's ids travel. take(rows, ids): a plain gather, or
+  parallel.take_sharded(mesh) for tables split over the mesh."""
+  def gstep(state, key, latents, table, ids, codebook=None):
+    return step(state, key, lookup(take(latents, ids), codebook),
+                lookup(take(latents, take(table, ids)), codebook))
   return gstep
 
 
 def scan_steps(step, gather: bool):
   """Several steps in one call (lax.scan; diffusion.train.steps_per_call) of
   `step` (a gather step or a host-batch step). The batch inputs carry the
-  steps on axis 1, batch-major ((B, N) ids, or (B, N, ...) latents), so they
+  steps on axis 1, batch-major ((B, N) ids, or (B, N, ...) rows), so they
   shard over the batch as one step's do; metrics come back as (N,) arrays.
   Each step folds its own counter into the key: N steps per call are N steps."""
   steps_first = lambda a: jnp.swapaxes(a, 0, 1)
   if gather:
-    def gathered(state, key, latents, table, ids):
-      return jax.lax.scan(lambda s, i: step(s, key, latents, table, i), state, steps_first(ids))
+    def gathered(state, key, rows, table, ids, codebook=None):
+      return jax.lax.scan(lambda s, i: step(s, key, rows, table, i, codebook), state,
+                          steps_first(ids))
     return gathered
 
-  def host(state, key, z0, nb):
-    return jax.lax.scan(lambda s, b: step(s, key, *b), state, (steps_first(z0), steps_first(nb)))
+  def host(state, key, z0, nb, codebook=None):
+    return jax.lax.scan(lambda s, b: step(s, key, *b, codebook), state,
+                        (steps_first(z0), steps_first(nb)))
   return host
+
+
+def host_gather_step(step):
+  """The step for batches gathered on the host: code rows (or float latents)
+  travel, the codebook lookup runs on the device."""
+  def hstep(state, key, z0, nb, codebook=None):
+    return step(state, key, lookup(z0, codebook), lookup(nb, codebook))
+  return hstep
+
+
+def place_database(rows, codebook, table, gather: str, mesh):
+  """(rows, codebook, table) placed for the gather: device -> replicated on
+  every device; sharded -> rows and table split over the mesh, codebook
+  replicated; host -> the codebook alone on the devices. Also returns the
+  bytes this places on each device and keeps in host memory."""
+  cb = None if codebook is None else parallel.put_replicated(codebook, mesh)
+  if gather == "device":
+    placed = (parallel.put_replicated(rows, mesh), cb, parallel.put_replicated(table, mesh))
+  elif gather == "sharded":
+    placed = (parallel.put_rows_sharded(rows, mesh), cb, parallel.put_rows_sharded(table, mesh))
+  else:
+    placed = (rows, cb, table)
+  on_device = [x for x in placed if isinstance(x, jax.Array)]
+  per_device = parallel.bytes_per_device(on_device)
+  host = int(rows.nbytes + table.nbytes) if gather == "host" else 0
+  return placed, {"database_bytes_per_device": max(per_device.values(), default=0),
+                  "database_bytes_host": host}
 
 
 class _Rows:
@@ -207,10 +265,11 @@ class Parts:
   schedule: object
   tx: optax.GradientTransformation
   step: object          # (state, key, z0, nb) -> (state, metrics)
-  gather_step: object   # (state, key, latents, table, ids) -> (state, metrics)
+  gather_step: object   # (state, key, rows, table, ids[, codebook]) -> (state, metrics)
+  host_step: object     # (state, key, z0 rows, nb rows[, codebook]) -> (state, metrics)
   eval_loss: object     # (params, z0, nb, key) -> per-image loss, no condition dropout
-  steps: object         # step over several steps: (state, key, z0 (B, N, ...), nb) (scan_steps)
-  gather_steps: object  # gather_step over several: (state, key, latents, table, ids (B, N))
+  steps: object         # host_step over several steps: z0, nb rows (B, N, ...) (scan_steps)
+  gather_steps: object  # gather_step over several: ids (B, N)
 
 
 _PARTS: dict = {}
@@ -229,9 +288,9 @@ def parts(config, latent_shape) -> Parts:
     eval_loss = loss_fn(model, schedule, config.diffusion.prediction, 0.0, per_image=True)
     if len(_PARTS) >= 4:
       _PARTS.pop(next(iter(_PARTS)))
-    gstep = device_gather_step(step)
-    _PARTS[key] = Parts(model, schedule, tx, step, gstep, eval_loss,
-                        scan_steps(step, gather=False), scan_steps(gstep, gather=True))
+    gstep, hstep = device_gather_step(step), host_gather_step(step)
+    _PARTS[key] = Parts(model, schedule, tx, step, gstep, hstep, eval_loss,
+                        scan_steps(hstep, gather=False), scan_steps(gstep, gather=True))
   return _PARTS[key]
 
 
@@ -264,14 +323,20 @@ def run(ctx) -> dict:
   config, t = ctx.config, ctx.config.diffusion.train
   check_config(config, expected_latent_shape(config))  # config errors before reading anything
   db = load_database(config, ctx.root)
-  latent_shape = tuple(db.latents.shape[1:])
+  latent_shape = tuple(db.latent_shape)
   k = db.neighbours.shape[1]
   check_config(config, latent_shape, k)   # the grid et al., before any work
   check_database(db)
-  stats = latent_stats(db.latents)
-  latents = normalise(db.latents, stats).astype(np.float32)
-  ctx.log("database: %d latents of %s, k=%d; grid %s -> blocks %s; latent std %s",
-          len(latents), latent_shape, k, tuple(config.blocks.grid),
+  stats = database_stats(db.rows, db.codebook)
+  # Codes stay codes: the codebook is normalised instead of the database (the
+  # same numbers: a lookup commutes with the per-channel affine map).
+  if db.codebook is None:
+    rows, codebook = normalise(np.asarray(db.rows), stats).astype(np.float32), None
+  else:
+    rows, codebook = db.rows, normalise(db.codebook, stats).astype(np.float32)
+  ctx.log("database: %d %s of %s, k=%d; grid %s -> blocks %s; latent std %s",
+          len(rows), "latents" if codebook is None else f"code rows ({rows.dtype})",
+          latent_shape, k, tuple(config.blocks.grid),
           blk.block_shape(latent_shape, config.blocks.grid), np.round(stats["std"], 3))
 
   mesh = parallel.make_mesh(config.mesh)
@@ -298,10 +363,12 @@ def run(ctx) -> dict:
     wd.atomic_write_json(ctx.stage_dir / "latent_stats.json", stats_out)
 
   key = parallel.put_replicated(jax.random.PRNGKey(config.seed + 1), mesh)
-  stream = TrainStream(_Rows(len(latents)), t.batch_size, config.seed,
+  stream = TrainStream(_Rows(len(rows)), t.batch_size, config.seed,
                        ctx.process_index, ctx.process_count, cache=False)
-  train_call = make_train_call(fns, t.gather, latents, db.neighbours, stream, key, state_sh,
-                               mesh, rules)
+  train_call, placed = make_train_call(fns, t.gather, rows, codebook, db.neighbours, stream,
+                                       key, state_sh, mesh, rules)
+  ctx.log("database placement %s: %.1f MiB per device, %.1f MiB in host memory", t.gather,
+          placed["database_bytes_per_device"] / 2**20, placed["database_bytes_host"] / 2**20)
 
   writer = ctx.writer()
   bar = ctx.progress(t.steps, start, "diffusion")
@@ -352,7 +419,7 @@ def run(ctx) -> dict:
   writer.close()
   if not last:  # resumed at the very end: nothing new to report
     last = {"loss": float("nan")}
-  heldout = heldout_loss(fns.eval_loss, state["ema"], db, stats, latents)
+  heldout = heldout_loss(fns.eval_loss, state["ema"], db, stats, rows, codebook)
   if heldout is not None:
     ctx.log("held-out loss (EMA weights): %.4f", heldout)
   return {"loss": last["loss"], "heldout_loss": heldout, "denoiser_params": n_params,
@@ -361,41 +428,53 @@ def run(ctx) -> dict:
           # The first step: compiling the jitted step, plus one step.
           "compile_seconds": first_step_seconds,
           "latent_std": float(np.mean(stats["std"])), "latent_mean": float(np.mean(stats["mean"])),
-          "devices": jax.device_count()}
+          "devices": jax.device_count(), **placed}
 
 
-def make_train_call(fns: Parts, gather: str, latents, neighbours, stream, key, state_sh,
+def make_train_call(fns: Parts, gather: str, rows, codebook, table, stream, key, state_sh,
                     mesh, rules):
-  """call(state, s, n) -> (state, metrics): steps s..s+n-1 in one jitted call
-  (metrics (n,) arrays when n > 1); batches from `stream`, gathered on the
-  devices (gather='device', the database replicated there) or on the host."""
+  """(call, placement bytes): call(state, s, n) -> (state, metrics) runs steps
+  s..s+n-1 in one jitted call (metrics (n,) arrays when n > 1), batches from
+  `stream`. The database (code rows + codebook, or float latents) and the
+  neighbour table are placed by `gather` (place_database): the batch is
+  gathered on the devices (device, sharded) or on the host (host)."""
   repl = parallel.replicated(mesh)
   bs = lambda nd: parallel.batch_sharding(mesh, rules, nd)
-  if gather == "device":
-    db_lat, db_nbr = parallel.put_replicated(latents, mesh), parallel.put_replicated(neighbours, mesh)
-    jit = lambda fn, ids_nd: jax.jit(fn, donate_argnums=(0,), out_shardings=(state_sh, repl),
-                                     in_shardings=(state_sh, repl, repl, repl, bs(ids_nd)))
-    one, many = jit(fns.gather_step, 1), jit(fns.gather_steps, 2)
+  (db_rows, db_cb, db_nbr), placed = place_database(rows, codebook, table, gather, mesh)
+  cb_sh = None if db_cb is None else repl
+  if gather in ("device", "sharded"):
+    one = (fns.gather_step if gather == "device"
+           else device_gather_step(fns.step, parallel.take_sharded(mesh)))
+    many = fns.gather_steps if gather == "device" else scan_steps(one, gather=True)
+    jit = lambda fn, ids_nd: jax.jit(
+        fn, donate_argnums=(0,), out_shardings=(state_sh, repl),
+        in_shardings=(state_sh, repl, db_rows.sharding, db_nbr.sharding, bs(ids_nd), cb_sh))
+    one, many = jit(one, 1), jit(many, 2)
   else:
-    jit = lambda fn, extra: jax.jit(fn, donate_argnums=(0,), out_shardings=(state_sh, repl),
-                                    in_shardings=(state_sh, repl, bs(4 + extra), bs(5 + extra)))
-    one, many = jit(fns.step, 0), jit(fns.steps, 1)
+    # Async dispatch feeds the host gather ahead: step s+1's rows are gathered
+    # while the devices still run step s (nothing here waits for a result).
+    jit = lambda fn, extra: jax.jit(
+        fn, donate_argnums=(0,), out_shardings=(state_sh, repl),
+        in_shardings=(state_sh, repl, bs(rows.ndim + extra), bs(rows.ndim + 1 + extra), cb_sh))
+    one, many = jit(fns.host_step, 0), jit(fns.steps, 1)
 
   def call(state, s, n):
     ids = (stream.indices(s) if n == 1 else
            np.stack([stream.indices(s + j) for j in range(n)], 1))   # (B, n): batch-major
     fn = one if n == 1 else many
-    if gather == "device":
-      return fn(state, key, db_lat, db_nbr, parallel.put_batch(ids, mesh, rules))
-    return fn(state, key, *parallel.put_batch((latents[ids], latents[neighbours[ids]]),
-                                              mesh, rules))
-  return call
+    if gather != "host":
+      return fn(state, key, db_rows, db_nbr, parallel.put_batch(ids, mesh, rules), db_cb)
+    return fn(state, key, *parallel.put_batch((db_rows[ids], db_rows[db_nbr[ids]]), mesh, rules),
+              db_cb)
+  return call, placed
 
 
-def heldout_loss(eval_loss, params, db, stats, latents, batch: int = 64, seed: int = 1234):
+def heldout_loss(eval_loss, params, db, stats, rows, codebook=None, batch: int = 64,
+                 seed: int = 1234):
   """The training loss of `params` on the held-out latents (their neighbours
   from the database), with fixed noise and timesteps: comparable across
-  variants and runs with the same prediction target. None without held-out items."""
+  variants and runs with the same prediction target. None without held-out items.
+  rows, codebook: the database as training reads it (normalised)."""
   held = getattr(db, "heldout_latents", None)
   if held is None or len(held) == 0:
     return None
@@ -405,7 +484,8 @@ def heldout_loss(eval_loss, params, db, stats, latents, batch: int = 64, seed: i
   key, values = jax.random.PRNGKey(seed), []
   for b, start in enumerate(range(0, len(held), batch)):
     idx = np.arange(start, start + batch) % len(held)   # static shape; the tail wraps
-    v = loss(params, held[idx], latents[nbr[idx]], jax.random.fold_in(key, b))
+    nb = rows[nbr[idx]] if codebook is None else codebook[rows[nbr[idx]].astype(np.int64)]
+    v = loss(params, held[idx], nb, jax.random.fold_in(key, b))
     values.append(np.asarray(v)[:min(batch, len(held) - start)])
   return float(np.mean(np.concatenate(values)))
 

@@ -405,6 +405,7 @@ class Autoencoder:
     self.latent_shape = vq.latent_shape(config.vqgan, config.data.image_size)
     self.fingerprint = params_fingerprint(self.params, config.vqgan)
     self._encode = jax.jit(self.encode_fn)
+    self._encode_codes = jax.jit(self.encode_codes_fn)
     self._decode = jax.jit(self.decode_fn)
 
   @classmethod
@@ -415,6 +416,10 @@ class Autoencoder:
     """Quantized latents (B, h, w, c) of images (B, H, W, C) in [-1, 1]."""
     return self._model.apply({"params": params}, x, method=vq.VQModel.encode)[0]
 
+  def encode_codes_fn(self, params, x):
+    """Code indices (B, h, w) of images: the quantizer's own choice."""
+    return self._model.apply({"params": params}, x, method=vq.VQModel.encode)[1]
+
   def decode_fn(self, params, z):
     """Images (B, H, W, C) in [-1, 1] (clipped) of latents (B, h, w, c)."""
     return jnp.clip(self._model.apply({"params": params}, z, method=vq.VQModel.decode), -1, 1)
@@ -422,11 +427,19 @@ class Autoencoder:
   def encode(self, images, batch_size: int = 256) -> np.ndarray:
     return self._batched(self._encode, images, batch_size, self.latent_shape)
 
+  def encode_codes(self, images, batch_size: int = 256) -> np.ndarray:
+    """Code indices (N, h, w) (uint8/uint16) of images in [-1, 1]: what the
+    database stores (no nearest-code search after the fact)."""
+    from rissole_jax.codes import code_dtype
+    idx = self._batched(self._encode_codes, images, batch_size, tuple(self.latent_shape[:2]),
+                        np.int32)
+    return idx.astype(code_dtype(self.config.vqgan.codebook_size))
+
   def decode(self, latents, batch_size: int = 256) -> np.ndarray:
     size, ch = self.config.data.image_size, self.config.data.channels
     return self._batched(self._decode, latents, batch_size, (size, size, ch))
 
-  def _batched(self, fn, x, batch_size: int, out_shape) -> np.ndarray:
+  def _batched(self, fn, x, batch_size: int, out_shape, dtype=np.float32) -> np.ndarray:
     """fn over x in batches of one static size (the last one padded), each split
     over the mesh's batch axes. Every process passes the same x and gets all rows."""
     x = np.asarray(x, np.float32)
@@ -441,8 +454,8 @@ class Autoencoder:
       arr = jax.make_array_from_callback(padded.shape, sharding, lambda i: padded[i])
       out.append(parallel.to_host(fn(self.params, arr))[:len(chunk)])
     if not out:
-      return np.zeros((0, *out_shape), np.float32)
-    return np.concatenate(out).astype(np.float32)
+      return np.zeros((0, *out_shape), dtype)
+    return np.concatenate(out).astype(dtype)
 
 
 def params_fingerprint(params, vq_cfg) -> str:
