@@ -97,6 +97,13 @@ def base_config() -> mlc.ConfigDict:
   m.ch_mult = (1, 2)            # each extra level halves the block (must divide it)
   m.num_res_blocks = 2
   m.attn_lowest = True          # self-attention at the lowest resolution
+  # What the U-Net spends FLOPs on (docs/performance.md measures each one).
+  # LEGACY_MODEL holds the values of the first layout (ADM-like).
+  m.up_extra_block = True       # num_res_blocks + 1 up-path blocks per level (ADM), else num_res_blocks
+  m.attn_mid_only = False       # self-attention once in the middle, not after every lowest block
+  m.mid_res_blocks = 2          # 0, 1 or 2 residual blocks in the middle
+  m.upsample = "nearest_conv"   # nearest_conv | conv_transpose (2x2, stride 2) | nearest
+  m.neighbour_encoder = "two_conv"  # concat: two_conv (two 3x3) | one_conv (1x1) | none
   m.dropout = 0.0
   m.num_groups = 8              # GroupNorm groups
   m.cond = "concat"             # concat | cross_attn (how neighbour blocks enter)
@@ -216,6 +223,22 @@ def base_config() -> mlc.ConfigDict:
   # mesh axes. Parameters are sharded over fsdp along their output features.
   ms.logical_axis_rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"),
                            ("vocab", "fsdp"))
+  return c
+
+
+# The model keys added after the first release, at the values that make the
+# denoiser workdirs made before them hold: a stage record without a key means
+# this value (sampler.workdir_config), and a config at this value leaves the
+# key out of its fingerprint (workdir.config_sections).
+LEGACY_MODEL = {"up_extra_block": True, "attn_mid_only": False, "mid_res_blocks": 2,
+                "upsample": "nearest_conv", "neighbour_encoder": "two_conv"}
+
+
+def recorded_base() -> mlc.ConfigDict:
+  """The defaults to read a recorded config over (stage records, model files):
+  a model key the record lacks takes its LEGACY_MODEL value."""
+  c = base_config()
+  c.model.update(LEGACY_MODEL)
   return c
 
 

@@ -81,11 +81,17 @@ def config_sections(config: mlc.ConfigDict, keys) -> dict:
 def _without_inert(sections: dict) -> dict:
   """Leaves out keys that change nothing at their values, so that workdirs made
   before the keys existed keep their fingerprints: the LEGO settings of a
-  U-Net model, and LEGO brick skipping over no part of the trajectory."""
+  U-Net model, the model keys at their first layout's values
+  (defaults.LEGACY_MODEL), and LEGO brick skipping over no part of the trajectory."""
+  from rissole_jax.defaults import LEGACY_MODEL
   m = sections.get("model")
   if isinstance(m, dict) and m.get("backbone", "unet") == "unet":
     m.pop("backbone", None)
     m.pop("lego", None)
+  if isinstance(m, dict):
+    for key, value in LEGACY_MODEL.items():
+      if key in m and m[key] == value:
+        m.pop(key)
   s = sections.get("sample")
   if isinstance(s, dict) and isinstance(s.get("skip"), dict) and not s["skip"].get("t_break"):
     s.pop("skip")
