@@ -80,12 +80,31 @@ def _tap_selection(size, kernel, strides, pads):
   return sel
 
 
-def conv_transpose(features: int, kernel: int = 2, stride: int = 2,
-                   name: str | None = None) -> nn.ConvTranspose:
-  init = nn.initializers.lecun_normal()
-  return nn.ConvTranspose(features, (kernel, kernel), strides=(stride, stride), name=name,
-                          kernel_init=nn.with_logical_partitioning(init, (None, None, None, "embed")),
-                          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+class PatchConvTranspose(nn.Module):
+  """nn.ConvTranspose(features, (s, s), strides=(s, s)) -- same parameters,
+  same outputs -- as one matmul: with kernel = stride every input pixel makes
+  its own s x s output patch. (XLA:CPU runs the transposed convolution on
+  tiny maps as slowly as the small convolutions above.)"""
+  features: int
+  size: int = 2
+
+  @nn.compact
+  def __call__(self, x):
+    s = self.size
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), (None, None, None, "embed")),
+        (s, s, x.shape[-1], self.features))
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                      (self.features,))
+    B, H, W, _ = x.shape
+    # ConvTranspose correlates with the flipped kernel.
+    y = jnp.einsum("bhwc,ijcd->bhiwjd", x, kernel[::-1, ::-1])
+    return y.reshape(B, H * s, W * s, self.features) + bias
+
+
+def conv_transpose(features: int, size: int = 2, name: str | None = None) -> PatchConvTranspose:
+  """A size x size transposed convolution with stride size (2x upsampling)."""
+  return PatchConvTranspose(features, size, name=name)
 
 
 def dense(features: int, name: str | None = None, zero_init: bool = False,

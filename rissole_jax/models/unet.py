@@ -170,13 +170,12 @@ class Denoiser(VariantFlags, nn.Module):
   ch_mult: tuple = (1, 2)
   num_res_blocks: int = 2
   attn_lowest: bool = True
-  # The cost knobs (see ARCH_KEYS; the defaults here are the original ADM-style
-  # layout, what workdirs made before the keys existed hold).
-  up_extra_block: bool = True   # num_res_blocks + 1 up blocks per level (ADM), else num_res_blocks
-  attn_mid_only: bool = False   # self-attention once in the middle, not after every lowest block
+  # What the layout spends FLOPs on (defaults.py's model keys say what each does).
+  up_extra_block: bool = False  # num_res_blocks + 1 up blocks per level (ADM), else num_res_blocks
+  attn_mid_only: bool = True    # self-attention once in the middle, not after every lowest block
   mid_res_blocks: int = 2       # residual blocks in the middle (attention after the first)
-  upsample: str = "nearest_conv"
-  neighbour_encoder: str = "two_conv"
+  upsample: str = "conv_transpose"
+  neighbour_encoder: str = "none"
   dropout: float = 0.0
   num_groups: int = 8
   cond: str = "concat"
