@@ -30,7 +30,9 @@ Comparing code trees (e.g. before/after a change), interleaved:
 runs this file in a fresh process per (round, tree), alternating the trees (A B
 A B ...), each with PYTHONPATH set to the tree, so each tree's own code and
 defaults (its XLA flags too) are measured; the table gives per-tree medians
-over the rounds and the ratios to the first tree. The measuring code below
+over the rounds and the ratios to the first tree. A tree may carry environment
+settings for its runs: PATH@NAME=VALUE (e.g. /new@RISSOLE_XLA_FLAGS=0, the new
+code without its default XLA flags). The measuring code below
 uses only functions that trees since commit 5c3a3a5 have.
 """
 from __future__ import annotations
@@ -230,7 +232,9 @@ def compare(trees: list[str], rounds: int, argv_rest: list[str]) -> list[dict]:
   runs: dict[str, list[list[dict]]] = {t: [] for t in trees}
   for r in range(rounds):
     for tree in trees:
-      env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
+      path, *settings = tree.split("@")
+      env = dict(os.environ, PYTHONPATH=os.path.abspath(path))
+      env.update(kv.split("=", 1) for kv in settings)
       out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child", *argv_rest],
                            env=env, check=True, stdout=subprocess.PIPE, text=True)
       rows = json.loads(out.stdout.strip().splitlines()[-1])
