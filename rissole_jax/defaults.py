@@ -279,6 +279,8 @@ VARIANTS = {
     "no_position": lambda c: c.model.update(use_position=False),
     "prev_block": lambda c: c.model.update(use_prev_block=True),
     "cross_attn": lambda c: c.model.update(cond="cross_attn"),
+    # The first (ADM-like) U-Net layout: workdirs made before the cost knobs.
+    "legacy_unet": lambda c: c.model.update(LEGACY_MODEL),
     # LEGO bricks in the paper's stacking orders, with the paper's skipping
     # (off until sample.skip.t_break > 0).
     "lego_pg": lambda c: _lego(c, "pg", bricks=(-1,), end="low"),

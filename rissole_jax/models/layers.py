@@ -48,36 +48,38 @@ def small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
   B, H, W, _ = lhs.shape
   pads = (jax.lax.padtype_to_pads((H, W), rhs.shape[:2], window_strides, padding)
           if isinstance(padding, str) else tuple(map(tuple, padding)))
-  select = _tap_selection((H, W), rhs.shape[:2], tuple(window_strides), tuple(pads))
-  if select is None:
+  taps = _tap_index((H, W), rhs.shape[:2], tuple(window_strides), tuple(pads))
+  if taps is None:
     return conv()
   kh, kw, ci, co = rhs.shape
-  n_out = select.shape[2]
-  matrix = jnp.einsum("kpq,kio->piqo", select, rhs.reshape(kh * kw, ci, co),
-                      precision=precision).reshape(H * W * ci, n_out * co)
+  n_out = taps.shape[1]
+  # The matrix by indexing (no dot: int8 quantization sees only the one matmul).
+  padded = jnp.concatenate([rhs.reshape(kh * kw, ci, co), jnp.zeros((1, ci, co), rhs.dtype)])
+  matrix = jnp.transpose(padded[taps], (0, 2, 1, 3)).reshape(H * W * ci, n_out * co)
   y = jnp.dot(lhs.reshape(B, H * W * ci), matrix, precision=precision)
   ho = (H + pads[0][0] + pads[0][1] - kh) // window_strides[0] + 1
   return y.reshape(B, ho, n_out // ho, co)
 
 
 @functools.lru_cache(maxsize=64)
-def _tap_selection(size, kernel, strides, pads):
-  """(kh*kw, H*W, Ho*Wo) 0/1: tap k of output pixel q reads input pixel p;
-  None when the output is too large for the matmul form."""
+def _tap_index(size, kernel, strides, pads):
+  """(H*W, Ho*Wo) int: the kernel tap (dy*kw + dx) joining input pixel p to
+  output pixel q, kh*kw where none does; None when the output is too large
+  for the matmul form."""
   (H, W), (kh, kw), (sh, sw) = size, kernel, strides
   ho = (H + pads[0][0] + pads[0][1] - kh) // sh + 1
   wo = (W + pads[1][0] + pads[1][1] - kw) // sw + 1
   if ho * wo > MATMUL_CONV_MAX_PIXELS or ho < 1 or wo < 1:
     return None
-  sel = np.zeros((kh * kw, H * W, ho * wo), np.float32)
+  taps = np.full((H * W, ho * wo), kh * kw, np.int32)
   for yo in range(ho):
     for xo in range(wo):
       for dy in range(kh):
         for dx in range(kw):
           yi, xi = yo * sh + dy - pads[0][0], xo * sw + dx - pads[1][0]
           if 0 <= yi < H and 0 <= xi < W:
-            sel[dy * kw + dx, yi * W + xi, yo * wo + xo] = 1.0
-  return sel
+            taps[yi * W + xi, yo * wo + xo] = dy * kw + dx
+  return taps
 
 
 class PatchConvTranspose(nn.Module):
