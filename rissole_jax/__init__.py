@@ -5,6 +5,11 @@ with retrieval guidance (RISSOLE), in JAX/Flax.
   images = Sampler.from_workdir("runs/mnist").sample(64)
 """
 
+from rissole_jax import xla_flags as _xla_flags
+
+# Before JAX starts a backend (it reads XLA_FLAGS then): see xla_flags.py.
+_xla_flags.apply()
+
 __version__ = "0.1.0"
 __all__ = ["Sampler"]
 

@@ -148,7 +148,7 @@ def load(path, mesh=None):
   from rissole_jax.sampler import Database, Sampler, merge_config
   from rissole_jax.train.vqgan import Autoencoder
   manifest, data = read(path)
-  config = defaults.base_config()
+  config = defaults.recorded_base()   # files made before a model key: its first value
   merge_config(config, json.loads(data["config.json"]))
   # Sampling runs on whatever devices are here, not on the training mesh; and
   # the data folder of the machine that trained it means nothing here.

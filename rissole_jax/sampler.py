@@ -317,7 +317,7 @@ def workdir_config(root: Path):
     raise DataError(f"{root} has no finished 'vqgan' stage ({first} is missing): it is not a "
                     "rissole_jax workdir, or nothing has run there yet. Fix: "
                     f"python -m rissole_jax.main --config CONFIG --workdir {root}")
-  config = defaults.base_config()
+  config = defaults.recorded_base()   # a model key a record lacks: its first value
   for name in STAGES:
     path = root / name / "stage.json"
     if path.exists():

@@ -93,10 +93,12 @@ INERT = {
 
 
 def _without_inert(sections: dict) -> dict:
-  """Leaves out keys that change nothing at their values (INERT), so that
-  workdirs made before the keys existed keep their fingerprints; also the LEGO
-  settings of a U-Net model, LEGO brick skipping over no part of the
-  trajectory, and the encode shard size (the files' layout, not their content)."""
+  """Leaves out keys that change nothing at their values, so that workdirs made
+  before the keys existed keep their fingerprints: INERT, the U-Net's keys at
+  their first layout's values (defaults.LEGACY_MODEL), the LEGO settings of a
+  U-Net model, LEGO brick skipping over no part of the trajectory, and the
+  encode shard size (the files' layout, not their content)."""
+  from rissole_jax.defaults import LEGACY_MODEL
   m = sections.get("model")
   if isinstance(m, dict) and m.get("backbone", "unet") == "unet":
     m.pop("backbone", None)
@@ -104,7 +106,8 @@ def _without_inert(sections: dict) -> dict:
   e = sections.get("encode")
   if isinstance(e, dict):
     e.pop("shard_rows", None)
-  for dotted, value in INERT.items():
+  legacy = {f"model.{k}": v for k, v in LEGACY_MODEL.items()}
+  for dotted, value in {**INERT, **legacy}.items():
     *path, key = dotted.split(".")
     d = sections
     for part in path:

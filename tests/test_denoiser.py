@@ -143,7 +143,9 @@ def test_concat_vs_cross_attention_and_variants(models):
     x, cond = unet.model_inputs(models[name][0], z0, nb)
     outs[name] = call(models, name, x, jnp.full((x.shape[0],), 4, jnp.int32), cond)
     assert x.shape == (B * 4, 4, 4, 4) and outs[name].shape == x.shape
-  assert "neighbour_concat" in models["rissole"][1] and "neighbour_tokens" in models["xattn"][1]
+  # concat: the neighbours enter conv_in (through model.neighbour_encoder's convs or not)
+  cin = {n: models[n][1]["conv_in"]["kernel"].shape[2] for n in ("rissole", "blocks_only")}
+  assert cin["rissole"] > cin["blocks_only"] and "neighbour_tokens" in models["xattn"][1]
   assert not any("xattn" in k for k in models["rissole"][1])
   assert any("xattn" in k for k in models["xattn"][1])
   assert not np.allclose(outs["rissole"], outs["xattn"])

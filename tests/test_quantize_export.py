@@ -15,7 +15,7 @@ import pytest
 
 from rissole_jax import quantize as qz
 from rissole_jax import stablehlo
-from rissole_jax.defaults import base_config, smoke
+from rissole_jax.defaults import LEGACY_MODEL, base_config, smoke
 from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError, DataError
 from rissole_jax.models import unet
@@ -42,6 +42,10 @@ def _random_params(model, seed=0):
 def parts():
   c = smoke(base_config())
   c.model.update(ch=8, ch_mult=(1,), num_res_blocks=0, attn_lowest=False, num_groups=2)
+  # The first layout (an up block, the neighbour encoder's convs): with none
+  # of them a model this small is mostly norms and biases, and the byte
+  # counts below test kernels.
+  c.model.update(LEGACY_MODEL)
   c.retrieval.k = K
   c.diffusion.timesteps = 20
   c.diffusion.prediction = "x0"        # keeps a random network's steps bounded

@@ -31,6 +31,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from rissole_jax.benchmarks.peaks import PEAK_TFLOPS
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist.py", "Config file [:variant].")
 _MESHES = flags.DEFINE_list("meshes", ["1:1x1", "8:8x1", "8:2x4", "8:1x8"],
                             "DEVICES:MESH_SHAPE entries (mesh axes from the config).")
@@ -41,11 +43,6 @@ _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device for M
                            "(0: from the device kind when known).")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
 _CHILD = flags.DEFINE_string("_child", None, "internal: DEVICES:MESH of one measurement")
-
-# Dense peak TFLOP/s per device for float32 matmuls as XLA runs them by
-# default (TF32 tensor cores on NVIDIA; bf16 MXU passes on TPU).
-PEAK_TFLOPS = {"H100": 494.7, "H200": 494.7, "A100": 156.0, "TPU v4": 275.0,
-               "TPU v5 lite": 197.0, "TPU v5p": 459.0}
 
 
 def measure(config, devices: int, shape: tuple[int, ...], steps: int, warmup: int,

@@ -28,10 +28,12 @@ import numpy as np
 
 from rissole_jax import blocks as blk
 from rissole_jax.errors import ConfigError
-from rissole_jax.models.layers import conv, dense, embedding, group_norm
+from rissole_jax.models.layers import conv, conv_transpose, dense, embedding, group_norm
 
 VARIANTS = ("rissole", "blocks_only", "full", "rdm")
 CONDS = ("concat", "cross_attn")
+UPSAMPLES = ("nearest_conv", "conv_transpose", "nearest")
+NEIGHBOUR_ENCODERS = ("two_conv", "one_conv", "none")
 HEAD_DIM = 32
 
 
@@ -109,12 +111,19 @@ class Attention(nn.Module):
 
 class ConcatEncoder(nn.Module):
   """(B, k, bh, bw, c) neighbour blocks -> (B, bh, bw, ch): the k*c channels
-  stacked, through two convs (the learned fusion of the concat condition)."""
+  stacked, through two 3x3 convs ("two_conv", the learned fusion of the concat
+  condition) or one 1x1 projection ("one_conv"), or as they are ("none": the
+  stacked channels go straight into conv_in, as in the authors' U-Net)."""
   ch: int
+  kind: str = "two_conv"
 
   @nn.compact
   def __call__(self, nb):
     h = einops.rearrange(nb, "b k h w c -> b h w (k c)")
+    if self.kind == "none":
+      return h
+    if self.kind == "one_conv":
+      return conv(self.ch, 1, name="proj")(h)
     h = nn.silu(conv(self.ch, name="conv1")(h))
     return conv(self.ch, name="conv2")(h)
 
@@ -161,6 +170,12 @@ class Denoiser(VariantFlags, nn.Module):
   ch_mult: tuple = (1, 2)
   num_res_blocks: int = 2
   attn_lowest: bool = True
+  # What the layout spends FLOPs on (defaults.py's model keys say what each does).
+  up_extra_block: bool = False  # num_res_blocks + 1 up blocks per level (ADM), else num_res_blocks
+  attn_mid_only: bool = True    # self-attention once in the middle, not after every lowest block
+  mid_res_blocks: int = 2       # residual blocks in the middle (attention after the first)
+  upsample: str = "conv_transpose"
+  neighbour_encoder: str = "none"
   dropout: float = 0.0
   num_groups: int = 8
   cond: str = "concat"
@@ -187,37 +202,52 @@ class Denoiser(VariantFlags, nn.Module):
       if self.variant == "rdm":
         context = LatentTokens(self.ch, name="neighbour_tokens")(nb)
       elif self.cond == "concat":
-        inputs.append(ConcatEncoder(self.ch, name="neighbour_concat")(nb))
+        inputs.append(ConcatEncoder(self.ch, self.neighbour_encoder, name="neighbour_concat")(nb))
       else:
         context = BlockTokens(self.ch, name="neighbour_tokens")(nb)
 
     h = conv(self.ch, name="conv_in")(jnp.concatenate(inputs, -1))
     # Down, middle and up paths. Cross-attention (when there is a context)
-    # follows every residual block; self-attention only at the lowest level.
+    # follows every residual block; self-attention at the lowest level (after
+    # each of its blocks, or with attn_mid_only once in the middle). Each level
+    # keeps its skips: its input, then each block's output; the up path takes
+    # them back deepest first (ADM's extra up block takes the level's input).
     levels = len(self.ch_mult)
-    skips = [h]
+    skips = []
     for lvl, mult in enumerate(self.ch_mult):
+      skips.append([h])
       for i in range(self.num_res_blocks):
         h = ResBlock(self.ch * mult, g, self.dropout, name=f"down{lvl}_res{i}")(h, emb, train)
-        h = self._attend(h, context, lvl == levels - 1, f"down{lvl}_{i}")
-        skips.append(h)
+        h = self._attend(h, context, lvl == levels - 1 and not self.attn_mid_only, f"down{lvl}_{i}")
+        skips[-1].append(h)
       if lvl < levels - 1:
         h = conv(h.shape[-1], stride=2, name=f"down{lvl}_sample")(h)
-        skips.append(h)
-    h = ResBlock(h.shape[-1], g, self.dropout, name="mid_res0")(h, emb, train)
-    h = self._attend(h, context, True, "mid")
-    h = ResBlock(h.shape[-1], g, self.dropout, name="mid_res1")(h, emb, train)
+    for i in range(self.mid_res_blocks):
+      h = ResBlock(h.shape[-1], g, self.dropout, name=f"mid_res{i}")(h, emb, train)
+      if i == 0:
+        h = self._attend(h, context, True, "mid")
+    if not self.mid_res_blocks:
+      h = self._attend(h, context, True, "mid")
+    up_blocks = self.num_res_blocks + int(self.up_extra_block)
     for lvl, mult in reversed(list(enumerate(self.ch_mult))):
-      for i in range(self.num_res_blocks + 1):
-        h = jnp.concatenate([h, skips.pop()], -1)
+      level_skips = skips.pop()
+      for i in range(up_blocks):
+        h = jnp.concatenate([h, level_skips.pop()], -1)
         h = ResBlock(self.ch * mult, g, self.dropout, name=f"up{lvl}_res{i}")(h, emb, train)
-        h = self._attend(h, context, lvl == levels - 1, f"up{lvl}_{i}")
+        h = self._attend(h, context, lvl == levels - 1 and not self.attn_mid_only, f"up{lvl}_{i}")
       if lvl > 0:
-        b, hh, ww, c = h.shape
-        h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), "nearest")
-        h = conv(c, name=f"up{lvl}_sample")(h)
+        h = self._upsample(h, f"up{lvl}_sample")
     h = nn.silu(group_norm(g, h.shape[-1], "norm_out")(h))
     return conv(self.out_channels, name="conv_out", zero_init=True)(h)
+
+  def _upsample(self, h, name: str):
+    """2x upsampling: nearest resize + 3x3 conv (ADM), a 2x2 stride-2
+    transposed conv (a ninth of its FLOPs), or nearest resize alone."""
+    b, hh, ww, c = h.shape
+    if self.upsample == "conv_transpose":
+      return conv_transpose(c, name=name)(h)
+    h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), "nearest")
+    return conv(c, name=name)(h) if self.upsample == "nearest_conv" else h
 
   def _attend(self, h, context, lowest: bool, name: str):
     if lowest and self.attn_lowest:
@@ -262,6 +292,13 @@ def check_model_config(config, latent_shape) -> None:
     raise ConfigError(f"Unknown model.backbone {m.backbone!r}: use one of {BACKBONES}.")
   if m.cond not in CONDS:
     raise ConfigError(f"Unknown model.cond {m.cond!r}: use one of {CONDS}.")
+  if m.upsample not in UPSAMPLES:
+    raise ConfigError(f"Unknown model.upsample {m.upsample!r}: use one of {UPSAMPLES}.")
+  if m.neighbour_encoder not in NEIGHBOUR_ENCODERS:
+    raise ConfigError(f"Unknown model.neighbour_encoder {m.neighbour_encoder!r}: use one of "
+                      f"{NEIGHBOUR_ENCODERS}.")
+  if m.mid_res_blocks not in (0, 1, 2):
+    raise ConfigError(f"model.mid_res_blocks={m.mid_res_blocks} must be 0, 1 or 2.")
   bh, bw = blk.check_grid(latent_shape, config.blocks.grid)
   if m.use_prev_block and not uses_blocks(v):
     raise ConfigError(f"model.use_prev_block needs a block variant (rissole, blocks_only); "
@@ -297,7 +334,10 @@ def make_denoiser(config, latent_shape) -> Denoiser:
   cls = mapped.denoiser_class(m.block_map, bool(m.share_weights), m.dtype)
   return cls(variant=m.variant, grid=tuple(int(g) for g in config.blocks.grid), ch=m.ch,
                   ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-                  attn_lowest=m.attn_lowest, dropout=m.dropout, num_groups=m.num_groups,
+                  attn_lowest=m.attn_lowest, up_extra_block=m.up_extra_block,
+                  attn_mid_only=m.attn_mid_only, mid_res_blocks=m.mid_res_blocks,
+                  upsample=m.upsample, neighbour_encoder=m.neighbour_encoder,
+                  dropout=m.dropout, num_groups=m.num_groups,
                   cond=m.cond, use_position=m.use_position, use_prev_block=m.use_prev_block,
                   learn_null=uses_retrieval(m.variant) and config.diffusion.cond_dropout > 0,
                   out_channels=int(latent_shape[-1]))

@@ -1,0 +1,300 @@
+"""Throughput benchmark: the denoiser's train step and sampling on one device.
+
+  python -m rissole_jax.benchmarks.throughput --config configs/mnist.py \
+      [--config configs/celeba64.py:paper] [--steps 10] [--json runs/throughput.json]
+
+For each config (FILE[:variants], repeatable; --override KEY=VALUE applies to
+every config) it reports, on whatever device JAX finds first:
+  train         the jitted, donating diffusion train step (neighbour blocks
+                gathered on the device, forward, backward, Adam, EMA) on
+                diffusion.train.batch_size images;
+  sample_step   one DDIM step over all blocks of --sample_batch images (0: the
+                train batch), with the per-row noise the sampler draws;
+  sample_ddim   a whole DDIM sample of --sample_steps steps (one jitted call).
+Each row: compile seconds (lower + compile; the persistent compilation cache
+is off here), the median of --steps calls (each blocked until ready, after
+--warmup untimed ones), images/s, the FLOPs XLA's cost analysis counts for
+the program (a sampling loop's body counts once, so sample_ddim's FLOPs are
+sample_step's times the steps), achieved FLOP/s and, where the device's peak
+is known (benchmarks/parallel.py's table, or --peak_tflops), the fraction of it.
+
+The database is synthetic (Gaussian latents of the config's latent shape and
+a random neighbour table): timings do not depend on the values, and no data
+or trained model is needed.
+
+Comparing code trees (e.g. before/after a change), interleaved:
+
+  python -m rissole_jax.benchmarks.throughput --config configs/mnist.py \
+      --trees /path/to/old/checkout,/path/to/new/checkout --rounds 3
+
+runs this file in a fresh process per (round, tree), alternating the trees (A B
+A B ...), each with PYTHONPATH set to the tree, so each tree's own code and
+defaults (its XLA flags too) are measured; the table gives per-tree medians
+over the rounds and the ratios to the first tree. A tree may carry environment
+settings for its runs: PATH@NAME=VALUE (e.g. /new@RISSOLE_XLA_FLAGS=0, the new
+code without its default XLA flags). The measuring code below
+uses only functions that trees since commit 5c3a3a5 have.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+_CONFIG = flags.DEFINE_multi_string("config", ["configs/mnist.py"], "Config FILE[:variants].")
+_OVERRIDE = flags.DEFINE_multi_string("override", [], "KEY=VALUE set in every config "
+                                      "(e.g. model.upsample='conv_transpose').")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed calls per program (median reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after the compile.")
+_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 0, "Images per sampling call (0: the "
+                                     "train batch size).")
+_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 20, "DDIM steps of the whole sample "
+                                     "(0: skip it).")
+_DB = flags.DEFINE_integer("database", 2048, "Rows of the synthetic latent database.")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of the device (0: from the "
+                           "device kind when known).")
+_TREES = flags.DEFINE_list("trees", [], "Code trees to compare, interleaved (see above).")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "With --trees: rounds of A B ... runs.")
+_JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
+_CACHE = flags.DEFINE_bool("compilation_cache", False, "Let the persistent compilation cache "
+                           "serve the compiles (compile seconds then mean reading it).")
+_CHILD = flags.DEFINE_bool("_child", False, "internal: measure and print JSON rows")
+
+PROGRAMS = ("train", "sample_step", "sample_ddim")
+
+
+def load_config(spec: str, overrides=()):
+  """FILE[:variants] -> the config, with KEY=VALUE overrides (values as Python literals)."""
+  path, _, arg = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("_throughput_config", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  config = mod.get_config(arg)
+  for item in overrides:
+    key, _, value = item.partition("=")
+    *path_, last = key.strip().split(".")
+    node = config
+    for p in path_:
+      node = node[p]
+    try:
+      node[last] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[last] = value
+  return config
+
+
+def _latents_fn(model, schedule, config):
+  """fn(params, nb, key) -> normalised latents: the sampler without the decode."""
+  try:
+    from rissole_jax.sampler import latents_fn
+  except ImportError:  # trees before rissole_jax.sampler (5c3a3a5)
+    from rissole_jax.stages.sample import sample_latents
+    return lambda params, nb, key: sample_latents(model, params, schedule, config, nb, key)
+  return latents_fn(model, schedule, config)
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0))
+
+
+def _time(compiled, args, steps: int, warmup: int, donate: bool = False):
+  """Median seconds of `steps` calls; a donating program is fed its own output."""
+  import jax
+  times = []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+    if donate:
+      args = (out[0],) + tuple(args[1:])
+  return statistics.median(times)
+
+
+def measure(config, steps: int, warmup: int, sample_batch: int, sample_steps: int,
+            n_db: int, peak_tflops: float = 0.0, compilation_cache: bool = False) -> list[dict]:
+  """The rows (train, sample_step, sample_ddim) of one config; without
+  compilation_cache, compile seconds mean compiling, not reading a cache."""
+  import jax
+  was = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", compilation_cache and was)
+  try:
+    return _measure(config, steps, warmup, sample_batch, sample_steps, n_db, peak_tflops)
+  finally:
+    jax.config.update("jax_enable_compilation_cache", was)
+
+
+def _measure(config, steps, warmup, sample_batch, sample_steps, n_db, peak_tflops):
+  import jax
+  import numpy as np
+
+  from rissole_jax import parallel
+  from rissole_jax.models import unet
+  from rissole_jax.train import diffusion
+
+  config = config.copy_and_resolve_references()
+  config.mesh.shape = (1, 1)
+  mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+  latent_shape = diffusion.expected_latent_shape(config)
+  k, batch = int(config.retrieval.k), int(config.diffusion.train.batch_size)
+  sample_batch = sample_batch or batch
+  fns = diffusion.parts(config, latent_shape)
+  _, _, _, state, _ = diffusion.build(config, latent_shape, k, mesh, config.seed)
+  n_params = unet.count_params(state["params"])
+
+  rng = np.random.default_rng(0)
+  dev = jax.devices()[0]
+  latents = jax.device_put(rng.standard_normal((n_db, *latent_shape), np.float32), dev)
+  table = (np.arange(n_db)[:, None] + rng.integers(1, n_db, (n_db, k))) % n_db
+  table = jax.device_put(table.astype(np.int32), dev)
+  key = jax.random.PRNGKey(1)
+  ids = jax.device_put(rng.integers(0, n_db, batch).astype(np.int32), dev)
+  nb = latents[table[rng.integers(0, n_db, sample_batch)]]
+
+  kind = dev.device_kind
+  try:
+    from rissole_jax.benchmarks.peaks import peak_tflops as known_peak
+  except ImportError:  # trees before benchmarks/peaks.py
+    known_peak = lambda kind: 0.0  # noqa: E731
+  peak = peak_tflops or known_peak(kind)
+  base = {"config": config_name(config), "platform": jax.default_backend(), "device_kind": kind,
+          "params": n_params, "latent_shape": list(latent_shape), "k": k}
+
+  def row(program, images, jitted, args, donate=False, flops_scale=1.0, flops=None):
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    flops = _flops(compiled) * flops_scale if flops is None else flops
+    step_s = _time(compiled, args, steps, warmup, donate)
+    r = dict(base, program=program, batch=images, compile_s=compile_s, step_s=step_s,
+             images_per_sec=images / step_s, flops=flops, flops_per_sec=flops / step_s)
+    if peak:
+      r["peak_fraction"] = flops / step_s / (peak * 1e12)
+    return r
+
+  ema = jax.tree.map(lambda x: x.copy(), state["ema"])   # the train step donates the state
+  rows = [row("train", batch, jax.jit(fns.gather_step, donate_argnums=(0,)),
+              (state, key, latents, table, ids), donate=True)]
+  del state
+
+  def sampler(n):
+    c = config.copy_and_resolve_references()
+    c.sample.update(sampler="ddim", steps=n)
+    return jax.jit(_latents_fn(fns.model, fns.schedule, c))
+
+  rows.append(row("sample_step", sample_batch, sampler(1), (ema, nb, key)))
+  if sample_steps:
+    rows.append(row("sample_ddim", sample_batch, sampler(sample_steps), (ema, nb, key),
+                    flops=rows[-1]["flops"] * sample_steps))
+    rows[-1]["steps"] = sample_steps
+  return rows
+
+
+def config_name(config) -> str:
+  m = config.model
+  return (f"{config.data.name} {m.variant} ch={m.ch} ch_mult={tuple(m.ch_mult)} "
+          f"grid={tuple(config.blocks.grid)} k={config.retrieval.k}")
+
+
+# ---------------------------------------------------------------------------
+# Output.
+
+def markdown(rows: list[dict]) -> str:
+  cols = [("tree", "tree"), ("config", "config"), ("params", "params"), ("program", "program"),
+          ("batch", "images"), ("compile_s", "compile s"), ("step_ms", "ms/call"),
+          ("images_per_sec", "img/s"), ("ratio", "× first tree"), ("gflop", "GFLOP/call"),
+          ("gflops", "GFLOP/s"), ("peak_fraction", "of peak")]
+  if not any("tree" in r for r in rows):
+    cols = [c for c in cols if c[0] not in ("tree", "ratio")]
+  lines = ["| " + " | ".join(c for _, c in cols) + " |", "|" + "---|" * len(cols)]
+  for r in rows:
+    r = dict(r, step_ms=r["step_s"] * 1e3, gflop=r["flops"] / 1e9, gflops=r["flops_per_sec"] / 1e9)
+    cells = []
+    for key, _ in cols:
+      v = r.get(key)
+      cells.append("–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def compare(trees: list[str], rounds: int, argv_rest: list[str]) -> list[dict]:
+  """Median rows per tree over `rounds` interleaved runs (A B A B ...)."""
+  runs: dict[str, list[list[dict]]] = {t: [] for t in trees}
+  for r in range(rounds):
+    for tree in trees:
+      path, *settings = tree.split("@")
+      env = dict(os.environ, PYTHONPATH=os.path.abspath(path))
+      env.update(kv.split("=", 1) for kv in settings)
+      out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child", *argv_rest],
+                           env=env, check=True, stdout=subprocess.PIPE, text=True)
+      rows = json.loads(out.stdout.strip().splitlines()[-1])
+      runs[tree].append(rows)
+      print(f"round {r + 1} {tree}: " + ", ".join(
+          f"{x['program']} {x['images_per_sec']:.1f} img/s" for x in rows), file=sys.stderr)
+  merged = []
+  for tree in trees:
+    for i, first in enumerate(runs[tree][0]):
+      per = [rows[i] for rows in runs[tree]]
+      med = dict(first, tree=tree, rounds=len(per))
+      for key in ("compile_s", "step_s"):
+        med[key] = statistics.median(p[key] for p in per)
+      med["images_per_sec"] = med["batch"] / med["step_s"]
+      med["flops_per_sec"] = med["flops"] / med["step_s"]
+      med["images_per_sec_all"] = [p["images_per_sec"] for p in per]
+      merged.append(med)
+  firsts = {(r["config"], r["program"]): r["images_per_sec"] for r in merged
+            if r["tree"] == trees[0]}
+  for r in merged:
+    base = firsts.get((r["config"], r["program"]))
+    if base:
+      r["ratio"] = r["images_per_sec"] / base
+  return merged
+
+
+def passthrough(args: list[str]) -> list[str]:
+  """The command line less --trees, --rounds and --json (either form)."""
+  drop, out, skip = {"--trees", "--rounds", "--json"}, [], False
+  for a in args:
+    if skip:
+      skip = False
+      continue
+    if a.split("=", 1)[0] in drop:
+      skip = "=" not in a
+      continue
+    out.append(a)
+  return out
+
+
+def main(argv):
+  del argv
+  if _TREES.value and not _CHILD.value:
+    rows = compare(_TREES.value, _ROUNDS.value, passthrough(sys.argv[1:]))
+  else:
+    rows = []
+    for spec in _CONFIG.value:
+      config = load_config(spec, _OVERRIDE.value)
+      rows += measure(config, _STEPS.value, _WARMUP.value, _SAMPLE_BATCH.value,
+                      _SAMPLE_STEPS.value, _DB.value, _PEAK.value, _CACHE.value)
+      for r in rows:
+        r.setdefault("spec", spec)
+    if _CHILD.value:
+      print(json.dumps(rows))
+      return
+  if _JSON.value:
+    from rissole_jax import workdir
+    workdir.atomic_write_json(_JSON.value, rows)
+  print(markdown(rows))
+
+
+if __name__ == "__main__":
+  app.run(main)
