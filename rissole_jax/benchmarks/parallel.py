@@ -31,6 +31,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from rissole_jax.benchmarks import markdown_table
 from rissole_jax.benchmarks.peaks import PEAK_TFLOPS
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist.py", "Config file [:variant].")
@@ -133,18 +134,11 @@ def markdown(rows: list[dict]) -> str:
           ("param_mib", "param MiB/device"), ("param_share", "share of params"),
           ("state_mib", "state MiB/device"),
           ("flops_per_step_per_device", "GFLOP/step/device"), ("mfu", "MFU")]
-  lines = ["| " + " | ".join(c for _, c in cols) + " |", "|" + "---|" * len(cols)]
-  for r in rows:
-    r = dict(r, param_share=r["param_bytes_per_device_max"] / r["param_bytes_total"],
-             param_mib=r["param_bytes_per_device_max"] / 2**20,
-             state_mib=r["state_bytes_per_device_max"] / 2**20,
-             flops_per_step_per_device=r["flops_per_step_per_device"] / 1e9)
-    cells = []
-    for key, _ in cols:
-      v = r.get(key)
-      cells.append("–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+  return markdown_table([dict(r, param_share=r["param_bytes_per_device_max"] / r["param_bytes_total"],
+                              param_mib=r["param_bytes_per_device_max"] / 2**20,
+                              state_mib=r["state_bytes_per_device_max"] / 2**20,
+                              flops_per_step_per_device=r["flops_per_step_per_device"] / 1e9)
+                         for r in rows], cols)
 
 
 def passthrough(args: list[str]) -> list[str]:

@@ -48,6 +48,8 @@ import time
 
 from absl import app, flags
 
+from rissole_jax.benchmarks import markdown_table
+
 _CONFIG = flags.DEFINE_multi_string("config", ["configs/mnist.py"], "Config FILE[:variants].")
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "KEY=VALUE set in every config "
                                       "(e.g. model.upsample='conv_transpose').")
@@ -216,15 +218,8 @@ def markdown(rows: list[dict]) -> str:
           ("gflops", "GFLOP/s"), ("peak_fraction", "of peak")]
   if not any("tree" in r for r in rows):
     cols = [c for c in cols if c[0] not in ("tree", "ratio")]
-  lines = ["| " + " | ".join(c for _, c in cols) + " |", "|" + "---|" * len(cols)]
-  for r in rows:
-    r = dict(r, step_ms=r["step_s"] * 1e3, gflop=r["flops"] / 1e9, gflops=r["flops_per_sec"] / 1e9)
-    cells = []
-    for key, _ in cols:
-      v = r.get(key)
-      cells.append("–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+  return markdown_table([dict(r, step_ms=r["step_s"] * 1e3, gflop=r["flops"] / 1e9,
+                              gflops=r["flops_per_sec"] / 1e9) for r in rows], cols)
 
 
 def compare(trees: list[str], rounds: int, argv_rest: list[str]) -> list[dict]:
