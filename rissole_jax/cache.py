@@ -46,3 +46,9 @@ def enable_compilation_cache(disabled: bool = False) -> Path | None:
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   return directory
+
+
+def add_flag(parser) -> None:
+  """The argparse CLIs' switch for the cache (main.py has its absl flag)."""
+  parser.add_argument("--no_compilation_cache", action="store_true",
+                      help="do not keep compiled programs in ~/.cache/rissole_jax/jax")

@@ -35,8 +35,8 @@ def parse(argv=None) -> argparse.Namespace:
   for name, kind in _SETTINGS:
     p.add_argument(f"--{name}", type=kind,
                    help=f"stablehlo: sample.{name} baked into the program (default: the config's)")
-  p.add_argument("--no_compilation_cache", action="store_true",
-                 help="do not keep compiled programs in ~/.cache/rissole_jax/jax")
+  from rissole_jax import cache
+  cache.add_flag(p)
   return p.parse_args(argv)
 
 

@@ -49,8 +49,8 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--variations", nargs="+", metavar="IMG",
                  help="image files to make variations of ('more like this')")
   p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-  p.add_argument("--no_compilation_cache", action="store_true",
-                 help="do not keep compiled programs in ~/.cache/rissole_jax/jax")
+  from rissole_jax import cache
+  cache.add_flag(p)
   return p.parse_args(argv)
 
 
