@@ -96,13 +96,17 @@ def _without_inert(sections: dict) -> dict:
   """Leaves out keys that change nothing at their values, so that workdirs made
   before the keys existed keep their fingerprints: INERT, the U-Net's keys at
   their first layout's values (defaults.LEGACY_MODEL), the LEGO settings of a
-  U-Net model, LEGO brick skipping over no part of the trajectory, and the
+  U-Net model and the U-Net's layout knobs (LEGACY_MODEL's keys) of a LEGO
+  model, whatever their values, LEGO brick skipping over no part of the trajectory, and the
   encode shard size (the files' layout, not their content)."""
   from rissole_jax.defaults import LEGACY_MODEL
   m = sections.get("model")
   if isinstance(m, dict) and m.get("backbone", "unet") == "unet":
     m.pop("backbone", None)
     m.pop("lego", None)
+  elif isinstance(m, dict):
+    for k in LEGACY_MODEL:
+      m.pop(k, None)
   e = sections.get("encode")
   if isinstance(e, dict):
     e.pop("shard_rows", None)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from rissole_jax import blocks as blk
+from rissole_jax import defaults
 from rissole_jax.defaults import apply_variants, base_config
 from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError
@@ -304,6 +305,11 @@ def test_workdirs_made_before_lego_keep_their_fingerprints():
   assert wd.config_sections(mlc.ConfigDict(old), ("model", "sample")) == secs
   lego_secs = wd.config_sections(tiny("pr"), ("model",))   # neighbours='channels' is inert
   assert "neighbours" not in lego_secs["model"]["lego"]
+  # The U-Net's layout knobs change nothing in a LEGO model, at any value.
+  lg = tiny("pr")
+  lg.model.update(defaults.LEGACY_MODEL)
+  assert wd.config_sections(lg, ("model",)) == lego_secs
+  assert not set(defaults.LEGACY_MODEL) & set(lego_secs["model"])
   assert wd.config_sections(tiny("pr", neighbours="tokens"), ("model",)) != lego_secs
   lg = tiny("pr")
   lg.sample.skip.t_break = 0.5
