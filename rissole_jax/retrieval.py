@@ -651,18 +651,18 @@ def index_database(directory: Path, config, encode_dir: Path,
 
   Process 0 fits the reduced embedding, builds the index and saves it (ScaNN's
   build is not a collective); every process loads it and searches the
-  neighbours of its share of the encode shards (shard i by process
-  i mod process_count), writing one table part per shard; process 0 assembles
-  the tables (the same bytes for any number of processes: each shard is
-  searched the same way), checks recall against exact search on up to 2,000
+  neighbours of an even, contiguous share of the rows of each split
+  (`search_share`), writing one table part per split; process 0 assembles
+  the tables (the same bytes for any number of processes: each row is
+  searched in the same batch), checks recall against exact search on up to 2,000
   held-out queries and returns the metrics ({} on the other processes).
   progress(total=, desc=) -> a tqdm-like bar, e.g. ctx.progress."""
   from rissole_jax import parallel
   metrics = build_index(directory, config, encode_dir, say) if process_index == 0 else {}
   if process_count > 1:
     parallel.sync(f"index-built:{directory}")
-  metrics.update(search_shards(directory, config, encode_dir, process_index, process_count,
-                               progress=progress))
+  metrics.update(search_share(directory, config, encode_dir, process_index, process_count,
+                              progress=progress))
   if process_count > 1:
     parallel.sync(f"index-searched:{directory}")
   if process_index != 0:
@@ -713,61 +713,92 @@ def build_index(directory: Path, config, encode_dir: Path,
   return {"build_seconds": build_s, "embed_seconds": embed_s}
 
 
-def search_shards(directory: Path, config, encode_dir: Path, process_index: int = 0,
-                  process_count: int = 1, limit: int | None = None,
-                  progress: Callable[..., object] | None = None) -> dict:
+def search_share(directory: Path, config, encode_dir: Path, process_index: int = 0,
+                 process_count: int = 1, limit: int | None = None,
+                 progress: Callable[..., object] | None = None) -> dict:
   """This process's share of the neighbour tables: the saved index searched
-  with the queries of encode shards process_index, +process_count, ... of
-  each split (at most `limit` per split: for benchmarks), one part file each."""
+  with an even, contiguous share of the rows of each split (`shards.share`,
+  across shard boundaries), read from the memory-mapped shards a batch at a
+  time, so the process holds the index and one batch; one part file per split,
+  named for its first row. limit: at most this many rows per split (benchmarks)."""
   from rissole_jax import shards
   directory, encode_dir = Path(directory), Path(encode_dir)
   meta, cb, n, _, _, _ = _encoded(encode_dir, config)
-  k = int(config.retrieval.k)
+  k, qb = int(config.retrieval.k), int(config.retrieval.query_batch)
   # Every process searches with the index as saved (process 0 too), so the
   # tables cannot depend on which process built it.
-  index = Index.load(directory, {"fingerprint": meta["fingerprint"], "n": n},
-                     config.retrieval.query_batch)
+  index = Index.load(directory, {"fingerprint": meta["fingerprint"], "n": n}, qb)
   t0, searched = time.perf_counter(), 0
   for split in meta["rows"]:
-    mine = shards.mine(shards.num_shards(meta, split), process_index, process_count)[:limit]
-    bar = progress(total=len(mine), desc=f"neighbours ({split})") if progress else None
-    for i in mine:
-      rows, _ = shards.read_shard(encode_dir, meta, split, i)
-      start = shards.shard_start(meta, split, i)
-      q = embed_rows(rows, cb, config, index.reduction)
-      exclude = start + np.arange(len(q)) if split == "train" else None
-      ids = index.search(q, k, exclude)[0] if len(q) else np.zeros((0, k), np.int32)
-      wd.atomic_save_npy(directory / "parts" / f"{split}-{i:05d}.npy", ids)
-      searched += len(q)
+    rows = shards.read_split(encode_dir, meta, split, mmap=True)[0]
+    start, stop = shards.share(len(rows), process_index, process_count, qb)
+    stop = stop if limit is None else min(stop, start + limit)
+    if stop <= start:
+      continue
+    ids = np.empty((stop - start, k), np.int32)
+    bar = progress(total=stop - start, desc=f"neighbours ({split})") if progress else None
+    # Batches on a grid of query_batch rows from row 0: every row is embedded
+    # and searched in the same batch for any number of processes, so the
+    # tables are the same bytes (a matrix product may round by batch size).
+    for a in range(start, stop, qb):
+      b = min(a + qb, stop)
+      q = embed_rows(rows[a:b], cb, config, index.reduction)
+      ids[a - start:b - start] = index.search(q, k, np.arange(a, b) if split == "train"
+                                              else None)[0]
       if bar is not None:
-        bar.update(1)
+        bar.update(b - a)
     if bar is not None:
       bar.close()
+    wd.atomic_save_npy(directory / "parts" / f"{split}-{start:010d}.npy", ids)
+    searched += stop - start
   seconds = time.perf_counter() - t0
   return {"neighbours_seconds": seconds, "queries_searched": searched,
           "queries_per_second": searched / max(seconds, 1e-9)}
 
 
+def table_from_parts(directory: Path, split: str, rows: int, k: int) -> np.ndarray:
+  """A split's (rows, k) neighbour table from the parts under directory/parts
+  (each named for its first row), in row order; refuses parts that leave
+  rows out or cover a row twice, naming the fix."""
+  directory = Path(directory)
+  fix = _fix(directory, "index")
+  parts = sorted((int(p.stem.rsplit("-", 1)[1]), p)
+                 for p in (directory / "parts").glob(f"{split}-*.npy"))
+  pieces, pos = [], 0
+  for start, path in parts + [(rows, None)]:
+    if start > pos:
+      raise IndexMismatch(f"{directory / 'parts'} has no part for rows {pos}..{start} of the "
+                          f"{split} split: a process did not search its share (or failed). "
+                          + fix)
+    if path is None:
+      break
+    part = np.load(path)
+    if start < pos or start + len(part) > rows:
+      raise IndexMismatch(
+          f"{path} holds rows {start}..{start + len(part)} of the {split} split ({rows} rows), "
+          f"but rows up to {pos} are in other parts: parts of two searches (e.g. with different "
+          "numbers of processes) are mixed. " + fix)
+    if part.shape[1:] != (k,):
+      raise IndexMismatch(f"{path} has {part.shape[1:]} neighbours a row, not ({k},): a part "
+                          "of another search. " + fix)
+    pieces.append(part)
+    pos += len(part)
+  return np.concatenate(pieces) if pieces else np.zeros((0, k), np.int32)
+
+
 def assemble_tables(directory: Path, config, encode_dir: Path,
                     say: Callable[..., None] = log.info) -> dict:
-  """The neighbour tables from every shard's part, their manifest, and recall
-  against exact search (one process, once every part is written)."""
+  """The neighbour tables from every process's parts, their manifest, and
+  recall against exact search (one process, once every part is written)."""
   from rissole_jax import shards
   directory, encode_dir = Path(directory), Path(encode_dir)
   meta, cb, n, _, kind, info = _encoded(encode_dir, config)
   rcfg, k = config.retrieval, int(config.retrieval.k)
   index = Index.load(directory, {"fingerprint": meta["fingerprint"], "n": n}, rcfg.query_batch)
-  tables = {}
-  for split in ("train", "heldout"):
-    parts = [directory / "parts" / f"{split}-{i:05d}.npy"
-             for i in range(shards.num_shards(meta, split) if split in meta["rows"] else 0)]
-    missing = [p for p in parts if not p.exists()]
-    if missing:
-      raise IndexMismatch(f"{missing[0]} is missing: a process did not search its shards. "
-                          + _fix(directory, "index"))
-    tables[split] = (np.concatenate([np.load(p) for p in parts]) if parts
-                     else np.zeros((0, k), np.int32))
-    wd.atomic_save_npy(directory / f"neighbours_{split}.npy", tables[split])
+  tables = {split: table_from_parts(directory, split, meta["rows"].get(split, 0), k)
+            for split in ("train", "heldout")}
+  for split, table in tables.items():
+    wd.atomic_save_npy(directory / f"neighbours_{split}.npy", table)
   shutil.rmtree(directory / "parts", ignore_errors=True)
   write_manifest(directory / "neighbours.json",
                  ["neighbours_train.npy", "neighbours_heldout.npy"],

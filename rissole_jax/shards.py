@@ -36,8 +36,18 @@ def ranges(n: int, shard_rows: int) -> list[tuple[int, int]]:
 
 
 def mine(num_shards: int, process_index: int, process_count: int) -> list[int]:
-  """The shards one process makes (or searches): every process_count-th."""
+  """The shards one process encodes: every process_count-th."""
   return list(range(process_index, num_shards, process_count))
+
+
+def share(n: int, process_index: int, process_count: int, grid: int = 1) -> tuple[int, int]:
+  """[start, stop) of the rows of an n-row split one process searches: an
+  even, contiguous share, whatever the shards (to within `grid` rows: its
+  boundaries fall on multiples of grid, the batches queries are searched in)."""
+  grid = max(int(grid), 1)
+  blocks = -(-n // grid)
+  return tuple(min(blocks * p // process_count * grid, n)
+               for p in (process_index, process_index + 1))
 
 
 def _name(split: str, i: int) -> str:
