@@ -718,9 +718,10 @@ def search_share(directory: Path, config, encode_dir: Path, process_index: int =
                  progress: Callable[..., object] | None = None) -> dict:
   """This process's share of the neighbour tables: the saved index searched
   with an even, contiguous share of the rows of each split (`shards.share`,
-  across shard boundaries), read from the memory-mapped shards a batch at a
-  time, so the process holds the index and one batch; one part file per split,
-  named for its first row. limit: at most this many rows per split (benchmarks)."""
+  across shard boundaries), read from the shards a batch at a time: the
+  process holds the index, one batch and its part of the table. One part file
+  per split, named for its first row. limit: at most this many rows per split
+  (benchmarks)."""
   from rissole_jax import shards
   directory, encode_dir = Path(directory), Path(encode_dir)
   meta, cb, n, _, _, _ = _encoded(encode_dir, config)
@@ -729,9 +730,8 @@ def search_share(directory: Path, config, encode_dir: Path, process_index: int =
   # tables cannot depend on which process built it.
   index = Index.load(directory, {"fingerprint": meta["fingerprint"], "n": n}, qb)
   t0, searched = time.perf_counter(), 0
-  for split in meta["rows"]:
-    rows = shards.read_split(encode_dir, meta, split, mmap=True)[0]
-    start, stop = shards.share(len(rows), process_index, process_count, qb)
+  for split, n_split in meta["rows"].items():
+    start, stop = shards.share(n_split, process_index, process_count, qb)
     stop = stop if limit is None else min(stop, start + limit)
     if stop <= start:
       continue
@@ -742,7 +742,8 @@ def search_share(directory: Path, config, encode_dir: Path, process_index: int =
     # tables are the same bytes (a matrix product may round by batch size).
     for a in range(start, stop, qb):
       b = min(a + qb, stop)
-      q = embed_rows(rows[a:b], cb, config, index.reduction)
+      q = embed_rows(shards.read_rows(encode_dir, meta, split, a, b), cb, config,
+                     index.reduction)
       ids[a - start:b - start] = index.search(q, k, np.arange(a, b) if split == "train"
                                               else None)[0]
       if bar is not None:

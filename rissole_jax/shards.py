@@ -202,6 +202,20 @@ def rows_at(directory: Path, meta: dict, split: str, ids) -> np.ndarray:
   return out
 
 
+def read_rows(directory: Path, meta: dict, split: str, start: int, stop: int) -> np.ndarray:
+  """Rows [start, stop) of a split, copied from the shards they span (mapped
+  only while read: a process that reads its share a batch at a time holds a
+  batch, not the pages of its whole share)."""
+  if meta["format"] == FORMAT:
+    spans = ranges(meta["rows"][split], meta["shard_rows"][split])
+  else:
+    spans = [(0, meta["rows"][split])]
+  out = [np.array(read_shard(directory, meta, split, i, mmap=True)[0][max(start, a) - a:
+                                                                      min(stop, b) - a])
+         for i, (a, b) in enumerate(spans) if a < stop and b > start]
+  return out[0] if len(out) == 1 else np.concatenate(out)
+
+
 class RowView:
   """A split's memory-mapped shards as one read-only array: a slice or an
   index array reads only the shards it touches (so a process that needs a
