@@ -37,7 +37,8 @@ import numpy as np
 from absl import app, flags
 
 flags.DEFINE_list("items", ["20000"], "Database sizes (train items).")
-flags.DEFINE_list("processes", ["1", "2"], "Process counts to run each size with.")
+flags.DEFINE_list("processes", ["1", "2"], "Process counts to run each size with, in this "
+                  "order (repeats allowed, e.g. 1,2,1,2, to interleave on a shared machine).")
 flags.DEFINE_string("latent", "28,28,32", "Latent shape h,w,c.")
 flags.DEFINE_integer("codebook", 512, "Codebook size.")
 flags.DEFINE_integer("k", 10, "Neighbours per item.")
@@ -352,8 +353,8 @@ def main(argv):
     base = Path(FLAGS.root or tempfile.mkdtemp(prefix="data_scale."))
     for n in (int(s) for s in FLAGS.items):
       tables, roots = {}, []
-      for count in (int(s) for s in FLAGS.processes):
-        root = base / f"n{n}_p{count}"
+      for j, count in enumerate(int(s) for s in FLAGS.processes):  # repeats: 1,2,1,2
+        root = base / (f"n{n}_p{count}" + (f"_{j}" if count in tables else ""))
         print(f"--- {n} items, {count} process(es); load {os.getloadavg()}", flush=True)
         reuse = roots[0] / "index" if FLAGS.reuse_build and roots else None
         rows = run_size(n, count, root, reuse)
