@@ -94,7 +94,8 @@ def finish(directory: Path, fingerprint: str, dataset: str, codebook: np.ndarray
   """meta.json over every shard (process 0, once all processes wrote theirs).
   splits: {split: (rows, shard_rows, source name)}. Refuses missing shards and
   shards of another autoencoder, naming the fix."""
-  from rissole_jax.retrieval import read_manifest, write_manifest, _remove
+  from rissole_jax.retrieval import read_manifest, write_manifest
+  from rissole_jax.retrieval.manifest import _remove
   directory = Path(directory)
   _remove(directory / "meta.json")
   files, shapes, sources, counts = [], {}, {}, {}
