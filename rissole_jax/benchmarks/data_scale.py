@@ -54,6 +54,8 @@ flags.DEFINE_string("root", None, "Scratch folder (default: a temporary one, rem
 flags.DEFINE_string("out", None, "JSON file for the rows.")
 flags.DEFINE_integer("search_rows", 0, "Search only this many rows of each process's share of "
                      "each split (0: all); the time of the whole share is extrapolated from them.")
+flags.DEFINE_string("index_from", None, "An index folder of an earlier run of the same size "
+                    "(ROOT/n{items}_p{count}/index, kept with --root): copied instead of built.")
 flags.DEFINE_bool("reuse_build", False, "For the second and later process counts of a size, "
                   "copy the first count's index instead of building it again (the build is "
                   "process 0's alone: the same work for any count).")
@@ -303,7 +305,7 @@ def run_size(n: int, count: int, root: Path, reuse_from: Path | None = None) -> 
                  RISSOLE_PROCESS_ID=str(p))
     args = [sys.executable, "-m", "rissole_jax.benchmarks.data_scale", f"--worker={p}",
             f"--n={n}", f"--root={root}", *[a for a in sys.argv[1:] if not a.startswith(
-                ("--root", "--out", "--items", "--processes"))]]
+                ("--root", "--out", "--items", "--processes", "--index_from"))]]
     if reuse_from is not None:
       args.append(f"--reuse_from={reuse_from}")
     procs.append(subprocess.Popen(args, env=env))
@@ -356,7 +358,8 @@ def main(argv):
       for j, count in enumerate(int(s) for s in FLAGS.processes):  # repeats: 1,2,1,2
         root = base / (f"n{n}_p{count}" + (f"_{j}" if count in tables else ""))
         print(f"--- {n} items, {count} process(es); load {os.getloadavg()}", flush=True)
-        reuse = roots[0] / "index" if FLAGS.reuse_build and roots else None
+        reuse = (Path(FLAGS.index_from) if FLAGS.index_from else
+                 roots[0] / "index" if FLAGS.reuse_build and roots else None)
         rows = run_size(n, count, root, reuse)
         roots.append(root)
         nb = root / "index" / "neighbours_train.npy"
