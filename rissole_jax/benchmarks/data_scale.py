@@ -141,8 +141,6 @@ def _cpu_seconds() -> float:
 
 def worker(pidx: int, n: int, root: Path) -> dict:
   """One process of a run: encode, index, gather; returns its measurements."""
-  if FLAGS.pin and hasattr(os, "sched_setaffinity"):
-    os.sched_setaffinity(0, {pidx % os.cpu_count()})
   from rissole_jax import parallel
   parallel.initialize_distributed()
   import logging
@@ -308,7 +306,11 @@ def run_size(n: int, count: int, root: Path, reuse_from: Path | None = None) -> 
                 ("--root", "--out", "--items", "--processes", "--index_from"))]]
     if reuse_from is not None:
       args.append(f"--reuse_from={reuse_from}")
-    procs.append(subprocess.Popen(args, env=env))
+    # Pinned before it starts: every thread of the worker (NumPy's BLAS pool,
+    # ScaNN's, XLA's) inherits the core, not just its main thread.
+    pin = ((lambda core=p % os.cpu_count(): os.sched_setaffinity(0, {core}))
+           if FLAGS.pin and hasattr(os, "sched_setaffinity") else None)
+    procs.append(subprocess.Popen(args, env=env, preexec_fn=pin))
   codes = [pr.wait() for pr in procs]
   if any(codes):
     raise RuntimeError(f"a worker failed (exit codes {codes}); see its output above")
