@@ -378,6 +378,8 @@ def main(argv):
         import shutil
         for root in roots:
           shutil.rmtree(root, ignore_errors=True)
+    if not FLAGS.root:
+      base.rmdir()
   if FLAGS.out:
     Path(FLAGS.out).write_text(json.dumps(result, indent=1, default=float))
 
