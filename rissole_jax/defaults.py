@@ -86,7 +86,7 @@ def base_config() -> mlc.ConfigDict:
   r.anisotropic_threshold = 0.2
   r.reorder = 0                 # 0: 10 * k
   r.training_sample_size = 0    # 0: min(N, 250k)
-  r.query_batch = 1024
+  r.query_batch = 1024          # queries a search call; also the grid of the processes' shares
   # Reduced embedding for large latents: auto keeps the full space while N
   # full embeddings fit in reduce_above_mb, else PCA to reduce_dim (see
   # docs/retrieval.md for recall@k against exact search in the full space).

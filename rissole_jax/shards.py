@@ -36,8 +36,18 @@ def ranges(n: int, shard_rows: int) -> list[tuple[int, int]]:
 
 
 def mine(num_shards: int, process_index: int, process_count: int) -> list[int]:
-  """The shards one process makes (or searches): every process_count-th."""
+  """The shards one process encodes: every process_count-th."""
   return list(range(process_index, num_shards, process_count))
+
+
+def share(n: int, process_index: int, process_count: int, grid: int = 1) -> tuple[int, int]:
+  """[start, stop) of the rows of an n-row split one process searches: an
+  even, contiguous share, whatever the shards (to within `grid` rows: its
+  boundaries fall on multiples of grid, the batches queries are searched in)."""
+  grid = max(int(grid), 1)
+  blocks = -(-n // grid)
+  return tuple(min(blocks * p // process_count * grid, n)
+               for p in (process_index, process_index + 1))
 
 
 def _name(split: str, i: int) -> str:
@@ -84,7 +94,8 @@ def finish(directory: Path, fingerprint: str, dataset: str, codebook: np.ndarray
   """meta.json over every shard (process 0, once all processes wrote theirs).
   splits: {split: (rows, shard_rows, source name)}. Refuses missing shards and
   shards of another autoencoder, naming the fix."""
-  from rissole_jax.retrieval import read_manifest, write_manifest, _remove
+  from rissole_jax.retrieval import read_manifest, write_manifest
+  from rissole_jax.retrieval.manifest import _remove
   directory = Path(directory)
   _remove(directory / "meta.json")
   files, shapes, sources, counts = [], {}, {}, {}
@@ -190,6 +201,20 @@ def rows_at(directory: Path, meta: dict, split: str, ids) -> np.ndarray:
     if hit.any():
       out[hit] = rows[ids[hit] - start]
   return out
+
+
+def read_rows(directory: Path, meta: dict, split: str, start: int, stop: int) -> np.ndarray:
+  """Rows [start, stop) of a split, copied from the shards they span (mapped
+  only while read: a process that reads its share a batch at a time holds a
+  batch, not the pages of its whole share)."""
+  if meta["format"] == FORMAT:
+    spans = ranges(meta["rows"][split], meta["shard_rows"][split])
+  else:
+    spans = [(0, meta["rows"][split])]
+  out = [np.array(read_shard(directory, meta, split, i, mmap=True)[0][max(start, a) - a:
+                                                                      min(stop, b) - a])
+         for i, (a, b) in enumerate(spans) if a < stop and b > start]
+  return out[0] if len(out) == 1 else np.concatenate(out)
 
 
 class RowView:

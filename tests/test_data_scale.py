@@ -75,6 +75,38 @@ def test_code_shards_decode_to_the_latents_exactly(tmp_path):
   np.testing.assert_array_equal(db.neighbours, want)
 
 
+def test_three_way_search_split_inside_shards_equals_one(tmp_path):
+  """3 processes search even shares of the rows (grid of 16: train rows
+  0..96..192..300, held out 0..0..16..20), boundaries inside the 64-row
+  shards: the tables are one process's bytes; parts that leave rows out or
+  cover rows twice are refused with the fix."""
+  c = config(reduce="pca", reduce_dim=8, query_batch=16)
+  write(tmp_path, c)
+  enc, one, three = tmp_path / "encode", tmp_path / "one", tmp_path / "three"
+  R.index_database(one, c, enc)
+  R.build_index(three, c, enc)
+  got = [R.search_share(three, c, enc, p, 3)["queries_searched"] for p in range(3)]
+  assert got == [96, 96 + 16, 108 + 4]
+  assert sorted(p.name for p in (three / "parts").iterdir()) == [
+      "heldout-0000000000.npy", "heldout-0000000016.npy", "train-0000000000.npy",
+      "train-0000000096.npy", "train-0000000192.npy"]
+  parts = {p.name: p.read_bytes() for p in (three / "parts").iterdir()}
+  R.assemble_tables(three, c, enc)
+  for name in ("neighbours_train.npy", "neighbours_heldout.npy"):
+    assert (three / name).read_bytes() == (one / name).read_bytes(), name
+  # Parts of a 2-process search mixed in (rows 0..144 over 96..192): refused.
+  (three / "parts").mkdir()
+  for name, data in parts.items():
+    (three / "parts" / name).write_bytes(data)
+  R.search_share(three, c, enc, 0, 2)
+  with pytest.raises(IndexMismatch, match=r"rows 96..192 of the train.*mixed.*--only index"):
+    R.assemble_tables(three, c, enc)
+  (three / "parts" / "train-0000000096.npy").unlink()
+  (three / "parts" / "train-0000000192.npy").unlink()
+  with pytest.raises(IndexMismatch, match=r"no part for rows 144..300 of the train.*--only index"):
+    R.assemble_tables(three, c, enc)
+
+
 def test_device_gather_of_codes_equals_the_float_gather():
   cb, codes, lat = codebook_database(50)
   stats = dif.database_stats(codes, cb)
@@ -196,11 +228,14 @@ def test_data_scale_benchmark_runs_tiny(tmp_path):
   subprocess.run([sys.executable, "-m", "rissole_jax.benchmarks.data_scale", "--items=600",
                   "--processes=2", "--latent=4,4,2", "--codebook=16", "--heldout=40",
                   "--shard_rows=256", "--k=3", "--reduce_dim=8", "--batch=8", "--nopin",
+                  "--query_batch=64",
                   f"--out={out}"], check=True, timeout=300, capture_output=True,
                  env={**os.environ, "PYTHONPATH": ROOT})
   row = json.loads(out.read_text())["rows"][0]
   assert row["processes"] == 2 and len(row["workers"]) == 2
+  # An even split of the rows (on a grid of 64): 320 + 280 train, 0 + 40 held out.
+  assert [w["search"]["queries_searched"] for w in row["workers"]] == [320, 320]
   for w in row["workers"]:
-    assert w["search"]["queries_searched"] > 0 and w["encode_peak_bytes"] > 0
+    assert w["encode_peak_bytes"] > 0
     assert set(w["gather"]) == {"device", "sharded", "host"}
   assert row["workers"][0]["assemble"]["recall_at_k"] == 1.0

@@ -172,9 +172,10 @@ def test_two_processes_equal_one(trained):
 
 
 def test_two_processes_encode_and_index_like_one(trained):
-  """Each of 2 processes encodes and searches its own shards (every other
-  one of 5): the database and the neighbour tables are the same bytes as
-  one process's, and no item is its own neighbour."""
+  """Each of 2 processes encodes its own shards (every other one of 5) and
+  searches an even share of the rows (train: 0..2048 and 2048..4500): the
+  database and the neighbour tables are the same bytes as one process's, and
+  no item is its own neighbour."""
   root = _check(trained, "twodata")
   one, two = root / "one", root / "twodata"
   files = sorted(p.name for p in (one / "encode").iterdir() if p.suffix in (".npy", ".json")

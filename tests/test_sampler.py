@@ -141,7 +141,8 @@ def test_with_database_swaps_neighbours_and_caches(sampler, tmp_path, monkeypatc
   images = train_images(sampler, np.arange(100, 130))[:, :, ::-1]   # mirrored digits
   encoded = []
   real = retrieval.encode_source
-  monkeypatch.setattr(retrieval, "encode_source", lambda *a, **k: encoded.append(1) or real(*a, **k))
+  monkeypatch.setattr(retrieval.database, "encode_source",   # where build_database looks it up
+                      lambda *a, **k: encoded.append(1) or real(*a, **k))
   other = sampler.with_database(images, progress=False)
   assert len(other.db) == 30 and other.db.name.startswith("array:")
   assert other.db.neighbours.max() < 30 and len(encoded) == 1

@@ -8,7 +8,7 @@ gather on synthetic code indices of the ImageNet100 shape (28x28x32 latents,
 
 Per (items, processes) row, for each process: wall time and peak resident
 memory (VmHWM, reset between phases) of encode, index (process 0: fit the
-reduced embedding, build, save; all: load, search its shards), and the
+reduced embedding, build, save; all: load, search its share of the rows), and the
 gather (one train step's batch, each diffusion.train.gather placement);
 bytes of the database per host and per device; recall@k of the reduced
 embedding against exact search in the full space (the index stage's
@@ -37,25 +37,34 @@ import numpy as np
 from absl import app, flags
 
 flags.DEFINE_list("items", ["20000"], "Database sizes (train items).")
-flags.DEFINE_list("processes", ["1", "2"], "Process counts to run each size with.")
+flags.DEFINE_list("processes", ["1", "2"], "Process counts to run each size with, in this "
+                  "order (repeats allowed, e.g. 1,2,1,2, to interleave on a shared machine).")
 flags.DEFINE_string("latent", "28,28,32", "Latent shape h,w,c.")
 flags.DEFINE_integer("codebook", 512, "Codebook size.")
 flags.DEFINE_integer("k", 10, "Neighbours per item.")
 flags.DEFINE_integer("heldout", 1000, "Held-out queries.")
 flags.DEFINE_integer("shard_rows", 16384, "encode.shard_rows.")
 flags.DEFINE_integer("reduce_dim", 256, "retrieval.reduce_dim.")
+flags.DEFINE_integer("query_batch", 1024, "retrieval.query_batch (also the grid of the "
+                     "processes' shares of the queries).")
 flags.DEFINE_integer("batch", 128, "Train batch for the gather.")
 flags.DEFINE_bool("pin", True, "Pin process p to CPU core p (one core per process, as one "
                   "host per process on a pod).")
 flags.DEFINE_string("root", None, "Scratch folder (default: a temporary one, removed).")
 flags.DEFINE_string("out", None, "JSON file for the rows.")
-flags.DEFINE_integer("search_shards", 0, "Search only this many shards per process and split "
-                     "(0: all); the time of the whole share is extrapolated from them.")
+flags.DEFINE_integer("search_rows", 0, "Search only this many rows of each process's share of "
+                     "each split (0: all); the time of the whole share is extrapolated from them.")
+flags.DEFINE_string("index_from", None, "An index folder of an earlier run of the same size "
+                    "(ROOT/n{items}_p{count}/index, kept with --root): copied instead of built.")
+flags.DEFINE_bool("reuse_build", False, "For the second and later process counts of a size, "
+                  "copy the first count's index instead of building it again (the build is "
+                  "process 0's alone: the same work for any count).")
 flags.DEFINE_integer("recall_max_items", 200_000, "Assemble the tables and measure recall "
                      "against exact search in the full space up to this size.")
 flags.DEFINE_string("real_encode", None, "An encode folder: recall of reduced embeddings.")
 flags.DEFINE_integer("worker", -1, "Internal: run as this process of a run.")
 flags.DEFINE_integer("n", 0, "Internal: the run's size.")
+flags.DEFINE_string("reuse_from", None, "Internal: the index folder to copy instead of building.")
 FLAGS = flags.FLAGS
 
 _CLUSTERS = 1000
@@ -132,15 +141,13 @@ def _cpu_seconds() -> float:
 
 def worker(pidx: int, n: int, root: Path) -> dict:
   """One process of a run: encode, index, gather; returns its measurements."""
-  if FLAGS.pin and hasattr(os, "sched_setaffinity"):
-    os.sched_setaffinity(0, {pidx % os.cpu_count()})
   from rissole_jax import parallel
   parallel.initialize_distributed()
   import logging
 
   import jax
 
-  from rissole_jax import retrieval
+  from rissole_jax import retrieval, shards
   from rissole_jax.context import Context
   from rissole_jax.defaults import base_config
   from rissole_jax.stages import encode as encode_stage
@@ -150,7 +157,7 @@ def worker(pidx: int, n: int, root: Path) -> dict:
   c = base_config()
   c.data.name = "synthetic"
   c.encode.update(shard_rows=FLAGS.shard_rows, batch_size=256)
-  c.retrieval.update(k=FLAGS.k, reduce_dim=FLAGS.reduce_dim)
+  c.retrieval.update(k=FLAGS.k, reduce_dim=FLAGS.reduce_dim, query_batch=FLAGS.query_batch)
   ae = SyntheticAutoencoder(shape, FLAGS.codebook)
   sources = {"train": SyntheticSource("synthetic:train", n),
              "heldout": SyntheticSource("synthetic:heldout", FLAGS.heldout, offset=n)}
@@ -177,18 +184,25 @@ def worker(pidx: int, n: int, root: Path) -> dict:
   row["baseline_bytes"] = _peak_bytes()
   row["encode"] = phase("encode", lambda: encode_stage.run(ctx("encode")))
   enc, idx_dir = root / "encode", root / "index"
-  row["build"] = phase("build", lambda: retrieval.build_index(idx_dir, c, enc) if p == 0 else {})
+  if FLAGS.reuse_from:
+    row["build_reused_from"] = FLAGS.reuse_from
+  row["build"] = phase("build", lambda: (_copy_index(Path(FLAGS.reuse_from), idx_dir)
+                                         if FLAGS.reuse_from else
+                                         retrieval.build_index(idx_dir, c, enc)) if p == 0 else {})
   idx = json.loads((idx_dir / "index.json").read_text())
   row["index_bytes"] = sum(f["bytes"] for f in idx["files"].values())
   row["index_structure"] = idx["params"]
-  limit = FLAGS.search_shards or None
-  row["search"] = phase("search", lambda: retrieval.search_shards(idx_dir, c, enc, p, count,
-                                                                  limit=limit))
-  mine = len(range(p, -(-n // FLAGS.shard_rows), count)) + len(range(p, -(-FLAGS.heldout // FLAGS.shard_rows), count))
-  searched = min(mine, 2 * limit) if limit else mine
-  row["search"]["shards"], row["search"]["shards_of_this_process"] = searched, mine
-  # The whole share, from the shards searched (all of them unless --search_shards).
-  row["search_s_share"] = row["search_s"] * mine / max(searched, 1)
+  limit = FLAGS.search_rows or None
+  row["search"] = phase("search", lambda: retrieval.search_share(idx_dir, c, enc, p, count,
+                                                                 limit=limit))
+  qb = c.retrieval.query_batch
+  share = sum(b - a for a, b in (shards.share(m, p, count, qb) for m in (n, FLAGS.heldout)))
+  searched = row["search"]["queries_searched"]
+  row["search"]["queries_of_this_process"] = share
+  # The whole share, from the rows searched (all of them unless --search_rows);
+  # loading the index is paid once, not per row.
+  load_s = row["search_s"] - row["search"]["neighbours_seconds"]
+  row["search_s_share"] = load_s + row["search"]["neighbours_seconds"] * share / max(searched, 1)
   if p == 0 and not limit:
     row["assemble"] = phase0 = {}
     t0 = time.perf_counter()
@@ -234,42 +248,48 @@ def worker(pidx: int, n: int, root: Path) -> dict:
 
 
 def assemble_tables_only(idx_dir, c, enc, p):
-  """With --search_shards the tables have holes: fill the parts not searched
-  with a random table (the gather only needs ids), then write them."""
+  """With --search_rows the tables have holes: fill the rows not searched
+  with random neighbours (the gather only needs ids), then write them."""
   from rissole_jax import parallel, retrieval, shards
+  from rissole_jax import workdir as wd
   if p == 0:
     meta = shards.read_meta(enc)
-    rng = np.random.default_rng(0)
-    for split in meta["rows"]:
-      for i, (start, stop) in enumerate(shards.ranges(meta["rows"][split], meta["shard_rows"][split])):
-        part = idx_dir / "parts" / f"{split}-{i:05d}.npy"
-        if not part.exists():
-          t = (np.arange(start, stop)[:, None] + rng.integers(1, meta["rows"]["train"],
-               (stop - start, FLAGS.k))) % meta["rows"]["train"]
-          np.save(part, t.astype(np.int32))
-    c.retrieval.k = FLAGS.k
-    _write_tables(idx_dir, meta, c)
+    n, rng, tables = meta["rows"]["train"], np.random.default_rng(0), {}
+    for split in ("train", "heldout"):
+      rows = meta["rows"].get(split, 0)
+      parts = sorted((int(q.stem.rsplit("-", 1)[1]), len(np.load(q, mmap_mode="r")))
+                     for q in (idx_dir / "parts").glob(f"{split}-*.npy"))
+      pos = 0
+      for start, length in parts + [(rows, 0)]:
+        if start > pos:  # a hole: rows pos..start
+          t = (np.arange(pos, start)[:, None] + rng.integers(1, n, (start - pos, FLAGS.k))) % n
+          np.save(idx_dir / "parts" / f"{split}-{pos:010d}.npy", t.astype(np.int32))
+        pos = start + length
+      tables[split] = retrieval.table_from_parts(idx_dir, split, rows, FLAGS.k)
+      wd.atomic_save_npy(idx_dir / f"neighbours_{split}.npy", tables[split])
+    info = {"fingerprint": meta["fingerprint"], "embedding": "full", "grid": None,
+            "latent_shape": meta["latent_shape"], "k": FLAGS.k, "n_train": n,
+            "n_heldout": len(tables["heldout"]),
+            "reduce": retrieval.reduction_kind(n, meta["latent_shape"], c)}
+    retrieval.write_manifest(idx_dir / "neighbours.json",
+                             ["neighbours_train.npy", "neighbours_heldout.npy"], info)
   parallel.sync("tables")
 
 
-def _write_tables(idx_dir, meta, c):
-  from rissole_jax import retrieval, shards
-  from rissole_jax import workdir as wd
-  tables = {}
-  for split in ("train", "heldout"):
-    n = shards.num_shards(meta, split)
-    tables[split] = np.concatenate([np.load(idx_dir / "parts" / f"{split}-{i:05d}.npy")
-                                    for i in range(n)])
-    wd.atomic_save_npy(idx_dir / f"neighbours_{split}.npy", tables[split])
-  info = {"fingerprint": meta["fingerprint"], "embedding": "full", "grid": None,
-          "latent_shape": meta["latent_shape"], "k": int(c.retrieval.k),
-          "n_train": meta["rows"]["train"], "n_heldout": len(tables["heldout"]),
-          "reduce": retrieval.reduction_kind(meta["rows"]["train"], meta["latent_shape"], c)}
-  retrieval.write_manifest(idx_dir / "neighbours.json",
-                           ["neighbours_train.npy", "neighbours_heldout.npy"], info)
+def _copy_index(src: Path, dst: Path) -> dict:
+  """--reuse_build: the index files of an earlier run of the same size."""
+  import shutil
+  for name in ("scann", "embeddings.npy", "projection.npy"):
+    if (src / name).is_dir():
+      shutil.copytree(src / name, dst / name)
+    elif (src / name).exists():
+      shutil.copy(src / name, dst / name)
+  shutil.copy(src / "index.json", dst / "index.json")
+  (dst / "parts").mkdir(exist_ok=True)
+  return {"reused": str(src)}
 
 
-def run_size(n: int, count: int, root: Path) -> dict:
+def run_size(n: int, count: int, root: Path, reuse_from: Path | None = None) -> dict:
   """Starts `count` worker processes for a database of n items; their rows."""
   port = socket.socket()
   port.bind(("localhost", 0))
@@ -283,8 +303,14 @@ def run_size(n: int, count: int, root: Path) -> dict:
                  RISSOLE_PROCESS_ID=str(p))
     args = [sys.executable, "-m", "rissole_jax.benchmarks.data_scale", f"--worker={p}",
             f"--n={n}", f"--root={root}", *[a for a in sys.argv[1:] if not a.startswith(
-                ("--root", "--out", "--items", "--processes"))]]
-    procs.append(subprocess.Popen(args, env=env))
+                ("--root", "--out", "--items", "--processes", "--index_from"))]]
+    if reuse_from is not None:
+      args.append(f"--reuse_from={reuse_from}")
+    # Pinned before it starts: every thread of the worker (NumPy's BLAS pool,
+    # ScaNN's, XLA's) inherits the core, not just its main thread.
+    pin = ((lambda core=p % os.cpu_count(): os.sched_setaffinity(0, {core}))
+           if FLAGS.pin and hasattr(os, "sched_setaffinity") else None)
+    procs.append(subprocess.Popen(args, env=env, preexec_fn=pin))
   codes = [pr.wait() for pr in procs]
   if any(codes):
     raise RuntimeError(f"a worker failed (exit codes {codes}); see its output above")
@@ -330,21 +356,30 @@ def main(argv):
               "pin": FLAGS.pin, "cpu": _cpu_name(), "rows": []}
     base = Path(FLAGS.root or tempfile.mkdtemp(prefix="data_scale."))
     for n in (int(s) for s in FLAGS.items):
-      tables = {}
-      for count in (int(s) for s in FLAGS.processes):
-        root = base / f"n{n}_p{count}"
+      tables, roots = {}, []
+      for j, count in enumerate(int(s) for s in FLAGS.processes):  # repeats: 1,2,1,2
+        root = base / (f"n{n}_p{count}" + (f"_{j}" if count in tables else ""))
         print(f"--- {n} items, {count} process(es); load {os.getloadavg()}", flush=True)
-        rows = run_size(n, count, root)
+        reuse = (Path(FLAGS.index_from) if FLAGS.index_from else
+                 roots[0] / "index" if FLAGS.reuse_build and roots else None)
+        rows = run_size(n, count, root, reuse)
+        roots.append(root)
         nb = root / "index" / "neighbours_train.npy"
-        tables[count] = nb.read_bytes() if nb.exists() else None
+        # With --search_rows the tables are partly random: nothing to compare.
+        tables[count] = nb.read_bytes() if nb.exists() and not FLAGS.search_rows else None
         result["rows"].append({"items": n, "processes": count, "load": os.getloadavg(),
                                "workers": rows,
                                "same_tables_as_1": (tables[count] == tables[min(tables)]
                                                     if tables[count] else None)})
         _summary(result["rows"][-1])
-        if not FLAGS.root:
-          import shutil
+        if FLAGS.out:  # a long run keeps what it measured so far
+          Path(FLAGS.out).write_text(json.dumps(result, indent=1, default=float))
+      if not FLAGS.root:
+        import shutil
+        for root in roots:
           shutil.rmtree(root, ignore_errors=True)
+    if not FLAGS.root:
+      base.rmdir()
   if FLAGS.out:
     Path(FLAGS.out).write_text(json.dumps(result, indent=1, default=float))
 
@@ -353,8 +388,10 @@ def _summary(r):
   mb = lambda b: f"{b / 2**20:.0f} MiB"
   for w in r["workers"]:
     print(f"  p{w['process']}: encode {w['encode_s']:.1f}s ({mb(w['encode_peak_bytes'])}), "
-          f"build {w['build_s']:.1f}s ({mb(w['build_peak_bytes'])}), "
-          f"search {w['search_s']:.1f}s of {w['search']['shards']} shards, share "
+          f"build {w['build_s']:.1f}s{' (copied)' if 'build_reused_from' in w else ''} "
+          f"({mb(w['build_peak_bytes'])}, cpu {w['build_cpu_s']:.1f}s), "
+          f"search {w['search_s']:.1f}s of {w['search']['queries_searched']} of "
+          f"{w['search']['queries_of_this_process']} queries, share "
           f"{w['search_s_share']:.1f}s ({mb(w['search_peak_bytes'])}, cpu {w['search_cpu_s']:.1f}s), "
           "gather " + ", ".join(f"{g} {v['step_s_median'] * 1e3:.1f}ms "
                                 f"{mb(v['database_bytes_per_device'])}/dev"

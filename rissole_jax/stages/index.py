@@ -10,8 +10,9 @@ training loop):
   DIR/index/metrics.json             recall_at_k vs exact, build_seconds, qps
 
 Process 0 builds the index and saves it (ScaNN's build is not a collective);
-every process loads it and searches the neighbours of its own encode shards;
-process 0 assembles the tables (see retrieval.index_database).
+every process loads it and searches the neighbours of an even, contiguous
+share of the rows of each split; process 0 assembles the tables (see
+retrieval.index_database).
 """
 from __future__ import annotations
 
