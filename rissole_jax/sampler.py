@@ -549,7 +549,6 @@ class Sampler:
   def retrieve(self, latents: np.ndarray) -> np.ndarray:
     """(M, k) database ids nearest to each latent, never a database item equal
     to the latent itself (a user image that is in the database)."""
-    from rissole_jax import retrieval
     k = int(self.stats["k"])
     latents = np.asarray(latents, np.float32)
     same = [np.flatnonzero(m) for m in self._copies_of(latents)]
