@@ -1,0 +1,497 @@
+"""Per-op profile of the denoiser's train step and one sampling step.
+
+  python -m rissole_jax.benchmarks.profile --config configs/mnist.py \
+      [--config configs/celeba64.py:paper] [--steps 2] [--warmup 1] \
+      [--what train,sample] [--out runs/profile.md | runs/profile.json]
+
+Builds the programs as benchmarks/throughput.py does (same synthetic
+database; --override, --sample_batch and --database are its flags), compiles
+each, runs --warmup untimed calls, then --steps calls under jax.profiler.trace.
+XLA:CPU's thunk executor records every HLO op it runs (name, thread, start,
+duration); the trace JSON jax writes next to the .xplane.pb is read here, so
+no profiler plugin is needed. Each op is joined with the compiled HLO text:
+its opcode and fused computation give its kind, its `op_name` metadata (jax's
+name stack, which flax fills with module paths) the top-level flax module;
+an op without metadata (e.g. a weight-gradient convolution XLA made) takes
+the module of the nearest operand that has one. Reported per program:
+
+  op time      each op's interval, from its thunk's start to its completion
+               (an asynchronous op, e.g. a large convolution on the Eigen
+               pool, ends at its "end:" marker); the executor runs
+               independent ops concurrently, so an instant k ops share counts
+               1/k to each: the ops' times add up to busy. A while loop
+               counts as its body's ops. Per op, the median over the profiled
+               calls, so an op the OS preempted once (this machine is
+               shared) does not skew the shares;
+  busy         the union of the op intervals: time at least one op ran;
+  op sum       the op intervals summed (op sum / busy: the concurrency);
+  wall         the wall time of a profiled call, blocked until ready;
+  host share   1 - busy / wall: dispatch, executor gaps, waiting
+               (busy, op sum, wall and host share: medians over calls);
+  FLOPs        XLA's cost analysis of the whole program, and the FLOPs of
+               the convolutions and dots counted from their shapes (as
+               XLA counts them: taps on padding are not work);
+and two tables of op-time shares, by top-level module (forward and backward
+split by jax's `transpose(...)` name stack) and by op kind, plus the slowest
+ops. The shares are of op time and add up to 100%.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import functools
+import glob
+import gzip
+import json
+import math
+import re
+import statistics
+import tempfile
+import time
+
+from absl import app, flags
+
+from rissole_jax.benchmarks import markdown_table, throughput
+
+# --config, --override, --steps, --warmup, --sample_batch, --database and
+# --compilation_cache are throughput.py's flags (one definition each).
+_WHAT = flags.DEFINE_list("what", ["train", "sample"], "Programs to profile: train (the "
+                          "donating train step), sample (one DDIM step over all blocks).")
+_OUT = flags.DEFINE_string("out", None, "Also write the results here: markdown if the name "
+                           "ends in .md, else JSON.")
+_TOP = flags.DEFINE_integer("top", 10, "Slowest HLO ops listed per program.")
+
+KINDS = ("convolution", "dot", "reduction", "elementwise", "copy/transpose", "other")
+# Opcodes that only move or reshape data.
+_MOVE = {"copy", "transpose", "bitcast", "reshape", "broadcast", "concatenate", "slice",
+         "dynamic-slice", "dynamic-update-slice", "pad", "gather", "scatter", "reverse",
+         "parameter", "constant", "tuple", "get-tuple-element", "iota", "bitcast-convert"}
+_CONTROL = {"while", "call", "conditional", "async-start", "async-done", "custom-call",
+            "rng-bit-generator", "sort", "all-reduce", "all-gather", "infeed", "outfeed"}
+
+
+# ---------------------------------------------------------------------------
+# The compiled HLO.
+
+@dataclasses.dataclass
+class Op:
+  name: str
+  opcode: str
+  shape: str
+  operands: list
+  attrs: str
+  op_name: str = ""
+
+  def dims(self) -> list[int] | None:
+    m = re.match(r"\w+\[([\d,]*)\]", self.shape)
+    return None if m is None else [int(d) for d in m.group(1).split(",") if d]
+
+  def called(self, key: str = "calls") -> str | None:
+    m = re.search(key + r"=%?([\w.\-]+)", self.attrs)
+    return m and m.group(1)
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][a-z0-9\-]*)\((.*)$")
+_OP_NAME = re.compile(r'op_name="((?:[^"\\]|\\.)*)"')
+
+
+def parse_hlo(text: str) -> tuple[str, dict[str, Op], dict[str, list[str]]]:
+  """HLO text -> (module name, ops by name, op names by computation)."""
+  module, ops, comps, current = "", {}, {}, None
+  for line in text.splitlines():
+    if line.startswith("HloModule "):
+      module = line.split()[1].rstrip(",")
+    elif line and not line[0].isspace() and line.rstrip().endswith("{"):
+      current = line.replace("ENTRY ", "").split()[0].lstrip("%")
+      comps[current] = []
+    elif current and (m := _INSTR.match(line)):
+      name, shape, opcode, rest = m.groups()
+      depth, end = 1, len(rest)
+      for i, ch in enumerate(rest):   # the operand list ends at its closing paren
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+          end = i
+          break
+      meta = _OP_NAME.search(rest[end:])
+      ops[name] = Op(name, opcode, shape, re.findall(r"%([\w.\-]+)", rest[:end]), rest[end:],
+                     meta.group(1).replace("\\'", "'") if meta else "")
+      comps[current].append(name)
+  return module, ops, comps
+
+
+def _fused(op: Op, ops, comps) -> list[Op]:
+  """The instructions a fusion runs (nested fusions flattened); [op] otherwise."""
+  body = op.called() if op.opcode == "fusion" else None
+  if body is None or body not in comps:
+    return [op]
+  return [i for n in comps[body] for i in _fused(ops[n], ops, comps)]
+
+
+def op_kind(op: Op, ops, comps) -> str:
+  """The kind of one op: what its fused computation contains, most costly first."""
+  codes = {i.opcode for i in _fused(op, ops, comps)}
+  if "convolution" in codes:
+    return "convolution"
+  if "dot" in codes:
+    return "dot"
+  if codes & {"reduce", "reduce-window", "select-and-scatter"}:
+    return "reduction"
+  if codes <= _MOVE:
+    return "copy/transpose"
+  if codes & _CONTROL:
+    return "other"
+  return "elementwise"
+
+
+def op_flops(op: Op, ops, comps) -> float:
+  """FLOPs (2 per multiply-add) of the convolutions and dots an op runs, as
+  XLA's cost analysis counts them: a convolution's taps on padding are not
+  work. Other ops: 0."""
+  total = 0.0
+  for i in _fused(op, ops, comps):
+    if i.opcode not in ("convolution", "dot") or len(i.operands) < 2:
+      continue
+    out, lhs, rhs = i.dims(), *(ops[n].dims() if n in ops else None for n in i.operands[:2])
+    if out is None or lhs is None or rhs is None:
+      continue
+    if i.opcode == "dot":
+      m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", i.attrs)
+      total += 2.0 * math.prod(out) * math.prod(
+          lhs[int(d)] for d in (m.group(1).split(",") if m else ()) if d)
+    else:
+      total += 2.0 * _conv_macs(i.attrs, out, lhs, rhs)
+  return total
+
+
+def _conv_macs(attrs: str, out, lhs, rhs) -> float:
+  """Multiply-adds of one convolution: per output batch and feature, the
+  (output position, kernel tap) pairs that land on an input pixel, times the
+  input features per group."""
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs)
+  if labels is None:
+    return 0.0
+  ll, rl, ol = labels.groups()
+  m = re.search(r"window=\{([^}]*)\}", attrs)
+  window = dict(re.findall(r"(\w+)=([\dx_\-]+)", m.group(1))) if m else {}
+  spatial = [d for d in ol if d.isdigit()]
+  field = lambda key, default: ([int(v) for v in window[key].split("x")] if key in window  # noqa: E731
+                                else [default] * len(spatial))
+  strides, ldil, rdil = field("stride", 1), field("lhs_dilate", 1), field("rhs_dilate", 1)
+  pads = ([int(p.split("_")[0]) for p in window["pad"].split("x")] if "pad" in window
+          else [0] * len(spatial))
+  macs = float(out[ol.index("b")] * out[ol.index("f")] * rhs[rl.index("i")])
+  for n, d in enumerate(spatial):
+    size, k = (lhs[ll.index(d)] - 1) * ldil[n] + 1, rhs[rl.index(d)]
+    macs *= sum(1 for o in range(out[ol.index(d)]) for t in range(k)
+                if 0 <= (p := o * strides[n] + t * rdil[n] - pads[n]) < size and p % ldil[n] == 0)
+  return macs
+
+
+def top_module(op_name: str) -> str | None:
+  """The top-level flax module in jax's name stack, e.g.
+  'jit(step)/transpose(jvp(Denoiser))/up1_res0/norm1/mul' -> 'up1_res0';
+  'Denoiser (own ops)' for ops of the root module itself; None outside one."""
+  if not op_name:
+    return None
+  if op_name.startswith("state["):   # a copy of the state (donation, optimizer)
+    return "(state copies)"
+  parts = op_name.split("/")
+  for i, part in enumerate(parts[:-1]):
+    inner = re.sub(r"^(?:\w+\()+|\)+$", "", part)
+    if inner[:1].isupper() and inner.isidentifier():   # a flax module's class name
+      rest = [p for p in parts[i + 1:-1] if "." not in p and "(" not in p]
+      return rest[0] if rest else f"{inner} (own ops)"
+  return None
+
+
+def outside_label(op_name: str) -> str:
+  """A coarse name for an op outside the flax modules (RNG, loss, optimizer...)."""
+  if any(w in op_name for w in ("threefry", "random", "_randint", "_normal", "_uniform")):
+    return "(RNG)"
+  return "(outside the model: loss, gather, optimizer, EMA)"
+
+
+def resolve_module(name: str, ops, comps, depth: int = 6) -> tuple[str | None, bool]:
+  """(module of an op, whether it came from an operand): its own metadata,
+  else its fused instructions' most common, else the nearest operand's."""
+  op = ops[name]
+  found = [m for i in [op] + _fused(op, ops, comps) if (m := top_module(i.op_name))]
+  if found:
+    return collections.Counter(found).most_common(1)[0][0], False
+  frontier, seen = list(op.operands), {name}
+  for _ in range(depth):
+    nxt = []
+    for n in frontier:
+      if n in seen or n not in ops:
+        continue
+      seen.add(n)
+      m = top_module(ops[n].op_name)
+      if m and m != "(state copies)":
+        return m, True
+      nxt += ops[n].operands
+    frontier = nxt
+  return None, False
+
+
+# ---------------------------------------------------------------------------
+# The trace.
+
+def op_events(trace_dir: str, module: str) -> list[dict]:
+  """The HLO ops of `module` that ran in the trace jax wrote under trace_dir:
+  {"op", "run", "start", "end", "returned"} (microseconds). An op XLA:CPU ran
+  asynchronously (its work handed to the Eigen pool, e.g. a large convolution)
+  ends at its "end: NAME" marker, which comes after its thunk returned (and
+  may come late: see `bound_by_users`)."""
+  files = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
+  if not files:
+    raise RuntimeError(f"jax.profiler.trace wrote no *.trace.json.gz under {trace_dir}")
+  events = []
+  for f in files:
+    with gzip.open(f, "rt") as fh:
+      events += [e for e in json.load(fh)["traceEvents"] if e.get("ph") == "X"]
+  starts, marks = collections.defaultdict(list), collections.defaultdict(list)
+  for e in events:
+    args = e.get("args", {})
+    if args.get("hlo_module") == module and "hlo_op" in args:
+      starts[args["hlo_op"]].append(e)
+    elif e["name"].startswith("end: "):
+      marks[e["name"][5:]].append(e["ts"] + e["dur"])
+  out = []
+  for name, evs in starts.items():
+    evs.sort(key=lambda e: e["ts"])
+    ends, j = sorted(marks.get(name, ())), 0
+    for i, e in enumerate(evs):   # runs of one op never overlap: pair in order
+      nxt = evs[i + 1]["ts"] if i + 1 < len(evs) else math.inf
+      while j < len(ends) and ends[j] < e["ts"]:
+        j += 1
+      end = e["ts"] + e["dur"]
+      if j < len(ends) and ends[j] <= nxt:
+        end, j = max(end, ends[j]), j + 1
+      out.append({"op": name, "run": e["args"].get("run_id"), "start": e["ts"], "end": end,
+                  "returned": e["ts"] + e["dur"]})
+  return out
+
+
+def bound_by_users(events: list[dict], ops: dict[str, Op]) -> None:
+  """Ends each op of one call no later than the first op that reads its
+  result starts (an "end:" marker is written when a thread gets to the
+  completion callback, sometimes after the consumers ran). In place."""
+  starts = collections.defaultdict(list)
+  for e in events:
+    starts[e["op"]].append(e["start"])
+  for v in starts.values():
+    v.sort()
+  users = collections.defaultdict(set)
+  for op in ops.values():
+    for n in op.operands:
+      users[n].add(op.name)
+
+  @functools.lru_cache(maxsize=None)
+  def consumers(name: str) -> frozenset:   # through ops that run no thunk (bitcast...)
+    out = set()
+    for u in users.get(name, ()):
+      out |= {u} if u in starts else consumers(u)
+    return frozenset(out)
+
+  for e in events:
+    if e["end"] <= e["returned"]:
+      continue
+    for u in consumers(e["op"]):
+      i = bisect.bisect_left(starts[u], e["start"])
+      if i < len(starts[u]):
+        e["end"] = max(e["returned"], min(e["end"], starts[u][i]))
+
+
+def self_times(events: list[dict], control=frozenset()) -> tuple[dict[str, float], float, float]:
+  """({op: microseconds}, busy, summed op microseconds). busy is the union of
+  the op intervals; an op's time is its interval with each instant that k ops
+  share (the executor runs independent ops concurrently) counted 1/k, so the
+  ops' times add up to busy. Ops named in `control` (while, call, conditional)
+  are left out: their time is their bodies' ops, which the trace lists too."""
+  edges = []
+  for e in events:
+    if e["op"] not in control and e["end"] > e["start"]:
+      edges += [(e["start"], 1, e["op"]), (e["end"], -1, e["op"])]
+  edges.sort(key=lambda x: (x[0], x[1]))
+  own: dict[str, float] = collections.defaultdict(float)
+  active: collections.Counter = collections.Counter()
+  busy, last = 0.0, None
+  for t, step, op in edges:
+    n = sum(active.values())
+    if n and t > last:
+      busy += t - last
+      for name, count in active.items():
+        own[name] += (t - last) * count / n
+    active[op] += step
+    if not active[op]:
+      del active[op]
+    last = t
+  total = sum(e["end"] - e["start"] for e in events if e["op"] not in control)
+  return dict(own), busy, total
+
+
+# ---------------------------------------------------------------------------
+# Profiling one program.
+
+def profile_program(name: str, images: int, jitted, args, steps: int, warmup: int,
+                    donate: bool = False, top: int = 10) -> dict:
+  """Compiles, warms up and profiles `steps` calls; the result's tables are
+  shares of op time."""
+  import jax
+  compiled = jitted.lower(*args).compile()
+  module, ops, comps = parse_hlo(compiled.as_text())
+  for _ in range(warmup):
+    out = jax.block_until_ready(compiled(*args))
+    if donate:
+      args = (out[0],) + tuple(args[1:])
+  walls = []
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(steps):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(compiled(*args))
+        walls.append(time.perf_counter() - t0)
+        if donate:
+          args = (out[0],) + tuple(args[1:])
+    events = op_events(d, module)
+  if not events:
+    raise RuntimeError(f"the trace has no op events of {module}: this backend's profiler "
+                       "does not record HLO ops (XLA:CPU's thunk runtime does)")
+  per_run = collections.defaultdict(list)
+  for e in events:
+    per_run[e["run"]].append(e)
+  runs = len(per_run)
+  for evs in per_run.values():
+    bound_by_users(evs, ops)
+  control = frozenset(n for n, op in ops.items() if op.opcode in ("while", "call", "conditional"))
+  timed = [self_times(per_run[r], control)
+           for r in sorted(per_run, key=lambda r: min(e["start"] for e in per_run[r]))]
+  # Per op, the median over calls: a call's op that the OS preempted (this
+  # machine is shared) does not inflate its share.
+  names = {n for own, _, _ in timed for n in own}
+  own = {n: statistics.median(t[0].get(n, 0.0) for t in timed) for n in names}
+  op_us = sum(own.values())
+  hosts = [1 - t[1] / 1e6 / w for t, w in zip(timed, walls)] if len(walls) == runs else []
+
+  by_module: dict[str, dict] = collections.defaultdict(lambda: {"fwd": 0.0, "bwd": 0.0})
+  by_kind: dict[str, dict] = {k: {"us": 0.0, "flops": 0.0, "ops": 0} for k in KINDS}
+  inferred_us, listed = 0.0, []
+  for n, us in own.items():
+    op = ops.get(n)
+    if op is None:   # an op of a computation the text did not show
+      kind, mod, via, flops, stack = "other", None, False, 0.0, ""
+    else:
+      kind, (mod, via) = op_kind(op, ops, comps), resolve_module(n, ops, comps)
+      flops = op_flops(op, ops, comps)
+      stack = op.op_name or next((i.op_name for i in _fused(op, ops, comps) if i.op_name), "")
+    mod = mod or outside_label(stack)
+    inferred_us += us if via else 0.0
+    by_module[mod]["bwd" if "transpose(" in stack else "fwd"] += us
+    by_kind[kind]["us"] += us
+    by_kind[kind]["flops"] += flops
+    by_kind[kind]["ops"] += 1
+    listed.append({"op": n, "kind": kind, "module": mod, "shape": op.shape if op else "",
+                   "ms_per_call": us / 1e3, "share": us / op_us,
+                   "gflops_per_sec": flops / us / 1e3 if flops and us > 0 else None})
+
+  modules = sorted(({"module": m, "share": (v["fwd"] + v["bwd"]) / op_us,
+                     "forward": v["fwd"] / op_us, "backward": v["bwd"] / op_us,
+                     "ms_per_call": (v["fwd"] + v["bwd"]) / 1e3}
+                    for m, v in by_module.items()), key=lambda r: -r["share"])
+  kinds = [{"kind": k, "share": v["us"] / op_us, "ms_per_call": v["us"] / 1e3,
+            "ops": v["ops"], "gflop_per_call": v["flops"] / 1e9 if v["flops"] else None,
+            "gflops_per_sec": v["flops"] / v["us"] / 1e3 if v["flops"] and v["us"] else None}
+           for k, v in by_kind.items()]
+  return {"program": name, "images": images, "calls": runs, "hlo_ops": len(own),
+          "wall_ms": statistics.median(walls) * 1e3,
+          "busy_ms": statistics.median(t[1] for t in timed) / 1e3,
+          "op_ms": statistics.median(t[2] for t in timed) / 1e3,
+          "host_share": max(0.0, statistics.median(hosts)) if hosts else None,
+          "xla_gflop": throughput._flops(compiled) / 1e9,
+          "inferred_module_share": inferred_us / op_us,
+          "by_module": modules, "by_kind": kinds,
+          "top_ops": sorted(listed, key=lambda r: -r["share"])[:top]}
+
+
+def profile(config, what=("train", "sample"), steps: int = 2, warmup: int = 1,
+            sample_batch: int = 0, n_db: int = 2048, top: int = 10,
+            compilation_cache: bool = False) -> dict:
+  """The profiles of a config's programs (see the module doc)."""
+  import jax
+  unknown = set(what) - {"train", "sample"}
+  if unknown:
+    from rissole_jax.errors import ConfigError
+    raise ConfigError(f"--what {','.join(sorted(unknown))}: the programs are train and sample")
+  was = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", compilation_cache and was)
+  try:
+    s = throughput.setup(config, sample_batch, n_db)
+    result = dict(s.base, programs=[])
+    if "train" in what:
+      result["programs"].append(profile_program(
+          "train", s.batch, *throughput.train_program(s), steps, warmup, donate=True, top=top))
+      s.state = None
+    if "sample" in what:
+      result["programs"].append(profile_program(
+          "sample_step", s.sample_batch, *throughput.sample_program(s, 1), steps, warmup,
+          top=top))
+  finally:
+    jax.config.update("jax_enable_compilation_cache", was)
+  return result
+
+
+# ---------------------------------------------------------------------------
+# Output.
+
+def markdown(result: dict) -> str:
+  pct = lambda rows, keys: [dict(r, **{k: f"{100 * r[k]:.1f}%" for k in keys}) for r in rows]  # noqa: E731
+  out = [f"### {result['config']} ({result['params']:,} parameters)\n"]
+  summary = [dict(p, host_share=None if p["host_share"] is None
+                  else f"{100 * p['host_share']:.1f}%",
+                  gflops=p["xla_gflop"] / p["wall_ms"] * 1e3) for p in result["programs"]]
+  out.append(markdown_table(summary, [
+      ("program", "program"), ("images", "images"), ("calls", "profiled calls"),
+      ("wall_ms", "wall ms/call"), ("busy_ms", "busy ms"), ("op_ms", "op sum ms"),
+      ("host_share", "host share"), ("hlo_ops", "HLO ops"), ("xla_gflop", "XLA GFLOP/call"),
+      ("gflops", "GFLOP/s (wall)")]))
+  for p in result["programs"]:
+    out.append(f"\n**{p['program']}**, share of op time by top-level module "
+               f"({100 * p['inferred_module_share']:.1f}% attributed via an operand):\n")
+    out.append(markdown_table(pct(p["by_module"], ("share", "forward", "backward")), [
+        ("module", "module"), ("share", "share"), ("forward", "forward"),
+        ("backward", "backward"), ("ms_per_call", "ms/call")]))
+    out.append(f"\n**{p['program']}**, by op kind:\n")
+    out.append(markdown_table(pct([k for k in p["by_kind"] if k["ops"]], ("share",)), [
+        ("kind", "kind"), ("share", "share"), ("ms_per_call", "ms/call"), ("ops", "HLO ops"),
+        ("gflop_per_call", "GFLOP/call"), ("gflops_per_sec", "GFLOP/s")]))
+    out.append(f"\n**{p['program']}**, slowest ops:\n")
+    out.append(markdown_table(pct(p["top_ops"], ("share",)), [
+        ("op", "HLO op"), ("kind", "kind"), ("module", "module"), ("shape", "output"),
+        ("share", "share"), ("ms_per_call", "ms/call"), ("gflops_per_sec", "GFLOP/s")]))
+  return "".join(out)
+
+
+def main(argv):
+  del argv
+  results = []
+  for spec in throughput._CONFIG.value:
+    config = throughput.load_config(spec, throughput._OVERRIDE.value)
+    results.append(dict(profile(config, _WHAT.value, throughput._STEPS.value,
+                                throughput._WARMUP.value, throughput._SAMPLE_BATCH.value,
+                                throughput._DB.value, _TOP.value, throughput._CACHE.value),
+                        spec=spec))
+  text = "\n".join(markdown(r) for r in results)
+  print(text)
+  if _OUT.value:
+    from rissole_jax import workdir
+    if _OUT.value.endswith(".md"):
+      workdir.atomic_write_bytes(_OUT.value, text.encode())
+    else:
+      workdir.atomic_write_json(_OUT.value, results)
+
+
+if __name__ == "__main__":
+  flags.FLAGS.set_default("steps", 2)   # throughput's defaults are for timing, not tracing
+  flags.FLAGS.set_default("warmup", 1)
+  app.run(main)
