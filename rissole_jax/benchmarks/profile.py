@@ -60,7 +60,8 @@ _WHAT = flags.DEFINE_list("what", ["train", "sample"], "Programs to profile: tra
                           "donating train step), sample (one DDIM step over all blocks).")
 _OUT = flags.DEFINE_string("out", None, "Also write the results here: markdown if the name "
                            "ends in .md, else JSON.")
-_TOP = flags.DEFINE_integer("top", 10, "Slowest HLO ops listed per program.")
+_TOP = flags.DEFINE_integer("top", 10, "Slowest HLO ops listed per program (the JSON "
+                            "lists all).")
 
 KINDS = ("convolution", "dot", "reduction", "elementwise", "copy/transpose", "other")
 # Opcodes that only move or reshape data.
@@ -392,6 +393,7 @@ def profile_program(name: str, images: int, jitted, args, steps: int, warmup: in
     by_kind[kind]["flops"] += flops
     by_kind[kind]["ops"] += 1
     listed.append({"op": n, "kind": kind, "module": mod, "shape": op.shape if op else "",
+                   "name_stack": stack, "gflop": flops / 1e9,
                    "ms_per_call": us / 1e3, "share": us / op_us,
                    "gflops_per_sec": flops / us / 1e3 if flops and us > 0 else None})
 
@@ -410,8 +412,8 @@ def profile_program(name: str, images: int, jitted, args, steps: int, warmup: in
           "host_share": max(0.0, statistics.median(hosts)) if hosts else None,
           "xla_gflop": throughput._flops(compiled) / 1e9,
           "inferred_module_share": inferred_us / op_us,
-          "by_module": modules, "by_kind": kinds,
-          "top_ops": sorted(listed, key=lambda r: -r["share"])[:top]}
+          "by_module": modules, "by_kind": kinds, "top": top,
+          "ops": sorted(listed, key=lambda r: -r["share"])}
 
 
 def profile(config, what=("train", "sample"), steps: int = 2, warmup: int = 1,
@@ -466,7 +468,7 @@ def markdown(result: dict) -> str:
         ("kind", "kind"), ("share", "share"), ("ms_per_call", "ms/call"), ("ops", "HLO ops"),
         ("gflop_per_call", "GFLOP/call"), ("gflops_per_sec", "GFLOP/s")]))
     out.append(f"\n**{p['program']}**, slowest ops:\n")
-    out.append(markdown_table(pct(p["top_ops"], ("share",)), [
+    out.append(markdown_table(pct(p["ops"][:p["top"]], ("share",)), [
         ("op", "HLO op"), ("kind", "kind"), ("module", "module"), ("shape", "output"),
         ("share", "share"), ("ms_per_call", "ms/call"), ("gflops_per_sec", "GFLOP/s")]))
   return "".join(out)

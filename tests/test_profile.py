@@ -1,0 +1,87 @@
+"""The per-op profiler (benchmarks/profile.py) runs and its tables add up;
+its trace and HLO arithmetic on small known cases. (What the profile says:
+docs/performance.md.)"""
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from rissole_jax.benchmarks import profile
+
+
+def test_profile_cli_runs_and_shares_add_up(tmp_path):
+  out = tmp_path / "profile.json"
+  run = subprocess.run(
+      [sys.executable, "-m", "rissole_jax.benchmarks.profile", "--config",
+       "configs/mnist.py:smoke", "--steps", "1", "--warmup", "0", "--database", "16",
+       "--override", "diffusion.train.batch_size=2", "--top", "3", "--compilation_cache",
+       "--out", str(out)],
+      check=True, stdout=subprocess.PIPE, text=True)
+  [result] = json.loads(out.read_text())
+  train, sample = result["programs"]
+  assert (train["program"], sample["program"]) == ("train", "sample_step")
+  for p in (train, sample):
+    assert p["calls"] == 1 and p["images"] == 2 and p["hlo_ops"] > 10
+    assert sum(r["share"] for r in p["by_module"]) == pytest.approx(1.0)
+    assert sum(r["share"] for r in p["by_kind"]) == pytest.approx(1.0)
+    for r in p["by_module"]:
+      assert r["share"] == pytest.approx(r["forward"] + r["backward"])
+    assert 0 < p["busy_ms"] <= p["op_ms"] + 1e-9 and p["busy_ms"] <= p["wall_ms"]
+    assert 0 <= p["host_share"] < 1
+    counted = sum(k["gflop_per_call"] or 0 for k in p["by_kind"])
+    assert 0 < counted <= p["xla_gflop"] * 1.0001   # convs and dots: part of XLA's count
+    assert {"conv_in", "conv_out"} <= {r["module"] for r in p["by_module"]}
+    assert len(p["ops"]) == p["hlo_ops"] and p["top"] == 3
+  assert sum(r["backward"] for r in train["by_module"]) > 0   # the gradient is profiled
+  assert sum(r["backward"] for r in sample["by_module"]) == 0
+  assert run.stdout.count("share of op time by top-level module") == 2
+
+
+def test_concurrent_ops_split_their_overlap():
+  events = [{"op": "a", "start": 0.0, "end": 10.0}, {"op": "b", "start": 5.0, "end": 20.0},
+            {"op": "loop", "start": 0.0, "end": 30.0}, {"op": "c", "start": 25.0, "end": 26.0}]
+  own, busy, total = profile.self_times(events, control=frozenset({"loop"}))
+  assert own == {"a": 7.5, "b": 12.5, "c": 1.0}
+  assert busy == sum(own.values()) == 21.0 and total == 26.0
+
+
+def test_a_late_end_marker_is_cut_at_the_first_reader():
+  ops = {n: profile.Op(n, "fusion", "f32[2]", [*deps], "") for n, deps in
+         (("conv", ()), ("view", ("conv",)), ("add", ("view",)))}
+  ops["view"].opcode = "bitcast"   # runs no thunk: its readers bound conv
+  events = [{"op": "conv", "start": 0.0, "returned": 1.0, "end": 50.0},
+            {"op": "add", "start": 8.0, "returned": 9.0, "end": 9.0}]
+  profile.bound_by_users(events, ops)
+  assert events[0]["end"] == 8.0
+
+
+def test_module_names_from_the_name_stack():
+  assert profile.top_module("jit(step)/transpose(jvp(Denoiser))/up1_res0/norm1/mul") == "up1_res0"
+  assert profile.top_module("jit(fn)/while/body/closed_call/Denoiser/mid_res1/conv1/add") == (
+      "mid_res1")
+  assert profile.top_module("jit(step)/jvp(Denoiser)/Denoiser._attend/mid_attn/q/dot_general"
+                            ) == "mid_attn"
+  assert profile.top_module("jit(step)/jvp(Denoiser)/concatenate") == "Denoiser (own ops)"
+  assert profile.top_module("jit(step)/jvp(jit(_randint))/while/body/add") is None
+  assert profile.top_module("state['opt'][1][0].mu['conv_in']['bias']") == "(state copies)"
+
+
+@pytest.mark.parametrize("stride,padding", [(1, "SAME"), (2, "SAME"), (1, "VALID")])
+def test_conv_and_dot_flops_are_xlas(stride, padding):
+  def f(x, w, v):
+    y = jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return (y.reshape(-1, 8) @ v).sum()
+
+  args = (jnp.ones((2, 5, 5, 3)), jnp.ones((3, 3, 3, 8)), jnp.ones((8, 4)))
+  for fn in (f, jax.grad(f, argnums=(0, 1, 2))):   # the gradients: other dim_labels
+    compiled = jax.jit(fn).lower(*args).compile()
+    _, ops, comps = profile.parse_hlo(compiled.as_text())
+    counted = sum(profile.op_flops(op, ops, comps) for name, op in ops.items()
+                  if op.opcode in ("convolution", "dot"))
+    cost = compiled.cost_analysis()
+    xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+    assert 0.9 * xla < counted <= xla   # the rest: elementwise ops
