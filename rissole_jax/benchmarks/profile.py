@@ -6,44 +6,35 @@
 
 Builds the programs as benchmarks/throughput.py does (same synthetic
 database; --override, --sample_batch and --database are its flags), compiles
-each, runs --warmup untimed calls, then --steps calls under jax.profiler.trace.
-XLA:CPU's thunk executor records every HLO op it runs (name, thread, start,
-duration); the trace JSON jax writes next to the .xplane.pb is read here, so
-no profiler plugin is needed. Each op is joined with the compiled HLO text:
-its opcode and fused computation give its kind, its `op_name` metadata (jax's
-name stack, which flax fills with module paths) the top-level flax module;
-an op without metadata (e.g. a weight-gradient convolution XLA made) takes
-the module of the nearest operand that has one. Reported per program:
+each, runs --warmup untimed calls, then --steps calls under jax.profiler.trace,
+and gives each op its time from the trace (benchmarks/xplane.py: an op is
+working while its own event or an Eigen pool task it queued runs, on any
+thread; each instant is split evenly between the ops working then). Each op
+is joined with the compiled HLO text: its opcode and fused computation give
+its kind, its `op_name` metadata (jax's name stack, which flax fills with
+module paths) the top-level flax module; an op without metadata (e.g. a
+weight-gradient convolution XLA made) takes the module of the nearest operand
+that has one. Reported per program (medians over the profiled calls; per op
+too, so an op the OS preempted once, on a shared machine, does not skew it):
 
-  op time      each op's interval, from its thunk's start to its completion
-               (an asynchronous op, e.g. a large convolution on the Eigen
-               pool, ends at its "end:" marker); the executor runs
-               independent ops concurrently, so an instant k ops share counts
-               1/k to each: the ops' times add up to busy. A while loop
-               counts as its body's ops. Per op, the median over the profiled
-               calls, so an op the OS preempted once (this machine is
-               shared) does not skew the shares;
-  busy         the union of the op intervals: time at least one op ran;
-  op sum       the op intervals summed (op sum / busy: the concurrency);
-  wall         the wall time of a profiled call, blocked until ready;
-  host share   1 - busy / wall: dispatch, executor gaps, waiting
-               (busy, op sum, wall and host share: medians over calls);
+  busy ms      time at least one thread worked for the call (the ops' times
+               add up to it);
+  wall ms      the call's wall time, blocked until ready;
+  host share   1 - busy / wall: dispatch, launch, waiting with no thread
+               working for the call;
   FLOPs        XLA's cost analysis of the whole program, and the FLOPs of
                the convolutions and dots counted from their shapes (as
-               XLA counts them: taps on padding are not work);
-and two tables of op-time shares, by top-level module (forward and backward
+               XLA counts them: taps on padding are not work; GFLOP/s is
+               per op time, so it is a lower bound where ops overlap);
+and two tables of time shares, by top-level module (forward and backward
 split by jax's `transpose(...)` name stack) and by op kind, plus the slowest
-ops. The shares are of op time and add up to 100%.
+ops. The shares add up to 100% (the executor's bookkeeping is a row).
 """
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
-import functools
 import glob
-import gzip
-import json
 import math
 import re
 import statistics
@@ -52,7 +43,7 @@ import time
 
 from absl import app, flags
 
-from rissole_jax.benchmarks import markdown_table, throughput
+from rissole_jax.benchmarks import markdown_table, throughput, xplane
 
 # --config, --override, --steps, --warmup, --sample_batch, --database and
 # --compilation_cache are throughput.py's flags (one definition each).
@@ -63,12 +54,13 @@ _OUT = flags.DEFINE_string("out", None, "Also write the results here: markdown i
 _TOP = flags.DEFINE_integer("top", 10, "Slowest HLO ops listed per program (the JSON "
                             "lists all).")
 
-KINDS = ("convolution", "dot", "reduction", "elementwise", "copy/transpose", "other")
+KINDS = ("convolution", "dot", "reduction", "elementwise", "copy/transpose", "other",
+         "executor")
 # Opcodes that only move or reshape data.
 _MOVE = {"copy", "transpose", "bitcast", "reshape", "broadcast", "concatenate", "slice",
          "dynamic-slice", "dynamic-update-slice", "pad", "gather", "scatter", "reverse",
          "parameter", "constant", "tuple", "get-tuple-element", "iota", "bitcast-convert"}
-_CONTROL = {"while", "call", "conditional", "async-start", "async-done", "custom-call",
+_OTHER = {"while", "call", "conditional", "async-start", "async-done", "custom-call",
             "rng-bit-generator", "sort", "all-reduce", "all-gather", "infeed", "outfeed"}
 
 
@@ -140,7 +132,7 @@ def op_kind(op: Op, ops, comps) -> str:
     return "reduction"
   if codes <= _MOVE:
     return "copy/transpose"
-  if codes & _CONTROL:
+  if codes & _OTHER:
     return "other"
   return "elementwise"
 
@@ -236,103 +228,6 @@ def resolve_module(name: str, ops, comps, depth: int = 6) -> tuple[str | None, b
 
 
 # ---------------------------------------------------------------------------
-# The trace.
-
-def op_events(trace_dir: str, module: str) -> list[dict]:
-  """The HLO ops of `module` that ran in the trace jax wrote under trace_dir:
-  {"op", "run", "start", "end", "returned"} (microseconds). An op XLA:CPU ran
-  asynchronously (its work handed to the Eigen pool, e.g. a large convolution)
-  ends at its "end: NAME" marker, which comes after its thunk returned (and
-  may come late: see `bound_by_users`)."""
-  files = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
-  if not files:
-    raise RuntimeError(f"jax.profiler.trace wrote no *.trace.json.gz under {trace_dir}")
-  events = []
-  for f in files:
-    with gzip.open(f, "rt") as fh:
-      events += [e for e in json.load(fh)["traceEvents"] if e.get("ph") == "X"]
-  starts, marks = collections.defaultdict(list), collections.defaultdict(list)
-  for e in events:
-    args = e.get("args", {})
-    if args.get("hlo_module") == module and "hlo_op" in args:
-      starts[args["hlo_op"]].append(e)
-    elif e["name"].startswith("end: "):
-      marks[e["name"][5:]].append(e["ts"] + e["dur"])
-  out = []
-  for name, evs in starts.items():
-    evs.sort(key=lambda e: e["ts"])
-    ends, j = sorted(marks.get(name, ())), 0
-    for i, e in enumerate(evs):   # runs of one op never overlap: pair in order
-      nxt = evs[i + 1]["ts"] if i + 1 < len(evs) else math.inf
-      while j < len(ends) and ends[j] < e["ts"]:
-        j += 1
-      end = e["ts"] + e["dur"]
-      if j < len(ends) and ends[j] <= nxt:
-        end, j = max(end, ends[j]), j + 1
-      out.append({"op": name, "run": e["args"].get("run_id"), "start": e["ts"], "end": end,
-                  "returned": e["ts"] + e["dur"]})
-  return out
-
-
-def bound_by_users(events: list[dict], ops: dict[str, Op]) -> None:
-  """Ends each op of one call no later than the first op that reads its
-  result starts (an "end:" marker is written when a thread gets to the
-  completion callback, sometimes after the consumers ran). In place."""
-  starts = collections.defaultdict(list)
-  for e in events:
-    starts[e["op"]].append(e["start"])
-  for v in starts.values():
-    v.sort()
-  users = collections.defaultdict(set)
-  for op in ops.values():
-    for n in op.operands:
-      users[n].add(op.name)
-
-  @functools.lru_cache(maxsize=None)
-  def consumers(name: str) -> frozenset:   # through ops that run no thunk (bitcast...)
-    out = set()
-    for u in users.get(name, ()):
-      out |= {u} if u in starts else consumers(u)
-    return frozenset(out)
-
-  for e in events:
-    if e["end"] <= e["returned"]:
-      continue
-    for u in consumers(e["op"]):
-      i = bisect.bisect_left(starts[u], e["start"])
-      if i < len(starts[u]):
-        e["end"] = max(e["returned"], min(e["end"], starts[u][i]))
-
-
-def self_times(events: list[dict], control=frozenset()) -> tuple[dict[str, float], float, float]:
-  """({op: microseconds}, busy, summed op microseconds). busy is the union of
-  the op intervals; an op's time is its interval with each instant that k ops
-  share (the executor runs independent ops concurrently) counted 1/k, so the
-  ops' times add up to busy. Ops named in `control` (while, call, conditional)
-  are left out: their time is their bodies' ops, which the trace lists too."""
-  edges = []
-  for e in events:
-    if e["op"] not in control and e["end"] > e["start"]:
-      edges += [(e["start"], 1, e["op"]), (e["end"], -1, e["op"])]
-  edges.sort(key=lambda x: (x[0], x[1]))
-  own: dict[str, float] = collections.defaultdict(float)
-  active: collections.Counter = collections.Counter()
-  busy, last = 0.0, None
-  for t, step, op in edges:
-    n = sum(active.values())
-    if n and t > last:
-      busy += t - last
-      for name, count in active.items():
-        own[name] += (t - last) * count / n
-    active[op] += step
-    if not active[op]:
-      del active[op]
-    last = t
-  total = sum(e["end"] - e["start"] for e in events if e["op"] not in control)
-  return dict(own), busy, total
-
-
-# ---------------------------------------------------------------------------
 # Profiling one program.
 
 def profile_program(name: str, images: int, jitted, args, steps: int, warmup: int,
@@ -355,28 +250,25 @@ def profile_program(name: str, images: int, jitted, args, steps: int, warmup: in
         walls.append(time.perf_counter() - t0)
         if donate:
           args = (out[0],) + tuple(args[1:])
-    events = op_events(d, module)
-  if not events:
+    files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+    if not files:
+      raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {d}")
+    calls = xplane.op_times(xplane.read_events(files[0]), module)
+  if not calls:
     raise RuntimeError(f"the trace has no op events of {module}: this backend's profiler "
                        "does not record HLO ops (XLA:CPU's thunk runtime does)")
-  per_run = collections.defaultdict(list)
-  for e in events:
-    per_run[e["run"]].append(e)
-  runs = len(per_run)
-  for evs in per_run.values():
-    bound_by_users(evs, ops)
-  control = frozenset(n for n, op in ops.items() if op.opcode in ("while", "call", "conditional"))
-  timed = [self_times(per_run[r], control)
-           for r in sorted(per_run, key=lambda r: min(e["start"] for e in per_run[r]))]
+  runs = len(calls)
   # Per op, the median over calls: a call's op that the OS preempted (this
   # machine is shared) does not inflate its share.
-  names = {n for own, _, _ in timed for n in own}
-  own = {n: statistics.median(t[0].get(n, 0.0) for t in timed) for n in names}
-  op_us = sum(own.values())
-  hosts = [1 - t[1] / 1e6 / w for t, w in zip(timed, walls)] if len(walls) == runs else []
+  names = {n for c in calls for n in c["ops"]}
+  own = {n: statistics.median(c["ops"].get(n, 0.0) for c in calls) / 1e6 for n in names}
+  executor_us = statistics.median(c["executor"] + c["unlinked"] for c in calls) / 1e6
+  op_us = sum(own.values()) + executor_us
+  hosts = [1 - c["busy"] / 1e12 / w for c, w in zip(calls, walls)] if len(walls) == runs else []
 
   by_module: dict[str, dict] = collections.defaultdict(lambda: {"fwd": 0.0, "bwd": 0.0})
   by_kind: dict[str, dict] = {k: {"us": 0.0, "flops": 0.0, "ops": 0} for k in KINDS}
+  by_module[xplane.EXECUTOR]["fwd"] = by_kind["executor"]["us"] = executor_us
   inferred_us, listed = 0.0, []
   for n, us in own.items():
     op = ops.get(n)
@@ -404,11 +296,10 @@ def profile_program(name: str, images: int, jitted, args, steps: int, warmup: in
   kinds = [{"kind": k, "share": v["us"] / op_us, "ms_per_call": v["us"] / 1e3,
             "ops": v["ops"], "gflop_per_call": v["flops"] / 1e9 if v["flops"] else None,
             "gflops_per_sec": v["flops"] / v["us"] / 1e3 if v["flops"] and v["us"] else None}
-           for k, v in by_kind.items()]
+           for k, v in by_kind.items() if v["us"]]
   return {"program": name, "images": images, "calls": runs, "hlo_ops": len(own),
           "wall_ms": statistics.median(walls) * 1e3,
-          "busy_ms": statistics.median(t[1] for t in timed) / 1e3,
-          "op_ms": statistics.median(t[2] for t in timed) / 1e3,
+          "busy_ms": statistics.median(c["busy"] for c in calls) / 1e9,
           "host_share": max(0.0, statistics.median(hosts)) if hosts else None,
           "xla_gflop": throughput._flops(compiled) / 1e9,
           "inferred_module_share": inferred_us / op_us,
@@ -454,7 +345,7 @@ def markdown(result: dict) -> str:
                   gflops=p["xla_gflop"] / p["wall_ms"] * 1e3) for p in result["programs"]]
   out.append(markdown_table(summary, [
       ("program", "program"), ("images", "images"), ("calls", "profiled calls"),
-      ("wall_ms", "wall ms/call"), ("busy_ms", "busy ms"), ("op_ms", "op sum ms"),
+      ("wall_ms", "wall ms/call"), ("busy_ms", "busy ms"),
       ("host_share", "host share"), ("hlo_ops", "HLO ops"), ("xla_gflop", "XLA GFLOP/call"),
       ("gflops", "GFLOP/s (wall)")]))
   for p in result["programs"]:
@@ -464,7 +355,7 @@ def markdown(result: dict) -> str:
         ("module", "module"), ("share", "share"), ("forward", "forward"),
         ("backward", "backward"), ("ms_per_call", "ms/call")]))
     out.append(f"\n**{p['program']}**, by op kind:\n")
-    out.append(markdown_table(pct([k for k in p["by_kind"] if k["ops"]], ("share",)), [
+    out.append(markdown_table(pct(p["by_kind"], ("share",)), [
         ("kind", "kind"), ("share", "share"), ("ms_per_call", "ms/call"), ("ops", "HLO ops"),
         ("gflop_per_call", "GFLOP/call"), ("gflops_per_sec", "GFLOP/s")]))
     out.append(f"\n**{p['program']}**, slowest ops:\n")
