@@ -2,6 +2,7 @@
 its trace and HLO arithmetic on small known cases. (What the profile says:
 docs/performance.md.)"""
 import json
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,8 @@ import pytest
 
 from rissole_jax.benchmarks import profile, xplane
 
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
 
 def test_profile_cli_runs_and_shares_add_up(tmp_path):
   out = tmp_path / "profile.json"
@@ -19,7 +22,9 @@ def test_profile_cli_runs_and_shares_add_up(tmp_path):
        "configs/mnist.py:smoke", "--steps", "1", "--warmup", "0", "--database", "16",
        "--override", "diffusion.train.batch_size=2", "--top", "3", "--compilation_cache",
        "--out", str(out)],
-      check=True, stdout=subprocess.PIPE, text=True)
+      cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
+      timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
   [result] = json.loads(out.read_text())
   train, sample = result["programs"]
   assert (train["program"], sample["program"]) == ("train", "sample_step")
@@ -87,3 +92,10 @@ def test_conv_and_dot_flops_are_xlas(stride, padding):
     cost = compiled.cost_analysis()
     xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
     assert 0.9 * xla < counted <= xla   # the rest: elementwise ops
+
+
+def test_an_unknown_program_is_refused():
+  from rissole_jax import defaults
+  from rissole_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="train and sample"):
+    profile.profile(defaults.base_config(), what=("train", "smaple"))
