@@ -99,3 +99,17 @@ def test_an_unknown_program_is_refused():
   from rissole_jax.errors import ConfigError
   with pytest.raises(ConfigError, match="train and sample"):
     profile.profile(defaults.base_config(), what=("train", "smaple"))
+
+
+def test_a_long_chain_of_pool_tasks_keeps_its_op():
+  E = xplane.Event
+  events = [E(1, "dot", 0, 10, {"hlo_module": "m", "run_id": 1, "hlo_op": "dot"}),
+            E(1, "ThreadpoolListener::Record", 5, 5, {"_p": 0})]
+  for i in range(200):   # task i runs 10 ps on thread 2 and queues task i + 1
+    t = 10 + 10 * i
+    events += [E(2, "ThreadpoolListener::StartRegion", t, t, {"_c": i}),
+               E(2, "ThreadpoolListener::Record", t + 5, t + 5, {"_p": i + 1}),
+               E(2, "ThreadpoolListener::StopRegion", t + 10, t + 10, {})]
+  events.append(E(1, "add", 2010, 2020, {"hlo_module": "m", "run_id": 1, "hlo_op": "add"}))
+  [call] = xplane.op_times(events, "m")
+  assert call["ops"] == {"dot": 2010.0, "add": 10.0} and call["unlinked"] == 0.0

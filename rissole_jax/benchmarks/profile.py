@@ -19,7 +19,8 @@ too, so an op the OS preempted once, on a shared machine, does not skew it):
 
   busy ms      time at least one thread worked for the call (the ops' times
                add up to it);
-  wall ms      the call's wall time, blocked until ready;
+  wall ms      the call's wall time, blocked until ready (and the warm-up
+               calls', untraced: the profiler's own cost is the difference);
   host share   1 - busy / wall: dispatch, launch, waiting with no thread
                working for the call;
   FLOPs        XLA's cost analysis of the whole program, and the FLOPs of
@@ -28,7 +29,8 @@ too, so an op the OS preempted once, on a shared machine, does not skew it):
                per op time, so it is a lower bound where ops overlap);
 and two tables of time shares, by top-level module (forward and backward
 split by jax's `transpose(...)` name stack) and by op kind, plus the slowest
-ops. The shares add up to 100% (the executor's bookkeeping is a row).
+ops. The shares add up to 100% (the executor's bookkeeping is a row, and so
+are pool tasks whose queuer the trace does not show, if any).
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ _TOP = flags.DEFINE_integer("top", 10, "Slowest HLO ops listed per program (the 
                             "lists all).")
 
 KINDS = ("convolution", "dot", "reduction", "elementwise", "copy/transpose", "other",
-         "executor")
+         "executor", "unlinked pool tasks")
 # Opcodes that only move or reshape data.
 _MOVE = {"copy", "transpose", "bitcast", "reshape", "broadcast", "concatenate", "slice",
          "dynamic-slice", "dynamic-update-slice", "pad", "gather", "scatter", "reverse",
@@ -237,8 +239,11 @@ def profile_program(name: str, images: int, jitted, args, steps: int, warmup: in
   import jax
   compiled = jitted.lower(*args).compile()
   module, ops, comps = parse_hlo(compiled.as_text())
+  untraced = []
   for _ in range(warmup):
+    t0 = time.perf_counter()
     out = jax.block_until_ready(compiled(*args))
+    untraced.append(time.perf_counter() - t0)
     if donate:
       args = (out[0],) + tuple(args[1:])
   walls = []
@@ -262,13 +267,15 @@ def profile_program(name: str, images: int, jitted, args, steps: int, warmup: in
   # machine is shared) does not inflate its share.
   names = {n for c in calls for n in c["ops"]}
   own = {n: statistics.median(c["ops"].get(n, 0.0) for c in calls) / 1e6 for n in names}
-  executor_us = statistics.median(c["executor"] + c["unlinked"] for c in calls) / 1e6
-  op_us = sum(own.values()) + executor_us
+  executor_us = statistics.median(c["executor"] for c in calls) / 1e6
+  unlinked_us = statistics.median(c["unlinked"] for c in calls) / 1e6
+  op_us = sum(own.values()) + executor_us + unlinked_us
   hosts = [1 - c["busy"] / 1e12 / w for c, w in zip(calls, walls)] if len(walls) == runs else []
 
   by_module: dict[str, dict] = collections.defaultdict(lambda: {"fwd": 0.0, "bwd": 0.0})
   by_kind: dict[str, dict] = {k: {"us": 0.0, "flops": 0.0, "ops": 0} for k in KINDS}
   by_module[xplane.EXECUTOR]["fwd"] = by_kind["executor"]["us"] = executor_us
+  by_module[xplane.UNLINKED]["fwd"] = by_kind["unlinked pool tasks"]["us"] = unlinked_us
   inferred_us, listed = 0.0, []
   for n, us in own.items():
     op = ops.get(n)
@@ -292,13 +299,15 @@ def profile_program(name: str, images: int, jitted, args, steps: int, warmup: in
   modules = sorted(({"module": m, "share": (v["fwd"] + v["bwd"]) / op_us,
                      "forward": v["fwd"] / op_us, "backward": v["bwd"] / op_us,
                      "ms_per_call": (v["fwd"] + v["bwd"]) / 1e3}
-                    for m, v in by_module.items()), key=lambda r: -r["share"])
+                    for m, v in by_module.items() if v["fwd"] + v["bwd"]),
+                   key=lambda r: -r["share"])
   kinds = [{"kind": k, "share": v["us"] / op_us, "ms_per_call": v["us"] / 1e3,
             "ops": v["ops"], "gflop_per_call": v["flops"] / 1e9 if v["flops"] else None,
             "gflops_per_sec": v["flops"] / v["us"] / 1e3 if v["flops"] and v["us"] else None}
            for k, v in by_kind.items() if v["us"]]
   return {"program": name, "images": images, "calls": runs, "hlo_ops": len(own),
           "wall_ms": statistics.median(walls) * 1e3,
+          "untraced_ms": statistics.median(untraced) * 1e3 if untraced else None,
           "busy_ms": statistics.median(c["busy"] for c in calls) / 1e9,
           "host_share": max(0.0, statistics.median(hosts)) if hosts else None,
           "xla_gflop": throughput._flops(compiled) / 1e9,
@@ -345,7 +354,8 @@ def markdown(result: dict) -> str:
                   gflops=p["xla_gflop"] / p["wall_ms"] * 1e3) for p in result["programs"]]
   out.append(markdown_table(summary, [
       ("program", "program"), ("images", "images"), ("calls", "profiled calls"),
-      ("wall_ms", "wall ms/call"), ("busy_ms", "busy ms"),
+      ("untraced_ms", "warm-up ms (no trace)"), ("wall_ms", "wall ms/call"),
+      ("busy_ms", "busy ms"),
       ("host_share", "host share"), ("hlo_ops", "HLO ops"), ("xla_gflop", "XLA GFLOP/call"),
       ("gflops", "GFLOP/s (wall)")]))
   for p in result["programs"]:

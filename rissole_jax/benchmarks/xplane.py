@@ -181,14 +181,28 @@ def op_times(events: list[Event], module: str) -> list[dict]:
         active.remove(k)
       last = t
 
-  def owner(iv, depth=0):
-    if iv is None or depth > 64:
-      return None
-    if iv[3] == "op":
-      return iv[4]
-    if iv[3] == "executor":
-      return EXECUTOR
-    return owner(parent.get(iv[4]), depth + 1)
+  resolved: dict = {}
+
+  def owner(iv):
+    """The op (or EXECUTOR, or None) at the root of a task's chain of queuers;
+    chains can be long (Eigen's contractions queue task after task)."""
+    chain, seen = [], set()
+    while iv is not None and iv[3] == "region" and iv[4] not in resolved:
+      if iv[4] in seen:
+        iv = None
+        break
+      seen.add(iv[4])
+      chain.append(iv[4])
+      iv = parent.get(iv[4])
+    if iv is None:
+      root = None
+    elif iv[3] == "region":
+      root = resolved[iv[4]]
+    else:
+      root = EXECUTOR if iv[3] == "executor" else iv[4] if iv[3] == "op" else None
+    for rid in chain:
+      resolved[rid] = root
+    return root
 
   # Calls: the op events of one run id.
   runs = collections.defaultdict(list)
