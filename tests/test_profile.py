@@ -113,3 +113,12 @@ def test_a_long_chain_of_pool_tasks_keeps_its_op():
   events.append(E(1, "add", 2010, 2020, {"hlo_module": "m", "run_id": 1, "hlo_op": "add"}))
   [call] = xplane.op_times(events, "m")
   assert call["ops"] == {"dot": 2010.0, "add": 10.0} and call["unlinked"] == 0.0
+
+
+def test_small_map_benchmark_compares_a_conv_with_the_matmul():
+  from rissole_jax.benchmarks import small_map
+  from rissole_jax.models import layers
+  conv, _ = small_map.program((2, 4, 4, 8), matmul=False)
+  matmul, _ = small_map.program((2, 4, 4, 8), matmul=True)
+  assert "convolution(" in conv.as_text() and "convolution(" not in matmul.as_text()
+  assert layers.MATMUL_CONV_MAX_PIXELS == 4   # restored
