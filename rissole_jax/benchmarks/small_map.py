@@ -1,14 +1,14 @@
 """One 3x3 convolution, forward and both gradients: XLA's convolution against
 the matmul lowering of models/layers.py (`small_map_conv`), interleaved.
 
-  python -m rissole_jax.benchmarks.small_map [--shape 512,4,4,512] \
-      [--shape 512,8,8,256] [--rounds 3]
+  python -m rissole_jax.benchmarks.small_map [--conv_shape 512,4,4,512] \
+      [--conv_shape 512,8,8,256] [--calls 3]
 
 `MATMUL_CONV_MAX_PIXELS` decides which convolutions take the matmul form;
 this measures whether raising it would pay at a given map size and width
-(docs/performance.md, "The profile"). Each --shape is B,H,W,C (C in and out);
-the two programs run alternately (A B A B ...) after one untimed call each,
-and the medians are printed.
+(docs/performance.md, "The profile"). Each --conv_shape is B,H,W,C (C in
+and out); the two programs run alternately (A B A B ...) after one untimed
+call each, and the medians are printed.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from absl import app, flags
 
 from rissole_jax.benchmarks import markdown_table
 
-_SHAPE = flags.DEFINE_multi_string("shape", ["512,4,4,512", "512,8,8,256"],
+_SHAPE = flags.DEFINE_multi_string("conv_shape", ["512,4,4,512", "512,8,8,256"],
                                    "B,H,W,C of the input (C in and out).")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed calls of each program (median).")
+_CALLS = flags.DEFINE_integer("calls", 3, "Timed calls of each program (median).")
 
 
 def program(shape, matmul: bool):
@@ -66,7 +66,7 @@ def measure(shape, rounds: int) -> dict:
 
 def main(argv):
   del argv
-  rows = [measure(tuple(int(v) for v in s.split(",")), _ROUNDS.value) for s in _SHAPE.value]
+  rows = [measure(tuple(int(v) for v in s.split(",")), _CALLS.value) for s in _SHAPE.value]
   print(markdown_table(rows, [("shape", "input B×H×W×C"), ("conv_ms", "convolution ms"),
                               ("matmul_ms", "matmul ms"), ("ratio", "matmul / conv")]))
 
