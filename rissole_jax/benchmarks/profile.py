@@ -170,9 +170,9 @@ def _conv_macs(attrs: str, out, lhs, rhs) -> float:
   m = re.search(r"window=\{([^}]*)\}", attrs)
   window = dict(re.findall(r"(\w+)=([\dx_\-]+)", m.group(1))) if m else {}
   spatial = [d for d in ol if d.isdigit()]
-  field = lambda key, default: ([int(v) for v in window[key].split("x")] if key in window  # noqa: E731
-                                else [default] * len(spatial))
-  strides, ldil, rdil = field("stride", 1), field("lhs_dilate", 1), field("rhs_dilate", 1)
+  def field(key):
+    return [int(v) for v in window[key].split("x")] if key in window else [1] * len(spatial)
+  strides, ldil, rdil = field("stride"), field("lhs_dilate"), field("rhs_dilate")
   pads = ([int(p.split("_")[0]) for p in window["pad"].split("x")] if "pad" in window
           else [0] * len(spatial))
   macs = float(out[ol.index("b")] * out[ol.index("f")] * rhs[rl.index("i")])
@@ -347,7 +347,9 @@ def profile(config, what=("train", "sample"), steps: int = 2, warmup: int = 1,
 # Output.
 
 def markdown(result: dict) -> str:
-  pct = lambda rows, keys: [dict(r, **{k: f"{100 * r[k]:.1f}%" for k in keys}) for r in rows]  # noqa: E731
+  def pct(rows, keys):
+    return [dict(r, **{k: f"{100 * r[k]:.1f}%" for k in keys}) for r in rows]
+
   out = [f"### {result['config']} ({result['params']:,} parameters)\n"]
   summary = [dict(p, host_share=None if p["host_share"] is None
                   else f"{100 * p['host_share']:.1f}%",
