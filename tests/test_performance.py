@@ -96,6 +96,29 @@ def test_small_map_conv_equals_the_convolution(size, kernel, stride, cin, cout):
   assert layers._tap_index((size, size), (kernel, kernel), (stride, stride), pads) is not None
 
 
+@pytest.mark.parametrize("size,stride", [(4, 1), (5, 2), (8, 2)])
+def test_sliced_conv_for_batched_kernels(size, stride):
+  """Per-position kernels (vmapped with the input) take the slices + dot form
+  (layers.batched_kernels): output and both gradients equal the vmapped
+  lax convolution, and the compiled program has no convolution left."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(4, 2, size, size, 3)), jnp.float32)   # 4 positions
+  w = jnp.asarray(rng.normal(size=(4, 3, 3, 3, 5)), jnp.float32)
+  dn = jax.lax.conv_dimension_numbers(x.shape[1:], w.shape[1:], ("NHWC", "HWIO", "NHWC"))
+
+  def loss(fn):
+    conv = jax.vmap(lambda x, w: fn(x, w, (stride, stride), "SAME", dimension_numbers=dn))
+    return lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+  ref = jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
+  with layers.batched_kernels():
+    f = jax.jit(jax.value_and_grad(loss(layers.small_map_conv), (0, 1)))
+    got = f(x, w)
+    hlo = f.lower(x, w).compile().as_text()
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  assert "convolution(" not in hlo
+
+
 def test_fingerprints_leave_out_legacy_values():
   """A config at the first layout's values fingerprints as before the keys
   existed; another value is in the fingerprint."""

@@ -44,8 +44,9 @@ def get_config(arg: str = ""):
       ("rissole_no_position", {"model.use_position": False}),
       ("full_same_size", {"model.variant": "full"}),
       # What sharing one set of weights over the blocks saves: one set per
-      # block position (models/mapped.py), 4 x rissole's parameters (4,135,952
-      # for the 2x2 grid) at the same FLOPs per example.
+      # block position (models/mapped.py), 4 x rissole's parameters (3,079,952
+      # for the 2x2 grid) at the same FLOPs per example; docs/performance.md
+      # has its quality (FD 19.65 vs 20.26 shared).
       ("rissole_per_position", {"model.block_map": "vmap", "model.share_weights": False}),
   ]
   # LEGO bricks (docs/lego.md) at their U-Net rows' parameter budgets:

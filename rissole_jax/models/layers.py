@@ -7,6 +7,8 @@ output features are "embed" (sharded over fsdp by default), codebooks are
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import flax.linen as nn
@@ -21,6 +23,23 @@ import numpy as np
 # conv's unpadded taps. Larger maps stay convolutions (the matrix would waste
 # FLOPs on zeros). docs/performance.md has the measurements.
 MATMUL_CONV_MAX_PIXELS = 4
+
+# Set while tracing a denoiser whose kernels are vmapped with its inputs (one
+# set of weights per block position, models/mapped.py). jax batches such a
+# conv as a grouped convolution, which XLA:CPU compiles for minutes and runs
+# ~10x slower than the shared one; as shifted slices and one dot it batches
+# to a batched matmul instead.
+_BATCHED_KERNELS = contextvars.ContextVar("batched_kernels", default=False)
+
+
+@contextlib.contextmanager
+def batched_kernels(on: bool = True):
+  """Within this context, convolutions are written as slices + one dot."""
+  token = _BATCHED_KERNELS.set(on)
+  try:
+    yield
+  finally:
+    _BATCHED_KERNELS.reset(token)
 
 
 def conv(features: int, kernel: int = 3, stride: int = 1, name: str | None = None,
@@ -50,6 +69,8 @@ def small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
           if isinstance(padding, str) else tuple(map(tuple, padding)))
   taps = _tap_index((H, W), rhs.shape[:2], tuple(window_strides), tuple(pads))
   if taps is None:
+    if _BATCHED_KERNELS.get():
+      return _sliced_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, pads)), precision)
     return conv()
   kh, kw, ci, co = rhs.shape
   n_out = taps.shape[1]
@@ -59,6 +80,20 @@ def small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
   y = jnp.dot(lhs.reshape(B, H * W * ci), matrix, precision=precision)
   ho = (H + pads[0][0] + pads[0][1] - kh) // window_strides[0] + 1
   return y.reshape(B, ho, n_out // ho, co)
+
+
+def _sliced_conv(lhs, rhs, strides, pads, precision):
+  """The conv as kh*kw strided slices of the padded input, stacked on the
+  channel axis in HWIO order, times the kernel as one (kh*kw*Cin, Cout)
+  matrix (im2col by slicing: no gather, no grouped conv)."""
+  kh, kw, ci, co = rhs.shape
+  (sh, sw), (H, W) = strides, lhs.shape[1:3]
+  x = jnp.pad(lhs, ((0, 0), pads[0], pads[1], (0, 0)))
+  ho = (H + pads[0][0] + pads[0][1] - kh) // sh + 1
+  wo = (W + pads[1][0] + pads[1][1] - kw) // sw + 1
+  cols = jnp.concatenate([x[:, dy:dy + (ho - 1) * sh + 1:sh, dx:dx + (wo - 1) * sw + 1:sw]
+                          for dy in range(kh) for dx in range(kw)], axis=-1)
+  return jnp.dot(cols, rhs.reshape(kh * kw * ci, co), precision=precision)
 
 
 @functools.lru_cache(maxsize=64)

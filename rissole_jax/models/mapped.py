@@ -27,10 +27,12 @@ batching rule folds the mapped axis into the batch). Default config (blocks
 train 20.4 vs 21.3 images/s, one sampling step 55.8 vs 62.0 images/s, per-round
 ratios 0.9-1.1 both ways: equal within the noise.
 
-Per-position weights vmap the kernels too, which lowers to grouped
-(feature_group_count=n) and batch-grouped convolutions: XLA:CPU compiles and
-runs those slowly (smoke config: 10x slower train steps; default config: the
-train step took over 13 minutes to compile on the loaded machine).
+Per-position weights vmap the kernels too. jax batches a conv whose kernel is
+batched as a grouped (feature_group_count=n) convolution, which XLA:CPU
+compiles and runs slowly (smoke config: 10x slower train steps; default
+config: the train step took over 13 minutes to compile on a loaded machine),
+so while tracing them the convolutions are written as slices + one dot
+(layers.batched_kernels), which batch to batched matmuls.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ import jax.numpy as jnp
 
 from rissole_jax import blocks as blk
 from rissole_jax.errors import ConfigError
-from rissole_jax.models import unet
+from rissole_jax.models import layers, unet
 
 BLOCK_MAPS = ("fold", "vmap")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -120,7 +122,8 @@ def denoiser_class(block_map: str = "fold", share_weights: bool = True,
       args = (rows(x, True), rows(t), rows(pos), rows(neighbours, True), rows(prev, True),
               rows(keep), train)
       core = self.core if self.is_initializing() or compute == jnp.float32 else self.core_cast
-      out = core(*args)
+      with layers.batched_kernels(not share_weights):
+        out = core(*args)
       return (unet.fold(out) if mapped else out).astype(jnp.float32)
 
   Mapped.block_map, Mapped.share_weights, Mapped.dtype_name = block_map, share_weights, dtype
