@@ -120,5 +120,7 @@ def test_small_map_benchmark_compares_a_conv_with_the_matmul():
   from rissole_jax.models import layers
   conv, _ = small_map.program((2, 4, 4, 8), matmul=False)
   matmul, _ = small_map.program((2, 4, 4, 8), matmul=True)
-  assert "convolution(" in conv.as_text() and "convolution(" not in matmul.as_text()
+  sliced, _ = small_map.program((2, 4, 4, 8), matmul=False, sliced=True)
+  assert "convolution(" in conv.as_text()
+  assert "convolution(" not in matmul.as_text() and "convolution(" not in sliced.as_text()
   assert layers.MATMUL_CONV_MAX_PIXELS == 4   # restored
