@@ -38,6 +38,7 @@ uses only functions that trees since commit 5c3a3a5 have.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import os
@@ -136,7 +137,28 @@ def measure(config, steps: int, warmup: int, sample_batch: int, sample_steps: in
     jax.config.update("jax_enable_compilation_cache", was)
 
 
-def _measure(config, steps, warmup, sample_batch, sample_steps, n_db, peak_tflops):
+@dataclasses.dataclass
+class Setup:
+  """What the programs of one config run on: the train state, a copy of its
+  EMA parameters (the train step donates the state), a synthetic database
+  and the row fields that name the config."""
+  config: object
+  fns: object
+  state: dict
+  ema: dict
+  latents: object
+  table: object
+  ids: object
+  nb: object
+  key: object
+  batch: int
+  sample_batch: int
+  base: dict
+
+
+def setup(config, sample_batch: int = 0, n_db: int = 2048) -> Setup:
+  """The train state, synthetic database and inputs of one config on the
+  first device (sample_batch 0: the train batch)."""
   import jax
   import numpy as np
 
@@ -152,51 +174,63 @@ def _measure(config, steps, warmup, sample_batch, sample_steps, n_db, peak_tflop
   sample_batch = sample_batch or batch
   fns = diffusion.parts(config, latent_shape)
   _, _, _, state, _ = diffusion.build(config, latent_shape, k, mesh, config.seed)
-  n_params = unet.count_params(state["params"])
 
   rng = np.random.default_rng(0)
   dev = jax.devices()[0]
   latents = jax.device_put(rng.standard_normal((n_db, *latent_shape), np.float32), dev)
   table = (np.arange(n_db)[:, None] + rng.integers(1, n_db, (n_db, k))) % n_db
   table = jax.device_put(table.astype(np.int32), dev)
-  key = jax.random.PRNGKey(1)
   ids = jax.device_put(rng.integers(0, n_db, batch).astype(np.int32), dev)
   nb = latents[table[rng.integers(0, n_db, sample_batch)]]
+  base = {"config": config_name(config), "platform": jax.default_backend(),
+          "device_kind": dev.device_kind, "params": unet.count_params(state["params"]),
+          "latent_shape": list(latent_shape), "k": k}
+  ema = jax.tree.map(lambda x: x.copy(), state["ema"])
+  return Setup(config, fns, state, ema, latents, table, ids, nb, jax.random.PRNGKey(1),
+               batch, sample_batch, base)
 
-  kind = dev.device_kind
+
+def train_program(s: Setup):
+  """(jitted, args) of the donating train step: feed it its own state back
+  (`_time(..., donate=True)`); s.state is invalid after the first call."""
+  import jax
+  return (jax.jit(s.fns.gather_step, donate_argnums=(0,)),
+          (s.state, s.key, s.latents, s.table, s.ids))
+
+
+def sample_program(s: Setup, steps: int):
+  """(jitted, args) of a whole DDIM sample of `steps` steps over all blocks."""
+  import jax
+  c = s.config.copy_and_resolve_references()
+  c.sample.update(sampler="ddim", steps=steps)
+  return jax.jit(_latents_fn(s.fns.model, s.fns.schedule, c)), (s.ema, s.nb, s.key)
+
+
+def _measure(config, steps, warmup, sample_batch, sample_steps, n_db, peak_tflops):
+  s = setup(config, sample_batch, n_db)
   try:
     from rissole_jax.benchmarks.peaks import peak_tflops as known_peak
   except ImportError:  # trees before benchmarks/peaks.py
     known_peak = lambda kind: 0.0  # noqa: E731
-  peak = peak_tflops or known_peak(kind)
-  base = {"config": config_name(config), "platform": jax.default_backend(), "device_kind": kind,
-          "params": n_params, "latent_shape": list(latent_shape), "k": k}
+  peak = peak_tflops or known_peak(s.base["device_kind"])
 
-  def row(program, images, jitted, args, donate=False, flops_scale=1.0, flops=None):
+  def row(program, images, jitted, args, donate=False, flops=None):
     t0 = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    flops = _flops(compiled) * flops_scale if flops is None else flops
+    flops = _flops(compiled) if flops is None else flops
     step_s = _time(compiled, args, steps, warmup, donate)
-    r = dict(base, program=program, batch=images, compile_s=compile_s, step_s=step_s,
+    r = dict(s.base, program=program, batch=images, compile_s=compile_s, step_s=step_s,
              images_per_sec=images / step_s, flops=flops, flops_per_sec=flops / step_s)
     if peak:
       r["peak_fraction"] = flops / step_s / (peak * 1e12)
     return r
 
-  ema = jax.tree.map(lambda x: x.copy(), state["ema"])   # the train step donates the state
-  rows = [row("train", batch, jax.jit(fns.gather_step, donate_argnums=(0,)),
-              (state, key, latents, table, ids), donate=True)]
-  del state
-
-  def sampler(n):
-    c = config.copy_and_resolve_references()
-    c.sample.update(sampler="ddim", steps=n)
-    return jax.jit(_latents_fn(fns.model, fns.schedule, c))
-
-  rows.append(row("sample_step", sample_batch, sampler(1), (ema, nb, key)))
-  if sample_steps:
-    rows.append(row("sample_ddim", sample_batch, sampler(sample_steps), (ema, nb, key),
+  rows = [row("train", s.batch, *train_program(s), donate=True)]
+  s.state = None
+  rows.append(row("sample_step", s.sample_batch, *sample_program(s, 1)))
+  if sample_steps:   # a sampling loop's body counts once in XLA's cost analysis
+    rows.append(row("sample_ddim", s.sample_batch, *sample_program(s, sample_steps),
                     flops=rows[-1]["flops"] * sample_steps))
     rows[-1]["steps"] = sample_steps
   return rows

@@ -1,0 +1,126 @@
+"""The per-op profiler (benchmarks/profile.py) runs and its tables add up;
+its trace and HLO arithmetic on small known cases. (What the profile says:
+docs/performance.md.)"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from rissole_jax.benchmarks import profile, xplane
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def test_profile_cli_runs_and_shares_add_up(tmp_path):
+  out = tmp_path / "profile.json"
+  run = subprocess.run(
+      [sys.executable, "-m", "rissole_jax.benchmarks.profile", "--config",
+       "configs/mnist.py:smoke", "--steps", "1", "--warmup", "0", "--database", "16",
+       "--override", "diffusion.train.batch_size=2", "--top", "3", "--compilation_cache",
+       "--out", str(out)],
+      cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
+      timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  [result] = json.loads(out.read_text())
+  train, sample = result["programs"]
+  assert (train["program"], sample["program"]) == ("train", "sample_step")
+  for p in (train, sample):
+    assert p["calls"] == 1 and p["images"] == 2 and p["hlo_ops"] > 10
+    assert sum(r["share"] for r in p["by_module"]) == pytest.approx(1.0)
+    assert sum(r["share"] for r in p["by_kind"]) == pytest.approx(1.0)
+    for r in p["by_module"]:
+      assert r["share"] == pytest.approx(r["forward"] + r["backward"])
+    assert 0 < p["busy_ms"] <= p["wall_ms"]
+    assert 0 <= p["host_share"] < 1
+    counted = sum(k["gflop_per_call"] or 0 for k in p["by_kind"])
+    assert 0 < counted <= p["xla_gflop"] * 1.0001   # convs and dots: part of XLA's count
+    assert {"conv_in", "conv_out"} <= {r["module"] for r in p["by_module"]}
+    assert len(p["ops"]) == p["hlo_ops"] and p["top"] == 3
+  assert sum(r["backward"] for r in train["by_module"]) > 0   # the gradient is profiled
+  assert sum(r["backward"] for r in sample["by_module"]) == 0
+  assert run.stdout.count("share of op time by top-level module") == 2
+
+
+def test_pool_tasks_count_for_the_op_that_queued_them():
+  E, op = xplane.Event, {"hlo_module": "m", "run_id": 1}
+  events = [
+      E(1, "ThunkExecutor::Execute", 0, 100, {}),
+      E(1, "conv", 10, 20, dict(op, hlo_op="conv")),
+      E(1, "ThreadpoolListener::Record", 15, 15, {"_p": 7}),   # conv queues task 7
+      E(1, "add", 60, 70, dict(op, hlo_op="add")),
+      E(2, "ThreadpoolListener::StartRegion", 20, 20, {"_c": 7}),
+      E(2, "ThreadpoolListener::StopRegion", 50, 50, {}),
+      E(3, "ThunkExecutor::Execute (wait for completion)", 0, 100, {}),   # the caller, idle
+  ]
+  [call] = xplane.op_times(events, "m")
+  # 10-20 conv alone, 20-50 conv's task beside the executor, 50-60 the
+  # executor alone, 60-70 add; before the first op and the caller's wait: nothing.
+  assert call["ops"] == {"conv": 25.0, "add": 10.0}
+  assert call["executor"] == 25.0 and call["unlinked"] == 0.0
+  assert call["busy"] == 60.0 == sum(call["ops"].values()) + call["executor"]
+  assert xplane.op_times(events, "other module") == []
+
+
+def test_module_names_from_the_name_stack():
+  assert profile.top_module("jit(step)/transpose(jvp(Denoiser))/up1_res0/norm1/mul") == "up1_res0"
+  assert profile.top_module("jit(fn)/while/body/closed_call/Denoiser/mid_res1/conv1/add") == (
+      "mid_res1")
+  assert profile.top_module("jit(step)/jvp(Denoiser)/Denoiser._attend/mid_attn/q/dot_general"
+                            ) == "mid_attn"
+  assert profile.top_module("jit(step)/jvp(Denoiser)/concatenate") == "Denoiser (own ops)"
+  assert profile.top_module("jit(step)/jvp(jit(_randint))/while/body/add") is None
+  assert profile.top_module("state['opt'][1][0].mu['conv_in']['bias']") == "(state copies)"
+
+
+@pytest.mark.parametrize("stride,padding", [(1, "SAME"), (2, "SAME"), (1, "VALID")])
+def test_conv_and_dot_flops_are_xlas(stride, padding):
+  def f(x, w, v):
+    y = jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return (y.reshape(-1, 8) @ v).sum()
+
+  args = (jnp.ones((2, 5, 5, 3)), jnp.ones((3, 3, 3, 8)), jnp.ones((8, 4)))
+  for fn in (f, jax.grad(f, argnums=(0, 1, 2))):   # the gradients: other dim_labels
+    compiled = jax.jit(fn).lower(*args).compile()
+    _, ops, comps = profile.parse_hlo(compiled.as_text())
+    counted = sum(profile.op_flops(op, ops, comps) for name, op in ops.items()
+                  if op.opcode in ("convolution", "dot"))
+    cost = compiled.cost_analysis()
+    xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+    assert 0.9 * xla < counted <= xla   # the rest: elementwise ops
+
+
+def test_an_unknown_program_is_refused():
+  from rissole_jax import defaults
+  from rissole_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="train and sample"):
+    profile.profile(defaults.base_config(), what=("train", "smaple"))
+
+
+def test_a_long_chain_of_pool_tasks_keeps_its_op():
+  E = xplane.Event
+  events = [E(1, "dot", 0, 10, {"hlo_module": "m", "run_id": 1, "hlo_op": "dot"}),
+            E(1, "ThreadpoolListener::Record", 5, 5, {"_p": 0})]
+  for i in range(200):   # task i runs 10 ps on thread 2 and queues task i + 1
+    t = 10 + 10 * i
+    events += [E(2, "ThreadpoolListener::StartRegion", t, t, {"_c": i}),
+               E(2, "ThreadpoolListener::Record", t + 5, t + 5, {"_p": i + 1}),
+               E(2, "ThreadpoolListener::StopRegion", t + 10, t + 10, {})]
+  events.append(E(1, "add", 2010, 2020, {"hlo_module": "m", "run_id": 1, "hlo_op": "add"}))
+  [call] = xplane.op_times(events, "m")
+  assert call["ops"] == {"dot": 2010.0, "add": 10.0} and call["unlinked"] == 0.0
+
+
+def test_small_map_benchmark_compares_a_conv_with_the_matmul():
+  from rissole_jax.benchmarks import small_map
+  from rissole_jax.models import layers
+  conv, _ = small_map.program((2, 4, 4, 8), matmul=False)
+  matmul, _ = small_map.program((2, 4, 4, 8), matmul=True)
+  sliced, _ = small_map.program((2, 4, 4, 8), matmul=False, sliced=True)
+  assert "convolution(" in conv.as_text()
+  assert "convolution(" not in matmul.as_text() and "convolution(" not in sliced.as_text()
+  assert layers.MATMUL_CONV_MAX_PIXELS == 4   # restored
