@@ -152,6 +152,14 @@ def test_old_workdir_reads_with_its_first_layout(tmp_path):
   assert c.model.neighbour_encoder == defaults.LEGACY_MODEL["neighbour_encoder"]
 
 
+def test_bfloat16_mfu_uses_the_bfloat16_peak():
+  """MFU of bf16 compute is against the bf16 peak (2x TF32's on NVIDIA)."""
+  from rissole_jax.benchmarks import peaks, throughput
+  assert peaks.peak_tflops("NVIDIA H200", "bfloat16") == 2 * peaks.peak_tflops("NVIDIA H200")
+  assert throughput._known_peak("TPU v4", "bfloat16") == peaks.peak_tflops("TPU v4")
+  assert throughput._known_peak("cpu", "bfloat16") == 0.0
+
+
 def test_throughput_benchmark_runs():
   from rissole_jax.benchmarks import throughput
   c = two_levels(num_res_blocks=0, attn_lowest=False)

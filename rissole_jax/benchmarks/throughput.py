@@ -206,13 +206,22 @@ def sample_program(s: Setup, steps: int):
   return jax.jit(_latents_fn(s.fns.model, s.fns.schedule, c)), (s.ema, s.nb, s.key)
 
 
+def _known_peak(kind: str, dtype: str) -> float:
+  """benchmarks/peaks.py's peak for the compute dtype (0 in trees without it;
+  trees before the bf16 table know only float32)."""
+  try:
+    from rissole_jax.benchmarks.peaks import peak_tflops
+  except ImportError:  # trees before benchmarks/peaks.py
+    return 0.0
+  try:
+    return peak_tflops(kind, dtype)
+  except TypeError:
+    return peak_tflops(kind) if dtype == "float32" else 0.0
+
+
 def _measure(config, steps, warmup, sample_batch, sample_steps, n_db, peak_tflops):
   s = setup(config, sample_batch, n_db)
-  try:
-    from rissole_jax.benchmarks.peaks import peak_tflops as known_peak
-  except ImportError:  # trees before benchmarks/peaks.py
-    known_peak = lambda kind: 0.0  # noqa: E731
-  peak = peak_tflops or known_peak(s.base["device_kind"])
+  peak = peak_tflops or _known_peak(s.base["device_kind"], config.model.get("dtype", "float32"))
 
   def row(program, images, jitted, args, donate=False, flops=None):
     t0 = time.perf_counter()
