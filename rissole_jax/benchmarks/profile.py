@@ -49,12 +49,17 @@ from rissole_jax.benchmarks import markdown_table, throughput, xplane
 
 # --config, --override, --steps, --warmup, --sample_batch, --database and
 # --compilation_cache are throughput.py's flags (one definition each).
-_WHAT = flags.DEFINE_list("what", ["train", "sample"], "Programs to profile: train (the "
-                          "donating train step), sample (one DDIM step over all blocks).")
-_OUT = flags.DEFINE_string("out", None, "Also write the results here: markdown if the name "
-                           "ends in .md, else JSON.")
-_TOP = flags.DEFINE_integer("top", 10, "Slowest HLO ops listed per program (the JSON "
-                            "lists all).")
+
+
+def define_flags() -> None:
+  """This CLI's own flags, defined when it runs (not on import: other
+  benchmark modules define --out too, and tests import several)."""
+  flags.DEFINE_list("what", ["train", "sample"], "Programs to profile: train (the donating "
+                    "train step), sample (one DDIM step over all blocks).")
+  flags.DEFINE_string("out", None, "Also write the results here: markdown if the name ends in "
+                      ".md, else JSON.")
+  flags.DEFINE_integer("top", 10, "Slowest HLO ops listed per program (the JSON lists all).")
+
 
 KINDS = ("convolution", "dot", "reduction", "elementwise", "copy/transpose", "other",
          "executor", "unlinked pool tasks")
@@ -379,24 +384,26 @@ def markdown(result: dict) -> str:
 
 def main(argv):
   del argv
+  F = flags.FLAGS
   results = []
   for spec in throughput._CONFIG.value:
     config = throughput.load_config(spec, throughput._OVERRIDE.value)
-    results.append(dict(profile(config, _WHAT.value, throughput._STEPS.value,
+    results.append(dict(profile(config, F.what, throughput._STEPS.value,
                                 throughput._WARMUP.value, throughput._SAMPLE_BATCH.value,
-                                throughput._DB.value, _TOP.value, throughput._CACHE.value),
+                                throughput._DB.value, F.top, throughput._CACHE.value),
                         spec=spec))
   text = "\n".join(markdown(r) for r in results)
   print(text)
-  if _OUT.value:
+  if F.out:
     from rissole_jax import workdir
-    if _OUT.value.endswith(".md"):
-      workdir.atomic_write_bytes(_OUT.value, text.encode())
+    if F.out.endswith(".md"):
+      workdir.atomic_write_bytes(F.out, text.encode())
     else:
-      workdir.atomic_write_json(_OUT.value, results)
+      workdir.atomic_write_json(F.out, results)
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.FLAGS.set_default("steps", 2)   # throughput's defaults are for timing, not tracing
   flags.FLAGS.set_default("warmup", 1)
   app.run(main)
