@@ -244,22 +244,22 @@ def profile_program(name: str, images: int, jitted, args, steps: int, warmup: in
   import jax
   compiled = jitted.lower(*args).compile()
   module, ops, comps = parse_hlo(compiled.as_text())
-  untraced = []
-  for _ in range(warmup):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(*args))
-    untraced.append(time.perf_counter() - t0)
-    if donate:
-      args = (out[0],) + tuple(args[1:])
-  walls = []
+
+  def timed_calls(n, args):
+    """n calls' wall seconds; a donating program's state goes around."""
+    walls = []
+    for _ in range(n):
+      t0 = time.perf_counter()
+      out = jax.block_until_ready(compiled(*args))
+      walls.append(time.perf_counter() - t0)
+      if donate:
+        args = (out[0],) + tuple(args[1:])
+    return walls, args
+
+  untraced, args = timed_calls(warmup, args)
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
-      for _ in range(steps):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
-        walls.append(time.perf_counter() - t0)
-        if donate:
-          args = (out[0],) + tuple(args[1:])
+      walls, args = timed_calls(steps, args)
     files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
     if not files:
       raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {d}")
