@@ -175,6 +175,15 @@ def test_throughput_benchmark_runs():
   assert table.count("\n") == 2 + len(rows) and "sample_ddim" in table
 
 
+def test_vqgan_step_benchmark_runs():
+  """The VQ-GAN step timer (docs/performance.md, "XLA:CPU flags") on the smoke config."""
+  from rissole_jax.benchmarks import vqgan_step
+  c = defaults.smoke(defaults.base_config())
+  row = vqgan_step.measure(c, steps=1, warmup=0)
+  assert row["batch"] == c.vqgan.train.batch_size
+  assert row["step_ms_median"] > 0 and row["images_per_sec"] > 0 and row["first_call_s"] > 0
+
+
 def test_default_xla_flags_never_override_the_users():
   from rissole_jax import xla_flags
   ynn = xla_flags.CPU_FLAGS[0]
