@@ -26,13 +26,13 @@ from rissole_jax.errors import RissoleError
 # function of the config giving them).
 # Each stage's fingerprint also covers its upstream stages (the ones before it).
 STAGES = {
-    "vqgan": ("rissole_jax.train.vqgan", ("seed", "data", "vqgan")),
+    "vqgan": ("rissole_jax.stages.vqgan", ("seed", "data", "vqgan")),
     "encode": ("rissole_jax.stages.encode", ("encode",)),
     # The first-block embedding depends on the grid; the full one does not.
     "index": ("rissole_jax.stages.index",
               lambda c: ("retrieval", "blocks") if c.retrieval.embedding == "first_block"
               else ("retrieval",)),
-    "diffusion": ("rissole_jax.train.diffusion", ("blocks", "model", "diffusion")),
+    "diffusion": ("rissole_jax.stages.diffusion", ("blocks", "model", "diffusion")),
     "sample": ("rissole_jax.stages.sample", ("sample",)),
     "evaluate": ("rissole_jax.stages.evaluate", ("evaluate",)),
 }

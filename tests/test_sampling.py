@@ -17,6 +17,7 @@ from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError, DataError
 from rissole_jax.models import unet
 from rissole_jax import sampler as smp
+from rissole_jax.stages import diffusion as diffusion_stage
 from rissole_jax.stages import sample as sample_stage
 from rissole_jax.train import diffusion as dif
 
@@ -228,7 +229,7 @@ def test_diffusion_and_sample_stages(tmp_path, monkeypatch):
   c.diffusion.cond_dropout = 0.2
   c.diffusion.train.gather = "host"   # test_denoiser trains with the device gather
   write_database(tmp_path, c)
-  m = dif.run(ctx_for(c, tmp_path, "diffusion"))
+  m = diffusion_stage.run(ctx_for(c, tmp_path, "diffusion"))
   assert m["denoiser_params"] > 0 and np.isfinite(m["loss"]) and m["steps_per_sec"] > 0
   assert np.isfinite(m["heldout_loss"])
   ckpts = tmp_path / "diffusion" / "checkpoints"
@@ -238,7 +239,7 @@ def test_diffusion_and_sample_stages(tmp_path, monkeypatch):
 
   # Interrupted after step 2: resuming gives exactly the same weights.
   shutil.rmtree(ckpts / "4")
-  dif.run(ctx_for(c, tmp_path, "diffusion"))
+  diffusion_stage.run(ctx_for(c, tmp_path, "diffusion"))
   _, ema_b, _ = dif.load_denoiser(c, tmp_path)
   jax.tree.map(np.testing.assert_array_equal, ema_a, ema_b)
 
@@ -267,9 +268,9 @@ def test_stage_input_errors(tmp_path):
   c.blocks.grid = (3, 3)
   # Refused from the config alone, before the database is even looked for.
   with pytest.raises(ConfigError, match="does not divide the latent of 8x8"):
-    dif.run(ctx_for(c, tmp_path, "diffusion"))
+    diffusion_stage.run(ctx_for(c, tmp_path, "diffusion"))
   c = tiny()
   with pytest.raises(RissoleError, match="encode"):
-    dif.run(ctx_for(c, tmp_path, "diffusion"))     # no database yet
+    diffusion_stage.run(ctx_for(c, tmp_path, "diffusion"))     # no database yet
   with pytest.raises(DataError, match="'diffusion' stage has not run"):
     dif.load_denoiser(c, tmp_path)

@@ -21,6 +21,7 @@ from rissole_jax.context import Context  # noqa: E402
 from rissole_jax.data import ArraySource, TrainStream, to_float  # noqa: E402
 from rissole_jax.errors import ConfigError, DataError  # noqa: E402
 from rissole_jax.models import vqgan as vq  # noqa: E402
+from rissole_jax.stages import vqgan as vqgan_stage  # noqa: E402
 from rissole_jax.train import checkpoints  # noqa: E402
 from rissole_jax.train import vqgan as T  # noqa: E402
 
@@ -55,7 +56,7 @@ def fake_data(monkeypatch):
   """The stage reads these instead of the embedded MNIST (20 held-out: a padded batch)."""
   sources = {"train": ArraySource("train", synthetic_images(64, 0)),
              "heldout": ArraySource("heldout", synthetic_images(20, 1))}
-  monkeypatch.setattr(T, "load_source", lambda data_cfg, split: sources[split])
+  monkeypatch.setattr(vqgan_stage, "load_source", lambda data_cfg, split: sources[split])
   return sources
 
 
@@ -289,7 +290,7 @@ def test_stage_resume_exact_and_autoencoder_round_trip(fake_data, tmp_path, capl
   config = tiny_config()
   steps = config.vqgan.train.steps
   # Uninterrupted, through the stage entry point.
-  metrics = T.run(make_ctx(config, tmp_path / "a"))
+  metrics = vqgan_stage.run(make_ctx(config, tmp_path / "a"))
   for k in ("psnr", "codebook_usage", "perplexity", "l1", "rec_loss"):
     assert np.isfinite(metrics[k]), k
   assert metrics["heldout_images"] == 20
@@ -304,10 +305,10 @@ def test_stage_resume_exact_and_autoencoder_round_trip(fake_data, tmp_path, capl
   # Interrupted after 3 steps (checkpoint at 2), then resumed in a fresh state.
   root = tmp_path / "b"
   with pytest.raises(StopAfter):
-    T.train(make_ctx(config, root, stop_after=3), trainer, *T.keys(config.seed))
+    vqgan_stage.train(make_ctx(config, root, stop_after=3), trainer, *T.keys(config.seed))
   with pytest.raises(DataError, match=r"need step 6 .*found \[2\]"):
     T.load_autoencoder(config, root / "vqgan")
-  resumed, last = T.train(make_ctx(config, root), trainer, *T.keys(config.seed))
+  resumed, last = vqgan_stage.train(make_ctx(config, root), trainer, *T.keys(config.seed))
   for a, b in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -1,1 +1,3 @@
-"""Trainers (one per stage), optimizers and checkpoints."""
+"""The training machinery the vqgan and diffusion stages (stages/) use: train
+steps and their builders, optimizers, verified checkpoints, the NaN guard, and
+the trained models back from their checkpoints."""

@@ -1,4 +1,7 @@
-"""The diffusion stage: trains the (block) denoiser on the latent database.
+"""Diffusion training machinery: the (block) denoiser's train step, its state,
+the latent database's placement and the train call (`make_train_call`), and
+the trained denoiser back from its checkpoint (`load_denoiser`). The diffusion
+stage itself (the training loop, held-out loss) is stages/diffusion.py.
 
 One jitted step: gather the batch's latents and its neighbours' latents (on
 the devices by default: code indices gathered from the database held there,
@@ -11,7 +14,6 @@ exactly where the interrupted one stopped.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -20,10 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rissole_jax import blocks as blk
 from rissole_jax import parallel
 from rissole_jax import workdir as wd
-from rissole_jax.data.pipeline import TrainStream
 from rissole_jax.diffusion import samplers
 from rissole_jax.diffusion.schedule import PREDICTIONS, make_schedule
 from rissole_jax.errors import ConfigError, DataError
@@ -256,7 +256,7 @@ class _Rows:
 
 
 # ---------------------------------------------------------------------------
-# The stage.
+# Building: the step functions, the train state, the train call.
 
 @dataclasses.dataclass(frozen=True)
 class Parts:
@@ -319,118 +319,6 @@ def abstract_state(config, model, latent_shape, k, mesh):
   return like, shardings
 
 
-def run(ctx) -> dict:
-  config, t = ctx.config, ctx.config.diffusion.train
-  check_config(config, expected_latent_shape(config))  # config errors before reading anything
-  db = load_database(config, ctx.root)
-  latent_shape = tuple(db.latent_shape)
-  k = db.neighbours.shape[1]
-  check_config(config, latent_shape, k)   # the grid et al., before any work
-  check_database(db)
-  stats = database_stats(db.rows, db.codebook)
-  # Codes stay codes: the codebook is normalised instead of the database (the
-  # same numbers: a lookup commutes with the per-channel affine map).
-  if db.codebook is None:
-    rows, codebook = normalise(np.asarray(db.rows), stats).astype(np.float32), None
-  else:
-    rows, codebook = db.rows, normalise(db.codebook, stats).astype(np.float32)
-  ctx.log("database: %d %s of %s, k=%d; grid %s -> blocks %s; latent std %s",
-          len(rows), "latents" if codebook is None else f"code rows ({rows.dtype})",
-          latent_shape, k, tuple(config.blocks.grid),
-          blk.block_shape(latent_shape, config.blocks.grid), np.round(stats["std"], 3))
-
-  mesh = parallel.make_mesh(config.mesh)
-  rules = config.mesh.logical_axis_rules
-  ckpt_dir = ctx.stage_dir / "checkpoints"
-  mngr = checkpoints.manager(ckpt_dir, t.keep_checkpoints, t.ckpt_every)
-  fns = parts(config, latent_shape)
-  model = fns.model
-  start = 0
-  if mngr.latest_step() is not None:  # resuming: restore straight into the sharded layout
-    like, state_sh = abstract_state(config, model, latent_shape, k, mesh)
-    state, start = checkpoints.restore_latest(mngr, like, ctx.log)
-    if start:
-      ctx.log("resumed from step %d", start)
-  if not start:  # nothing (intact) to resume from
-    _, _, _, state, state_sh = build(config, latent_shape, k, mesh, config.seed)
-  n_params = unet.count_params(state["params"])
-  ctx.log("denoiser (%s): %s parameters", config.model.variant, f"{n_params:,}")
-  print(f"denoiser ({config.model.variant}): {n_params:,} parameters")
-
-  stats_out = {"mean": stats["mean"].tolist(), "std": stats["std"].tolist(),
-               "latent_shape": list(latent_shape), "k": int(k)}
-  if ctx.is_main:
-    wd.atomic_write_json(ctx.stage_dir / "latent_stats.json", stats_out)
-
-  key = parallel.put_replicated(jax.random.PRNGKey(config.seed + 1), mesh)
-  stream = TrainStream(_Rows(len(rows)), t.batch_size, config.seed,
-                       ctx.process_index, ctx.process_count, cache=False)
-  train_call, placed = make_train_call(fns, t.gather, rows, codebook, db.neighbours, stream,
-                                       key, state_sh, mesh, rules)
-  ctx.log("database placement %s: %.1f MiB per device, %.1f MiB in host memory", t.gather,
-          placed["database_bytes_per_device"] / 2**20, placed["database_bytes_host"] / 2**20)
-
-  writer = ctx.writer()
-  bar = ctx.progress(t.steps, start, "diffusion")
-  hints = {f"diffusion.train.{n}": t[n] for n in ("lr", "warmup_steps", "grad_clip", "batch_size")}
-  hints["diffusion.prediction"] = config.diffusion.prediction
-  nan_guard = guard.Guard("diffusion", t, hints, ckpt_dir)
-  window, last, t_first, timed_from = [], {}, None, start
-  first_step_seconds, t_start = 0.0, time.time()
-  crossed = lambda a, b, every: b // max(every, 1) > a // max(every, 1)
-  try:
-    s = start
-    while s < t.steps:
-      # steps_per_call steps per jitted call (the last call may be shorter);
-      # the host looks, logs and saves between calls only, so a multiple of
-      # log_every/ckpt_every inside a call is acted on at the call's end.
-      n = min(t.steps_per_call, t.steps - s)
-      state, m = train_call(state, s, n)
-      window.append(m)
-      nan_guard.add(s + n, m)
-      if s == start:  # the first call compiles: time the rest
-        jax.block_until_ready(m)
-        t_first, timed_from = time.time(), s + n
-        first_step_seconds = t_first - t_start
-      s0, s = s, s + n
-      # The steps since the last look are checked first: a broken state is never saved.
-      if crossed(s0, s, t.ckpt_every):
-        nan_guard.check(mngr.latest_step())
-        checkpoints.save(mngr, s, state, force=True)  # also off the interval's multiples
-      if crossed(s0, s, t.log_every) or s == t.steps:
-        nan_guard.check(mngr.latest_step())
-        last = guard.mean_finite(window)
-        window = []
-        writer.scalars(s, last)
-        ctx.log("step %d/%d: loss %.4f, grad norm %.3f", s, t.steps, last["loss"],
-                last["grad_norm"])
-        bar.set_postfix(loss=f"{last['loss']:.4f}")
-      bar.update(n)
-    jax.block_until_ready(state)
-    elapsed = time.time() - t_first if t_first else 0.0
-    steps_timed = t.steps - timed_from
-    rate = steps_timed / elapsed if elapsed > 0 and steps_timed else 0.0
-    nan_guard.check(mngr.latest_step())
-  except BaseException:
-    checkpoints.abandon(mngr)  # the last good save is finished, not lost
-    raise
-  checkpoints.finish(mngr, t.steps, state)
-  bar.close()
-  writer.close()
-  if not last:  # resumed at the very end: nothing new to report
-    last = {"loss": float("nan")}
-  heldout = heldout_loss(fns.eval_loss, state["ema"], db, stats, rows, codebook)
-  if heldout is not None:
-    ctx.log("held-out loss (EMA weights): %.4f", heldout)
-  return {"loss": last["loss"], "heldout_loss": heldout, "denoiser_params": n_params,
-          "skipped_steps": nan_guard.skipped,
-          "steps_per_sec": rate, "train_images_per_sec": rate * t.batch_size,
-          # The first step: compiling the jitted step, plus one step.
-          "compile_seconds": first_step_seconds,
-          "latent_std": float(np.mean(stats["std"])), "latent_mean": float(np.mean(stats["mean"])),
-          "devices": jax.device_count(), **placed}
-
-
 def make_train_call(fns: Parts, gather: str, rows, codebook, table, stream, key, state_sh,
                     mesh, rules):
   """(call, placement bytes): call(state, s, n) -> (state, metrics) runs steps
@@ -467,27 +355,6 @@ def make_train_call(fns: Parts, gather: str, rows, codebook, table, stream, key,
     return fn(state, key, *parallel.put_batch((db_rows[ids], db_rows[db_nbr[ids]]), mesh, rules),
               db_cb)
   return call, placed
-
-
-def heldout_loss(eval_loss, params, db, stats, rows, codebook=None, batch: int = 64,
-                 seed: int = 1234):
-  """The training loss of `params` on the held-out latents (their neighbours
-  from the database), with fixed noise and timesteps: comparable across
-  variants and runs with the same prediction target. None without held-out items.
-  rows, codebook: the database as training reads it (normalised)."""
-  held = getattr(db, "heldout_latents", None)
-  if held is None or len(held) == 0:
-    return None
-  held = normalise(np.asarray(held, np.float32), stats).astype(np.float32)
-  nbr = np.asarray(db.heldout_neighbours)
-  loss = jax.jit(eval_loss)
-  key, values = jax.random.PRNGKey(seed), []
-  for b, start in enumerate(range(0, len(held), batch)):
-    idx = np.arange(start, start + batch) % len(held)   # static shape; the tail wraps
-    nb = rows[nbr[idx]] if codebook is None else codebook[rows[nbr[idx]].astype(np.int64)]
-    v = loss(params, held[idx], nb, jax.random.fold_in(key, b))
-    values.append(np.asarray(v)[:min(batch, len(held) - start)])
-  return float(np.mean(np.concatenate(values)))
 
 
 # ---------------------------------------------------------------------------
