@@ -3,8 +3,9 @@ classifier, the torch-free weights reader, the JAX Inception against PyTorch
 (skipped without the weights) and the FID command line."""
 from __future__ import annotations
 
-import io
 import contextlib
+import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,7 @@ def stripes(n, seed):
   return np.stack(imgs), labels.astype(np.int32)
 
 
-def test_classifier_learns_and_is_cached(tmp_path):
+def test_classifier_learns_and_is_cached(tmp_path, monkeypatch):
   x, y = stripes(256, 0)
   xh, yh = stripes(64, 1)
   clf = classifier.load_or_train(x, y, tmp_path, steps=40, batch_size=32, heldout=(xh, yh))
@@ -162,6 +163,10 @@ def test_classifier_learns_and_is_cached(tmp_path):
   again = classifier.load_or_train(x, y, tmp_path, steps=40, batch_size=32)
   np.testing.assert_allclose(again.features(xh), clf.features(xh), rtol=1e-5, atol=1e-5)
   assert again.heldout_accuracy == clf.heldout_accuracy
+  # Other numerics (here XLA flags) train another classifier: not the cached one.
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX2")
+  classifier.load_or_train(x, y, tmp_path, steps=40, batch_size=32)
+  assert len(list(tmp_path.glob("classifier_*.msgpack"))) == 2
 
 
 def test_rotation_task_batches_rotate_images_by_their_label():
