@@ -175,6 +175,18 @@ def test_throughput_benchmark_runs():
   assert table.count("\n") == 2 + len(rows) and "sample_ddim" in table
 
 
+def test_throughput_runs_against_old_trees():
+  """With --trees, throughput.py runs against other trees' packages (back to
+  5c3a3a5): at module level it may import nothing of rissole_jax (an import of
+  benchmarks.markdown_table there broke every comparison with older trees)."""
+  import ast
+  from rissole_jax.benchmarks import throughput
+  tree = ast.parse(open(throughput.__file__).read())
+  imported = [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names]
+  imported += [n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module]
+  assert not [m for m in imported if m.split(".")[0] == "rissole_jax"], imported
+
+
 def test_vqgan_step_benchmark_runs():
   """The VQ-GAN step timer (docs/performance.md, "XLA:CPU flags") on the smoke config."""
   from rissole_jax.benchmarks import vqgan_step

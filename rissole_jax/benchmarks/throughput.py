@@ -49,7 +49,8 @@ import time
 
 from absl import app, flags
 
-from rissole_jax.benchmarks import markdown_table
+# No rissole_jax import at module level: with --trees this file runs against
+# other trees' packages (back to 5c3a3a5), which lack newer modules.
 
 _CONFIG = flags.DEFINE_multi_string("config", ["configs/mnist.py"], "Config FILE[:variants].")
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "KEY=VALUE set in every config "
@@ -255,6 +256,7 @@ def config_name(config) -> str:
 # Output.
 
 def markdown(rows: list[dict]) -> str:
+  from rissole_jax.benchmarks import markdown_table
   cols = [("tree", "tree"), ("config", "config"), ("params", "params"), ("program", "program"),
           ("batch", "images"), ("compile_s", "compile s"), ("step_ms", "ms/call"),
           ("images_per_sec", "img/s"), ("ratio", "× first tree"), ("gflop", "GFLOP/call"),
