@@ -15,6 +15,13 @@ discriminator  the discriminator update's loss as train/vqgan.py runs it (the
           discriminator applied to the real and the fake batch separately)
           against one call on both batches concatenated (GroupNorm and the
           convolutions act per image, so the logits are the same).
+step      the whole train step (train/vqgan.make_train_step, not donating,
+          from the same state and batch each call) as the stage runs it,
+          against the same step with the upsampling layers in the phases form
+          (swapped in by a flax method interceptor, so the model code is
+          untouched; the interceptor takes the low-res map back from the
+          upsampled one by a strided slice, which the stage's form would not
+          need, so the gain is if anything understated).
 
 Shapes are the config's (batch vqgan.train.batch_size). Each program runs once
 untimed, then the programs alternate (A B C A B C ...) --calls times; the
@@ -104,6 +111,40 @@ def _discriminator_programs(config):
   return {f: program(f) for f in ("stage", "concatenated")}, (params, real, fake)
 
 
+def _phases_upsampling(next_fun, args, kwargs, context):
+  """A flax interceptor: the decoder's up{level}_sample convs in the phases form."""
+  import re
+
+  import flax.linen as nn
+  m = context.module
+  if not (isinstance(m, nn.Conv) and context.method_name == "__call__"
+          and re.fullmatch(r"up\d+_sample", m.name or "")):
+    return next_fun(*args, **kwargs)
+  low = args[0][:, ::2, ::2]   # the map before the nearest x2 upsampling
+  p = m.variables["params"]
+  return upsample_conv(low, p["kernel"], p["bias"], "phases")
+
+
+def _step_programs(config):
+  import flax.linen as nn
+  import jax
+
+  from rissole_jax.benchmarks import vqgan_step
+  from rissole_jax.models import vqgan as vq
+  from rissole_jax.train import vqgan
+  s = vqgan_step.setup(config)
+  g_tx, d_tx = vqgan.make_optimizers(config)
+  step = vqgan.make_train_step(vq.make_model(config), vq.make_discriminator(config), g_tx, d_tx,
+                               config)
+
+  def phases_step(*args):
+    with nn.intercept_methods(_phases_upsampling):
+      return step(*args)
+  args = (s.state, s.key, s.images)
+  return ({form: jax.jit(f).lower(*args).compile()
+           for form, f in (("stage", step), ("phases upsampling", phases_step))}, args)
+
+
 def _interleaved(progs, args, calls):
   """Median seconds per program, and each one's largest relative difference
   from the first's outputs."""
@@ -146,6 +187,9 @@ def measure(config, calls: int = 20) -> list[dict]:
   for r in _interleaved(progs, args, calls):
     rows.append(dict(r, part=f"discriminator loss+grad, 2x{b} images "
                              f"(disc_ch={v.disc_ch}, layers={v.disc_layers})"))
+  progs, args = _step_programs(config)
+  for r in _interleaved(progs, args, calls):
+    rows.append(dict(r, part=f"train step, {b} images (state and metrics)"))
   return rows
 
 
