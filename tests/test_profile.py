@@ -139,3 +139,35 @@ def test_small_map_benchmark_compares_a_conv_with_the_matmul():
   assert "convolution(" in conv.as_text()
   assert "convolution(" not in matmul.as_text() and "convolution(" not in sliced.as_text()
   assert layers.MATMUL_CONV_MAX_PIXELS == 4   # restored
+
+
+def test_vqgan_lowerings_compute_the_stage_s_functions():
+  """benchmarks/vqgan_lowerings: the sub-pixel forms equal repeat + conv, and
+  swapped into the decoder (its interceptor) they give the decoder's output."""
+  import flax.linen as nn
+  import numpy as np
+
+  from rissole_jax import defaults
+  from rissole_jax.benchmarks import vqgan_lowerings as vl
+  from rissole_jax.models import vqgan as vq
+  rng = np.random.default_rng(0)
+  x, k, b = (rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 4, 5), (3, 3, 5, 6), 6))
+  ref = vl.upsample_conv(x, k, b, "stage")
+  assert ref.shape == (2, 6, 8, 6)
+  for form in ("phases", "wide"):
+    np.testing.assert_allclose(vl.upsample_conv(x, k, b, form), ref, rtol=1e-5, atol=1e-5)
+
+  c = defaults.smoke(defaults.base_config())
+  model = vq.make_model(c)
+  # Random parameters of the model's shapes (model.init takes seconds to run here).
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 1))))
+  params = jax.tree.map(lambda a: 0.2 * rng.standard_normal(a.shape).astype(np.float32), shapes)
+  decode = lambda z: model.apply(params, z, method=vq.VQModel.decode)
+
+  def swapped(z):
+    with nn.intercept_methods(vl._phases_upsampling):
+      return decode(z)
+  z = rng.standard_normal((2, 8, 8, c.vqgan.z_channels)).astype(np.float32)
+  np.testing.assert_allclose(jax.jit(swapped)(z), jax.jit(decode)(z), rtol=1e-4, atol=1e-5)
+  convs = lambda f: str(jax.make_jaxpr(f)(z)).count("conv_general_dilated")
+  assert convs(swapped) == convs(decode) + 3 * (len(c.vqgan.ch_mult) - 1)   # 4 phases for 1

@@ -3,7 +3,7 @@ of the same parameters (equal to float tolerance, checked here), timed
 against the form the stage runs, forward and backward, interleaved:
 
   python -m rissole_jax.benchmarks.vqgan_lowerings --config configs/mnist.py \
-      [--calls 20]
+      [--steps 20]
 
 upsample  the decoder's nearest x2 upsampling + SAME 3x3 conv (`up{level}_sample`)
           as models/vqgan.py writes it (repeat, then the conv at the doubled
@@ -24,7 +24,7 @@ step      the whole train step (train/vqgan.make_train_step, not donating,
           need, so the gain is if anything understated).
 
 Shapes are the config's (batch vqgan.train.batch_size). Each program runs once
-untimed, then the programs alternate (A B C A B C ...) --calls times; the
+untimed, then the programs alternate (A B C A B C ...) --steps times; the
 medians are printed, with the largest relative difference from the stage's
 form over the outputs and gradients.
 """
@@ -33,11 +33,11 @@ from __future__ import annotations
 import statistics
 import time
 
-from absl import app, flags
+from absl import app
 
+# --config, --override and --steps (timed calls of each program) are
+# throughput.py's flags.
 from rissole_jax.benchmarks import markdown_table, throughput
-
-_CALLS = flags.DEFINE_integer("calls", 20, "Timed calls of each program (median).")
 
 # Which low-resolution offset (-1, 0, +1) each of a 3x3 kernel's taps reads,
 # for the even (0) and odd (1) output rows of a nearest x2 upsampling: row
@@ -199,9 +199,9 @@ def main(argv):
   for spec in throughput._CONFIG.value:
     config = throughput.load_config(spec, throughput._OVERRIDE.value)
     load = os.getloadavg()[0]
-    rows = measure(config, _CALLS.value)
+    rows = measure(config, throughput._STEPS.value)
     print(f"{spec}: load average {load:.2f} -> {os.getloadavg()[0]:.2f}, "
-          f"{_CALLS.value} calls each\n")
+          f"{throughput._STEPS.value} calls each\n")
     print(markdown_table(rows, [("part", "part"), ("form", "form"), ("ms", "ms (median)"),
                                 ("ratio", "× stage's"), ("max_rel_diff", "max rel. diff")]))
 
