@@ -194,6 +194,7 @@ def test_vqgan_step_benchmark_runs():
   row = vqgan_step.measure(c, steps=1, warmup=0)
   assert row["batch"] == c.vqgan.train.batch_size
   assert row["step_ms_median"] > 0 and row["images_per_sec"] > 0 and row["first_call_s"] > 0
+  assert row["gan"].startswith("GAN terms on")   # timed past vqgan.disc_start
 
 
 def test_default_xla_flags_never_override_the_users():

@@ -1,18 +1,24 @@
-"""Per-op profile of the denoiser's train step and one sampling step.
+"""Per-op profile of the denoiser's train step and one sampling step, and of
+the VQ-GAN's train step.
 
   python -m rissole_jax.benchmarks.profile --config configs/mnist.py \
       [--config configs/celeba64.py:paper] [--steps 2] [--warmup 1] \
-      [--what train,sample] [--out runs/profile.md | runs/profile.json]
+      [--what train,sample,vqgan] [--out runs/profile.md | runs/profile.json]
 
-Builds the programs as benchmarks/throughput.py does (same synthetic
-database; --override, --sample_batch and --database are its flags), compiles
+Builds the denoiser's programs as benchmarks/throughput.py does (same
+synthetic database; --override, --sample_batch and --database are its flags)
+and the VQ-GAN step as benchmarks/vqgan_step.py does (the stage's jitted step
+on a random batch, its step counter at vqgan.disc_start so the GAN terms act;
+the output says whether they did), compiles
 each, runs --warmup untimed calls, then --steps calls under jax.profiler.trace,
 and gives each op its time from the trace (benchmarks/xplane.py: an op is
 working while its own event or an Eigen pool task it queued runs, on any
 thread; each instant is split evenly between the ops working then). Each op
 is joined with the compiled HLO text: its opcode and fused computation give
 its kind, its `op_name` metadata (jax's name stack, which flax fills with
-module paths) the top-level flax module; an op without metadata (e.g. a
+module paths) the top-level flax module (in the VQ-GAN step, ops under one of
+the step's named scopes, train/vqgan.SCOPES, go to the scope: the
+discriminator runs in three of them); an op without metadata (e.g. a
 weight-gradient convolution XLA made) takes the module of the nearest operand
 that has one. Reported per program (medians over the profiled calls; per op
 too, so an op the OS preempted once, on a shared machine, does not skew it):
@@ -42,10 +48,11 @@ import re
 import statistics
 import tempfile
 import time
+from typing import Any, Callable, Iterator
 
 from absl import app, flags
 
-from rissole_jax.benchmarks import markdown_table, throughput, xplane
+from rissole_jax.benchmarks import markdown_table, throughput, vqgan_step, xplane
 
 # --config, --override, --steps, --warmup, --sample_batch, --database and
 # --compilation_cache are throughput.py's flags (one definition each).
@@ -54,8 +61,9 @@ from rissole_jax.benchmarks import markdown_table, throughput, xplane
 def define_flags() -> None:
   """This CLI's own flags, defined when it runs (not on import: other
   benchmark modules define --out too, and tests import several)."""
-  flags.DEFINE_list("what", ["train", "sample"], "Programs to profile: train (the donating "
-                    "train step), sample (one DDIM step over all blocks).")
+  flags.DEFINE_list("what", ["train", "sample"], "Programs to profile: train (the denoiser's "
+                    "donating train step), sample (one DDIM step over all blocks), vqgan (the "
+                    "VQ-GAN's train step, GAN terms on).")
   flags.DEFINE_string("out", None, "Also write the results here: markdown if the name ends in "
                       ".md, else JSON.")
   flags.DEFINE_integer("top", 10, "Slowest HLO ops listed per program (the JSON lists all).")
@@ -188,20 +196,25 @@ def _conv_macs(attrs: str, out, lhs, rhs) -> float:
   return macs
 
 
-def top_module(op_name: str) -> str | None:
+def top_module(op_name: str, scopes=()) -> str | None:
   """The top-level flax module in jax's name stack, e.g.
   'jit(step)/transpose(jvp(Denoiser))/up1_res0/norm1/mul' -> 'up1_res0';
-  'Denoiser (own ops)' for ops of the root module itself; None outside one."""
+  'Denoiser (own ops)' for ops of the root module itself; None outside one.
+  The innermost of `scopes` (jax named scopes) in the stack comes first:
+  'jit(step)/jvp(gan_loss)/Discriminator/conv1/...' -> 'gan_loss'."""
   if not op_name:
     return None
   if op_name.startswith("state["):   # a copy of the state (donation, optimizer)
     return "(state copies)"
   parts = op_name.split("/")
-  for i, part in enumerate(parts[:-1]):
-    inner = re.sub(r"^(?:\w+\()+|\)+$", "", part)
-    if inner[:1].isupper() and inner.isidentifier():   # a flax module's class name
+  inner = [re.sub(r"^(?:\w+\()+|\)+$", "", p) for p in parts]   # transforms stripped
+  scoped = [p for p in inner[:-1] if p in scopes]
+  if scoped:
+    return scoped[-1]
+  for i, name in enumerate(inner[:-1]):
+    if name[:1].isupper() and name.isidentifier():   # a flax module's class name
       rest = [p for p in parts[i + 1:-1] if "." not in p and "(" not in p]
-      return rest[0] if rest else f"{inner} (own ops)"
+      return rest[0] if rest else f"{name} (own ops)"
   return None
 
 
@@ -212,11 +225,11 @@ def outside_label(op_name: str) -> str:
   return "(outside the model: loss, gather, optimizer, EMA)"
 
 
-def resolve_module(name: str, ops, comps, depth: int = 6) -> tuple[str | None, bool]:
+def resolve_module(name: str, ops, comps, scopes=(), depth: int = 6) -> tuple[str | None, bool]:
   """(module of an op, whether it came from an operand): its own metadata,
   else its fused instructions' most common, else the nearest operand's."""
   op = ops[name]
-  found = [m for i in [op] + _fused(op, ops, comps) if (m := top_module(i.op_name))]
+  found = [m for i in [op] + _fused(op, ops, comps) if (m := top_module(i.op_name, scopes))]
   if found:
     return collections.Counter(found).most_common(1)[0][0], False
   frontier, seen = list(op.operands), {name}
@@ -226,7 +239,7 @@ def resolve_module(name: str, ops, comps, depth: int = 6) -> tuple[str | None, b
       if n in seen or n not in ops:
         continue
       seen.add(n)
-      m = top_module(ops[n].op_name)
+      m = top_module(ops[n].op_name, scopes)
       if m and m != "(state copies)":
         return m, True
       nxt += ops[n].operands
@@ -237,29 +250,60 @@ def resolve_module(name: str, ops, comps, depth: int = 6) -> tuple[str | None, b
 # ---------------------------------------------------------------------------
 # Profiling one program.
 
-def profile_program(name: str, images: int, jitted, args, steps: int, warmup: int,
-                    donate: bool = False, top: int = 10) -> dict:
+@dataclasses.dataclass
+class Program:
+  name: str
+  model: str                # what it runs, for the output
+  params: int
+  images: int
+  jitted: Any
+  args: tuple
+  donate: bool = False      # args[0] is donated: each call gets the last call's out[0]
+  scopes: tuple = ()        # named scopes that group ops before modules (top_module)
+  status: Callable | None = None   # the last call's output -> a line for the output
+
+
+def programs(config, what, sample_batch: int = 0, n_db: int = 2048) -> Iterator[Program]:
+  """The programs asked for, each built when the one before has been profiled."""
+  if {"train", "sample"} & set(what):
+    s = throughput.setup(config, sample_batch, n_db)
+    model, params = s.base["config"], s.base["params"]
+    if "train" in what:
+      yield Program("train", model, params, s.batch, *throughput.train_program(s), donate=True)
+      s.state = None   # donated
+    if "sample" in what:
+      yield Program("sample_step", model, params, s.sample_batch, *throughput.sample_program(s, 1))
+  if "vqgan" in what:
+    from rissole_jax.train.vqgan import SCOPES
+    v = vqgan_step.setup(config)
+    yield Program("vqgan_train", vqgan_step.config_name(config), v.params, v.batch,
+                  v.trainer.step, (v.state, v.key, v.images), donate=True, scopes=SCOPES,
+                  status=lambda out: vqgan_step.gan_status(config, out[1]))
+
+
+def profile_program(p: Program, steps: int, warmup: int, top: int = 10) -> dict:
   """Compiles, warms up and profiles `steps` calls; the result's tables are
   shares of op time."""
   import jax
-  compiled = jitted.lower(*args).compile()
+  compiled = p.jitted.lower(*p.args).compile()
   module, ops, comps = parse_hlo(compiled.as_text())
 
   def timed_calls(n, args):
-    """n calls' wall seconds; a donating program's state goes around."""
-    walls = []
+    """n calls' wall seconds, the last output; a donating program's state goes around."""
+    walls, out = [], None
     for _ in range(n):
       t0 = time.perf_counter()
       out = jax.block_until_ready(compiled(*args))
       walls.append(time.perf_counter() - t0)
-      if donate:
+      if p.donate:
         args = (out[0],) + tuple(args[1:])
-    return walls, args
+    return walls, args, out
 
-  untraced, args = timed_calls(warmup, args)
+  untraced, args, _ = timed_calls(warmup, p.args)
+  p.args = None   # a donated state is invalid after its call
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
-      walls, args = timed_calls(steps, args)
+      walls, args, out = timed_calls(steps, args)
     files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
     if not files:
       raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {d}")
@@ -287,7 +331,7 @@ def profile_program(name: str, images: int, jitted, args, steps: int, warmup: in
     if op is None:   # an op of a computation the text did not show
       kind, mod, via, flops, stack = "other", None, False, 0.0, ""
     else:
-      kind, (mod, via) = op_kind(op, ops, comps), resolve_module(n, ops, comps)
+      kind, (mod, via) = op_kind(op, ops, comps), resolve_module(n, ops, comps, p.scopes)
       flops = op_flops(op, ops, comps)
       stack = op.op_name or next((i.op_name for i in _fused(op, ops, comps) if i.op_name), "")
     mod = mod or outside_label(stack)
@@ -310,7 +354,10 @@ def profile_program(name: str, images: int, jitted, args, steps: int, warmup: in
             "ops": v["ops"], "gflop_per_call": v["flops"] / 1e9 if v["flops"] else None,
             "gflops_per_sec": v["flops"] / v["us"] / 1e3 if v["flops"] and v["us"] else None}
            for k, v in by_kind.items() if v["us"]]
-  return {"program": name, "images": images, "calls": runs, "hlo_ops": len(own),
+  return {"program": p.name, "model": p.model, "params": p.params, "images": p.images,
+          "status": p.status(out) if p.status else None,
+          "conditionals": sum(op.opcode == "conditional" for op in ops.values()),
+          "calls": runs, "hlo_ops": len(own),
           "wall_ms": statistics.median(walls) * 1e3,
           "untraced_ms": statistics.median(untraced) * 1e3 if untraced else None,
           "busy_ms": statistics.median(c["busy"] for c in calls) / 1e9,
@@ -321,31 +368,37 @@ def profile_program(name: str, images: int, jitted, args, steps: int, warmup: in
           "ops": sorted(listed, key=lambda r: -r["share"])}
 
 
+WHAT = ("train", "sample", "vqgan")
+
+
 def profile(config, what=("train", "sample"), steps: int = 2, warmup: int = 1,
             sample_batch: int = 0, n_db: int = 2048, top: int = 10,
             compilation_cache: bool = False) -> dict:
   """The profiles of a config's programs (see the module doc)."""
   import jax
-  unknown = set(what) - {"train", "sample"}
+  unknown = set(what) - set(WHAT)
   if unknown:
     from rissole_jax.errors import ConfigError
-    raise ConfigError(f"--what {','.join(sorted(unknown))}: the programs are train and sample")
-  was = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", compilation_cache and was)
+    raise ConfigError(f"--what {','.join(sorted(unknown))}: the programs are "
+                      f"{', '.join(WHAT)}")
+  # A cached executable keeps the op metadata (name stacks) of the program it
+  # was compiled from, which jax leaves out of the cache key by default: a
+  # program that differs only in its named scopes would show stale modules.
+  settings = {"jax_enable_compilation_cache":
+              compilation_cache and jax.config.jax_enable_compilation_cache,
+              "jax_compilation_cache_include_metadata_in_key": True}
+  was = {k: getattr(jax.config, k) for k in settings}
   try:
-    s = throughput.setup(config, sample_batch, n_db)
-    result = dict(s.base, programs=[])
-    if "train" in what:
-      result["programs"].append(profile_program(
-          "train", s.batch, *throughput.train_program(s), steps, warmup, donate=True, top=top))
-      s.state = None
-    if "sample" in what:
-      result["programs"].append(profile_program(
-          "sample_step", s.sample_batch, *throughput.sample_program(s, 1), steps, warmup,
-          top=top))
+    for k, value in settings.items():
+      jax.config.update(k, value)
+    profiled = [profile_program(p, steps, warmup, top)
+                for p in programs(config, what, sample_batch, n_db)]
   finally:
-    jax.config.update("jax_enable_compilation_cache", was)
-  return result
+    for k, value in was.items():
+      jax.config.update(k, value)
+  dev = jax.devices()[0]
+  return {"platform": jax.default_backend(), "device_kind": dev.device_kind,
+          "programs": profiled}
 
 
 # ---------------------------------------------------------------------------
@@ -355,7 +408,12 @@ def markdown(result: dict) -> str:
   def pct(rows, keys):
     return [dict(r, **{k: f"{100 * r[k]:.1f}%" for k in keys}) for r in rows]
 
-  out = [f"### {result['config']} ({result['params']:,} parameters)\n"]
+  out = [f"### {result.get('spec', '')} ({result['device_kind']})\n\n"]
+  for p in result["programs"]:
+    notes = [f"{p['params']:,} parameters", f"{p['conditionals']} conditionals"]
+    out.append(f"- **{p['program']}**: {p['model']} ({', '.join(notes)})"
+               + (f"; {p['status']}" if p["status"] else "") + "\n")
+  out.append("\n")
   summary = [dict(p, host_share=None if p["host_share"] is None
                   else f"{100 * p['host_share']:.1f}%",
                   gflops=p["xla_gflop"] / p["wall_ms"] * 1e3) for p in result["programs"]]

@@ -31,6 +31,13 @@ from rissole_jax.train import checkpoints, guard, optim
 # ---------------------------------------------------------------------------
 # Losses and the train step.
 
+# The step's parts besides the generator's modules, as jax named scopes: op
+# metadata only (the compiled arithmetic is the same); benchmarks/profile.py
+# groups the step's ops by them.
+SCOPES = ("gan_loss", "adaptive_weight", "discriminator_update", "optimizer", "codebook_ema",
+          "metrics_and_guard")
+
+
 def init_fn(model, disc, g_tx, d_tx, config):
   """key -> the train state (boxed with logical axes, for parallel.sharded_init)."""
   v, size, ch = config.vqgan, config.data.image_size, config.data.channels
@@ -51,15 +58,17 @@ def generator_loss(model, disc, v):
   last = vq.last_layer(model.out_channels)
 
   def gan_terms(x, x_rec, feats, last_params, d_params):
-    g_loss = vq.hinge_g_loss(disc.apply({"params": d_params}, x_rec))
+    with jax.named_scope("gan_loss"):
+      g_loss = vq.hinge_g_loss(disc.apply({"params": d_params}, x_rec))
     # Adaptive weight: gradients of both losses w.r.t. the last layer's kernel.
     # Its inputs are cut from the outer gradient (the weight is a constant there).
-    feats, last_params = jax.lax.stop_gradient((feats, last_params))
-    out = lambda k: last.apply({"params": {**last_params, "kernel": k}}, feats)
-    rec = lambda k: vq.reconstruction_loss(x, out(k), v.l1_weight, v.l2_weight)[0]
-    gan = lambda k: vq.hinge_g_loss(disc.apply({"params": d_params}, out(k)))
-    w = vq.adaptive_weight(jax.grad(rec)(last_params["kernel"]),
-                           jax.grad(gan)(last_params["kernel"]), v.disc_weight)
+    with jax.named_scope("adaptive_weight"):
+      feats, last_params = jax.lax.stop_gradient((feats, last_params))
+      out = lambda k: last.apply({"params": {**last_params, "kernel": k}}, feats)
+      rec = lambda k: vq.reconstruction_loss(x, out(k), v.l1_weight, v.l2_weight)[0]
+      gan = lambda k: vq.hinge_g_loss(disc.apply({"params": d_params}, out(k)))
+      w = vq.adaptive_weight(jax.grad(rec)(last_params["kernel"]),
+                             jax.grad(gan)(last_params["kernel"]), v.disc_weight)
     return g_loss, w
 
   def loss(g_params, d_params, x, gan_on):
@@ -113,32 +122,38 @@ def make_train_step(model, disc, g_tx, d_tx, config):
     gan_on = state["step"] >= v.disc_start
     (loss, aux), g_grads = jax.value_and_grad(g_loss, has_aux=True)(
         state["g_params"], state["d_params"], images, gan_on)
-    d_g, d_metrics = d_grads(state["d_params"], images, jax.lax.stop_gradient(aux["x_rec"]), gan_on)
+    with jax.named_scope("discriminator_update"):
+      d_g, d_metrics = d_grads(state["d_params"], images, jax.lax.stop_gradient(aux["x_rec"]),
+                               gan_on)
 
-    updates, g_opt = g_tx.update(g_grads, state["g_opt"], state["g_params"])
-    g_params = optax.apply_updates(state["g_params"], updates)
-    updates, d_opt = d_tx.update(d_g, state["d_opt"], state["d_params"])
-    d_params = optax.apply_updates(state["d_params"], updates)
+    with jax.named_scope("optimizer"):
+      updates, g_opt = g_tx.update(g_grads, state["g_opt"], state["g_params"])
+      g_params = optax.apply_updates(state["g_params"], updates)
+      updates, d_opt = d_tx.update(d_g, state["d_opt"], state["d_params"])
+      d_params = optax.apply_updates(state["d_params"], updates)
 
     # The codebook follows the EMA of its assigned encoder outputs, not the optimizer.
-    z = jax.lax.stop_gradient(aux["z_e"]).reshape(-1, v.z_channels)
-    ema, codebook = vq.ema_update(state["ema"], z, aux["indices"].reshape(-1), v.ema_decay)
-    ema, codebook, restarted = vq.restart_dead_codes(ema, codebook, z, v.dead_code_threshold, key)
+    with jax.named_scope("codebook_ema"):
+      z = jax.lax.stop_gradient(aux["z_e"]).reshape(-1, v.z_channels)
+      ema, codebook = vq.ema_update(state["ema"], z, aux["indices"].reshape(-1), v.ema_decay)
+      ema, codebook, restarted = vq.restart_dead_codes(ema, codebook, z, v.dead_code_threshold,
+                                                       key)
     g_params = {**g_params, "quantizer": {**g_params["quantizer"], "codebook": codebook}}
 
     new = {"step": state["step"] + 1, "g_params": g_params, "d_params": d_params,
            "g_opt": g_opt, "d_opt": d_opt, "ema": ema}
-    stats = code_stats(aux["indices"], v.codebook_size)
-    metrics = {"loss": loss, "rec_loss": aux["rec_loss"], "l1": aux["l1"], "l2": aux["l2"],
-               "commit_loss": aux["commit_loss"], "gan_g_loss": aux["gan_g_loss"],
-               "d_weight": aux["d_weight"], **d_metrics,
-               "batch_usage": stats["usage"], "batch_perplexity": stats["perplexity"],
-               "restarted": restarted, "g_grad_norm": optax.tree.norm(g_grads),
-               "d_grad_norm": optax.tree.norm(d_g)}
-    # The losses, both gradient norms and everything the step updated.
-    checked = (loss, d_metrics["d_loss"], metrics["g_grad_norm"], metrics["d_grad_norm"],
-               g_params, d_params, ema)
-    return guard.finite_step(v.train.nan_policy, state, new, metrics, *checked)
+    with jax.named_scope("metrics_and_guard"):
+      stats = code_stats(aux["indices"], v.codebook_size)
+      metrics = {"loss": loss, "rec_loss": aux["rec_loss"], "l1": aux["l1"], "l2": aux["l2"],
+                 "commit_loss": aux["commit_loss"], "gan_g_loss": aux["gan_g_loss"],
+                 "d_weight": aux["d_weight"], **d_metrics,
+                 "batch_usage": stats["usage"], "batch_perplexity": stats["perplexity"],
+                 "restarted": restarted, "g_grad_norm": optax.tree.norm(g_grads),
+                 "d_grad_norm": optax.tree.norm(d_g)}
+      # The losses, both gradient norms and everything the step updated.
+      checked = (loss, d_metrics["d_loss"], metrics["g_grad_norm"], metrics["d_grad_norm"],
+                 g_params, d_params, ema)
+      return guard.finite_step(v.train.nan_policy, state, new, metrics, *checked)
   return step
 
 
