@@ -176,6 +176,12 @@ def base_config() -> mlc.ConfigDict:
   # XLA:CPU the scanned step ran 5.6x slower (8 per call: 3.6 against 20.4
   # images/s, benchmarks/variants.py); for accelerators, where dispatch counts.
   t.steps_per_call = 1
+  # The steps of a call written out one after another (lax.scan unroll=True)
+  # instead of a loop. XLA:CPU runs the loop's backward convolutions as
+  # generic loops; unrolled, 4 per call train 1.19x the images/s of one per
+  # call (compile 36 s against 12 s; docs/performance.md). The program grows
+  # with steps_per_call: keep that small (2-8) when this is on.
+  t.unroll_steps = False
 
   # ---- sampling and evaluation ----------------------------------------------
   c.sample = s = mlc.ConfigDict()

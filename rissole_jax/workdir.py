@@ -86,6 +86,7 @@ INERT = {
     "model.share_weights": True,
     "model.dtype": "float32",
     "diffusion.train.steps_per_call": 1,
+    "diffusion.train.unroll_steps": False,
     "retrieval.reduce": "auto",               # the reduced embedding by size
     "retrieval.reduce_dim": 256,
     "retrieval.reduce_above_mb": 4096,

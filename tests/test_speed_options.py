@@ -152,9 +152,12 @@ def test_speed_option_config_errors():
     dif.check_config(c, SHAPE)
 
 
-def test_several_steps_per_call_equal_single_steps(init_state):
-  """lax.scan over 3 steps in one call: the state of 3 calls of one step."""
+@pytest.mark.parametrize("unroll", [False, True])
+def test_several_steps_per_call_equal_single_steps(init_state, unroll):
+  """lax.scan over 3 steps in one call, as a loop or written out
+  (diffusion.train.unroll_steps): the state of 3 calls of one step."""
   c, state = tiny(), init_state
+  c.diffusion.train.unroll_steps = unroll
   lat, nbr = database()
   p, key = dif.parts(c, SHAPE), jax.random.PRNGKey(1)
   ids = [(np.arange(BATCH) + BATCH * i) % N_DB for i in range(3)]
@@ -164,10 +167,16 @@ def test_several_steps_per_call_equal_single_steps(init_state):
   for i in ids:
     s1, m = one(s1, key, lat, nbr, i)
     losses.append(float(m["loss"]))
-  s3, m3 = jax.jit(p.gather_steps)(state, key, lat, nbr, np.stack(ids, 1))
+  many = jax.jit(p.gather_steps)
+  s3, m3 = many(state, key, lat, nbr, np.stack(ids, 1))
   assert m3["loss"].shape == (3,) and int(s3["step"]) == 3
   np.testing.assert_allclose(np.asarray(m3["loss"]), losses, rtol=1e-5)
   close(s1, s3)
+  # Unrolled, the call holds the step's own loops three times and no loop
+  # over the steps; otherwise one loop around one copy of the step.
+  loops = lambda fn, *a: fn.lower(state, key, lat, nbr, *a).compile().as_text().count(" while(")
+  per_step = loops(one, ids[0])
+  assert loops(many, np.stack(ids, 1)) == (3 * per_step if unroll else per_step + 1)
 
 
 def test_bfloat16_compute_keeps_float32_state(init_state):

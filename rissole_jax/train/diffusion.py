@@ -199,22 +199,23 @@ def device_gather_step(step, take=_take):
   return gstep
 
 
-def scan_steps(step, gather: bool):
+def scan_steps(step, gather: bool, unroll: bool = False):
   """Several steps in one call (lax.scan; diffusion.train.steps_per_call) of
   `step` (a gather step or a host-batch step). The batch inputs carry the
   steps on axis 1, batch-major ((B, N) ids, or (B, N, ...) rows), so they
   shard over the batch as one step's do; metrics come back as (N,) arrays.
-  Each step folds its own counter into the key: N steps per call are N steps."""
+  Each step folds its own counter into the key: N steps per call are N steps.
+  unroll (diffusion.train.unroll_steps): the steps written out, no loop."""
   steps_first = lambda a: jnp.swapaxes(a, 0, 1)
   if gather:
     def gathered(state, key, rows, table, ids, codebook=None):
       return jax.lax.scan(lambda s, i: step(s, key, rows, table, i, codebook), state,
-                          steps_first(ids))
+                          steps_first(ids), unroll=unroll)
     return gathered
 
   def host(state, key, z0, nb, codebook=None):
     return jax.lax.scan(lambda s, b: step(s, key, *b, codebook), state,
-                        (steps_first(z0), steps_first(nb)))
+                        (steps_first(z0), steps_first(nb)), unroll=unroll)
   return host
 
 
@@ -270,6 +271,7 @@ class Parts:
   eval_loss: object     # (params, z0, nb, key) -> per-image loss, no condition dropout
   steps: object         # host_step over several steps: z0, nb rows (B, N, ...) (scan_steps)
   gather_steps: object  # gather_step over several: ids (B, N)
+  unroll: bool = False  # the scanned steps written out (diffusion.train.unroll_steps)
 
 
 _PARTS: dict = {}
@@ -289,8 +291,10 @@ def parts(config, latent_shape) -> Parts:
     if len(_PARTS) >= 4:
       _PARTS.pop(next(iter(_PARTS)))
     gstep, hstep = device_gather_step(step), host_gather_step(step)
+    unroll = bool(config.diffusion.train.unroll_steps)
     _PARTS[key] = Parts(model, schedule, tx, step, gstep, hstep, eval_loss,
-                        scan_steps(hstep, gather=False), scan_steps(gstep, gather=True))
+                        scan_steps(hstep, gather=False, unroll=unroll),
+                        scan_steps(gstep, gather=True, unroll=unroll), unroll)
   return _PARTS[key]
 
 
@@ -333,7 +337,8 @@ def make_train_call(fns: Parts, gather: str, rows, codebook, table, stream, key,
   if gather in ("device", "sharded"):
     one = (fns.gather_step if gather == "device"
            else device_gather_step(fns.step, parallel.take_sharded(mesh)))
-    many = fns.gather_steps if gather == "device" else scan_steps(one, gather=True)
+    many = (fns.gather_steps if gather == "device"
+            else scan_steps(one, gather=True, unroll=fns.unroll))
     jit = lambda fn, ids_nd: jax.jit(
         fn, donate_argnums=(0,), out_shardings=(state_sh, repl),
         in_shardings=(state_sh, repl, db_rows.sharding, db_nbr.sharding, bs(ids_nd), cb_sh))
