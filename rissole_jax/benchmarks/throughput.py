@@ -185,7 +185,8 @@ def setup(config, sample_batch: int = 0, n_db: int = 2048) -> Setup:
   nb = latents[table[rng.integers(0, n_db, sample_batch)]]
   base = {"config": config_name(config), "platform": jax.default_backend(),
           "device_kind": dev.device_kind, "params": unet.count_params(state["params"]),
-          "latent_shape": list(latent_shape), "k": k}
+          "latent_shape": list(latent_shape), "k": k,
+          "dtype": config.model.get("dtype", "float32")}
   ema = jax.tree.map(lambda x: x.copy(), state["ema"])
   return Setup(config, fns, state, ema, latents, table, ids, nb, jax.random.PRNGKey(1),
                batch, sample_batch, base)
@@ -222,7 +223,7 @@ def _known_peak(kind: str, dtype: str) -> float:
 
 def _measure(config, steps, warmup, sample_batch, sample_steps, n_db, peak_tflops):
   s = setup(config, sample_batch, n_db)
-  peak = peak_tflops or _known_peak(s.base["device_kind"], config.model.get("dtype", "float32"))
+  peak = peak_tflops or _known_peak(s.base["device_kind"], s.base["dtype"])
 
   def row(program, images, jitted, args, donate=False, flops=None):
     t0 = time.perf_counter()
@@ -233,7 +234,7 @@ def _measure(config, steps, warmup, sample_batch, sample_steps, n_db, peak_tflop
     r = dict(s.base, program=program, batch=images, compile_s=compile_s, step_s=step_s,
              images_per_sec=images / step_s, flops=flops, flops_per_sec=flops / step_s)
     if peak:
-      r["peak_fraction"] = flops / step_s / (peak * 1e12)
+      r.update(peak_tflops=peak, peak_fraction=flops / step_s / (peak * 1e12))
     return r
 
   rows = [row("train", s.batch, *train_program(s), donate=True)]
@@ -257,7 +258,8 @@ def config_name(config) -> str:
 
 def markdown(rows: list[dict]) -> str:
   from rissole_jax.benchmarks import markdown_table
-  cols = [("tree", "tree"), ("config", "config"), ("params", "params"), ("program", "program"),
+  cols = [("tree", "tree"), ("config", "config"), ("dtype", "dtype"), ("params", "params"),
+          ("program", "program"),
           ("batch", "images"), ("compile_s", "compile s"), ("step_ms", "ms/call"),
           ("images_per_sec", "img/s"), ("ratio", "× first tree"), ("gflop", "GFLOP/call"),
           ("gflops", "GFLOP/s"), ("peak_fraction", "of peak")]
