@@ -82,6 +82,7 @@ main() {
           --format=csv
     fi
     "$PYTHON" - <<'EOF'
+import os
 import sys
 from importlib import metadata
 import jax
@@ -95,6 +96,8 @@ for d in ("jax", "jaxlib", "jax-cuda13-plugin", "flax", "optax", "orbax-checkpoi
 print("backend", jax.default_backend(), "devices", jax.devices())
 print("device_kind", jax.devices()[0].device_kind)
 print("jax_default_matmul_precision", jax.config.jax_default_matmul_precision)
+if os.environ.get("RISSOLE_BENCH_DRY") != "1" and jax.default_backend() != "gpu":
+  sys.exit(f"no GPU: jax runs on {jax.default_backend()} (is the CUDA plugin installed?)")
 EOF
   } 2>&1 | tee "$OUT/env.txt" || return 1
 
