@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Paper-scale throughput (img/s, MFU) in float32 and bfloat16 on a lent GPU,
-# in one call of the device tool (issue 14). Prepared and dry-run on CPU; see
-# docs/performance.md ("Accelerator figures").
+# in one call of the device tool (issue 14); docs/performance.md, "On a lent
+# GPU". Dry-run on CPU under jax 0.10.2 (Python 3.11) and 0.11.2 (3.12, the
+# device image's jax) with the wheel as the only ml_collections.
 #
 # Once, here, in the root of the checkout that the device tool sends:
 #   bash launch/device_wheels.sh          # .whl/: ml_collections, ~80 KB
@@ -13,7 +14,8 @@
 #
 # Steps, each a fresh process (a run killed at the budget loses only itself):
 #   0. install .whl/*.whl into $SITE (the device README's command), print
-#      nvidia-smi -L and the jax/flax/optax/orbax versions and devices;
+#      nvidia-smi -L and the jax/flax/optax/orbax versions and devices into
+#      env.txt; stop unless jax runs on a GPU;
 #   1. a smoke-sized run on the device: stops here, in seconds, when the
 #      environment is broken (fix, then rerun within the lease);
 #   2. configs/celeba64.py:paper (model.ch=256, 48M parameters), float32;
@@ -27,8 +29,9 @@
 #
 # Environment: OUT (default ./device_out), BUDGET_S (400), MIN_LEFT_S (90),
 # STEPS (10), WARMUP (2), SAMPLE_STEPS (20), PYTHON (python3), SITE
-# (/tmp/site), RISSOLE_BENCH_DRY=1: a CPU dry run (smoke-sized configs, 1
-# step, no nvidia-smi) that tests/test_launch.py runs.
+# (/tmp/site), RISSOLE_BENCH_DRY=1: a dry run on any machine (smoke-sized
+# configs, 1 step, no nvidia-smi; ~80 s on a 2-core CPU):
+#   RISSOLE_BENCH_DRY=1 OUT=/tmp/out SITE=/tmp/site bash launch/accelerator_bench.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device_out}"

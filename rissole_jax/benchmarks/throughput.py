@@ -11,12 +11,13 @@ every config) it reports, on whatever device JAX finds first:
   sample_step   one DDIM step over all blocks of --sample_batch images (0: the
                 train batch), with the per-row noise the sampler draws;
   sample_ddim   a whole DDIM sample of --sample_steps steps (one jitted call).
-Each row: compile seconds (lower + compile; the persistent compilation cache
-is off here), the median of --steps calls (each blocked until ready, after
---warmup untimed ones), images/s, the FLOPs XLA's cost analysis counts for
-the program (a sampling loop's body counts once, so sample_ddim's FLOPs are
-sample_step's times the steps), achieved FLOP/s and, where the device's peak
-is known (benchmarks/parallel.py's table, or --peak_tflops), the fraction of it.
+Each row: the compute dtype (model.dtype), compile seconds (lower + compile;
+the persistent compilation cache is off here), the median of --steps calls
+(each blocked until ready, after --warmup untimed ones), images/s, the FLOPs
+XLA's cost analysis counts for the program (a sampling loop's body counts
+once, so sample_ddim's FLOPs are sample_step's times the steps), achieved
+FLOP/s and, where the device's peak for the dtype is known (benchmarks/peaks.py,
+or --peak_tflops), that peak and the fraction of it.
 
 The database is synthetic (Gaussian latents of the config's latent shape and
 a random neighbour table): timings do not depend on the values, and no data
