@@ -99,6 +99,11 @@ for d in ("jax", "jaxlib", "jax-cuda13-plugin", "flax", "optax", "orbax-checkpoi
 print("backend", jax.default_backend(), "devices", jax.devices())
 print("device_kind", jax.devices()[0].device_kind)
 print("jax_default_matmul_precision", jax.config.jax_default_matmul_precision)
+try:
+  import ml_collections  # noqa: F401
+except ImportError:
+  sys.exit("no ml_collections: run `bash launch/device_wheels.sh` in the checkout and "
+           "carry .whl (run(..., carry=[\".whl\"]))")
 if os.environ.get("RISSOLE_BENCH_DRY") != "1" and jax.default_backend() != "gpu":
   sys.exit(f"no GPU: jax runs on {jax.default_backend()} (is the CUDA plugin installed?)")
 EOF
