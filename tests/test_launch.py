@@ -1,7 +1,9 @@
 """The launch scripts' dry runs print well-formed commands."""
+import json
 import os
 import shlex
 import subprocess
+import sys
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -55,3 +57,37 @@ def test_multihost_dry_run():
   one = _dry("multihost.sh", "--num-processes", "2", "--process-id", "1",
              "--coordinator", "10.0.0.1:1234", "--workdir", "/w")
   assert len(one) == 1 and one[0][one[0].index("--coordinator_address") + 1] == "10.0.0.1:1234"
+
+
+def test_accelerator_scripts_parse():
+  for script in ("accelerator_bench.sh", "device_wheels.sh"):
+    subprocess.run(["bash", "-n", os.path.join(ROOT, "launch", script)], check=True)
+
+
+# What the lent GPU machine's image lacks of setup.py's install_requires (its
+# package list: /work/.library/device/KINDS.md); ml_collections travels as a
+# wheel (launch/device_wheels.sh), these do not.
+NOT_ON_DEVICE = {"tensorflow_datasets", "tensorflow", "array_record", "importlib_resources",
+                 "scann", "mlxtend", "tensorboardX", "qwix"}
+
+_TRACE = """
+import json, sys
+from rissole_jax import workdir  # --json
+from rissole_jax.benchmarks import throughput
+s = throughput.setup(throughput.load_config("configs/celeba64.py:paper,smoke"), n_db=16)
+for jitted, args in (throughput.train_program(s), throughput.sample_program(s, 2)):
+  jitted.lower(*args)   # traced: every import the programs' code makes (no compile)
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
+"""
+
+
+def test_throughput_imports_only_what_the_device_has():
+  """launch/accelerator_bench.sh runs the throughput benchmark on a machine
+  whose image has jax, flax, optax, orbax... but none of NOT_ON_DEVICE: the
+  benchmark's setup and programs (paper config file, smoke-sized) must not
+  import them."""
+  out = subprocess.run([sys.executable, "-c", _TRACE], cwd=ROOT, capture_output=True,
+                       text=True, check=True).stdout
+  modules = set(json.loads(out.strip().splitlines()[-1]))
+  assert {"jax", "flax", "optax", "orbax", "ml_collections", "rissole_jax"} <= modules
+  assert not modules & NOT_ON_DEVICE, modules & NOT_ON_DEVICE

@@ -158,6 +158,10 @@ def test_bfloat16_mfu_uses_the_bfloat16_peak():
   assert peaks.peak_tflops("NVIDIA H200", "bfloat16") == 2 * peaks.peak_tflops("NVIDIA H200")
   assert throughput._known_peak("TPU v4", "bfloat16") == peaks.peak_tflops("TPU v4")
   assert throughput._known_peak("cpu", "bfloat16") == 0.0
+  # A PCIe card's lower peak, not the SXM one's whose name it contains.
+  for dtype in ("float32", "bfloat16"):
+    assert 0 < peaks.peak_tflops("NVIDIA H100 PCIe", dtype) < peaks.peak_tflops(
+        "NVIDIA H100 80GB HBM3", dtype)
 
 
 def test_throughput_benchmark_runs():
@@ -170,6 +174,7 @@ def test_throughput_benchmark_runs():
   assert [r["program"] for r in rows] == list(throughput.PROGRAMS)
   for r in rows:
     assert r["images_per_sec"] > 0 and r["flops"] > 0 and r["compile_s"] > 0
+    assert r["dtype"] == "float32"
   assert rows[2]["flops"] == pytest.approx(2 * rows[1]["flops"])
   table = throughput.markdown(rows)
   assert table.count("\n") == 2 + len(rows) and "sample_ddim" in table

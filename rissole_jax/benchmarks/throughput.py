@@ -11,12 +11,13 @@ every config) it reports, on whatever device JAX finds first:
   sample_step   one DDIM step over all blocks of --sample_batch images (0: the
                 train batch), with the per-row noise the sampler draws;
   sample_ddim   a whole DDIM sample of --sample_steps steps (one jitted call).
-Each row: compile seconds (lower + compile; the persistent compilation cache
-is off here), the median of --steps calls (each blocked until ready, after
---warmup untimed ones), images/s, the FLOPs XLA's cost analysis counts for
-the program (a sampling loop's body counts once, so sample_ddim's FLOPs are
-sample_step's times the steps), achieved FLOP/s and, where the device's peak
-is known (benchmarks/parallel.py's table, or --peak_tflops), the fraction of it.
+Each row: the compute dtype (model.dtype), compile seconds (lower + compile;
+the persistent compilation cache is off here), the median of --steps calls
+(each blocked until ready, after --warmup untimed ones), images/s, the FLOPs
+XLA's cost analysis counts for the program (a sampling loop's body counts
+once, so sample_ddim's FLOPs are sample_step's times the steps), achieved
+FLOP/s and, where the device's peak for the dtype is known (benchmarks/peaks.py,
+or --peak_tflops), that peak and the fraction of it.
 
 The database is synthetic (Gaussian latents of the config's latent shape and
 a random neighbour table): timings do not depend on the values, and no data
@@ -185,7 +186,8 @@ def setup(config, sample_batch: int = 0, n_db: int = 2048) -> Setup:
   nb = latents[table[rng.integers(0, n_db, sample_batch)]]
   base = {"config": config_name(config), "platform": jax.default_backend(),
           "device_kind": dev.device_kind, "params": unet.count_params(state["params"]),
-          "latent_shape": list(latent_shape), "k": k}
+          "latent_shape": list(latent_shape), "k": k,
+          "dtype": config.model.get("dtype", "float32")}
   ema = jax.tree.map(lambda x: x.copy(), state["ema"])
   return Setup(config, fns, state, ema, latents, table, ids, nb, jax.random.PRNGKey(1),
                batch, sample_batch, base)
@@ -222,7 +224,7 @@ def _known_peak(kind: str, dtype: str) -> float:
 
 def _measure(config, steps, warmup, sample_batch, sample_steps, n_db, peak_tflops):
   s = setup(config, sample_batch, n_db)
-  peak = peak_tflops or _known_peak(s.base["device_kind"], config.model.get("dtype", "float32"))
+  peak = peak_tflops or _known_peak(s.base["device_kind"], s.base["dtype"])
 
   def row(program, images, jitted, args, donate=False, flops=None):
     t0 = time.perf_counter()
@@ -233,7 +235,7 @@ def _measure(config, steps, warmup, sample_batch, sample_steps, n_db, peak_tflop
     r = dict(s.base, program=program, batch=images, compile_s=compile_s, step_s=step_s,
              images_per_sec=images / step_s, flops=flops, flops_per_sec=flops / step_s)
     if peak:
-      r["peak_fraction"] = flops / step_s / (peak * 1e12)
+      r.update(peak_tflops=peak, peak_fraction=flops / step_s / (peak * 1e12))
     return r
 
   rows = [row("train", s.batch, *train_program(s), donate=True)]
@@ -257,7 +259,8 @@ def config_name(config) -> str:
 
 def markdown(rows: list[dict]) -> str:
   from rissole_jax.benchmarks import markdown_table
-  cols = [("tree", "tree"), ("config", "config"), ("params", "params"), ("program", "program"),
+  cols = [("tree", "tree"), ("config", "config"), ("dtype", "dtype"), ("params", "params"),
+          ("program", "program"),
           ("batch", "images"), ("compile_s", "compile s"), ("step_ms", "ms/call"),
           ("images_per_sec", "img/s"), ("ratio", "× first tree"), ("gflop", "GFLOP/call"),
           ("gflops", "GFLOP/s"), ("peak_fraction", "of peak")]
