@@ -32,7 +32,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rissole_jax.benchmarks import markdown_table
-from rissole_jax.benchmarks.peaks import PEAK_TFLOPS
+from rissole_jax.benchmarks.peaks import peak_tflops as known_peak
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist.py", "Config file [:variant].")
 _MESHES = flags.DEFINE_list("meshes", ["1:1x1", "8:8x1", "8:2x4", "8:1x8"],
@@ -97,7 +97,8 @@ def measure(config, devices: int, shape: tuple[int, ...], steps: int, warmup: in
   def total(tree):
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
   kind = jax.devices()[0].device_kind
-  peak = peak_tflops or next((v for n, v in PEAK_TFLOPS.items() if n in kind), 0.0)
+  # The peak of the compute dtype: bfloat16 runs against the bfloat16 peak.
+  peak = peak_tflops or known_peak(kind, config.model.dtype)
   row = {
       "devices": devices, "mesh": "x".join(map(str, shape)), "platform": jax.default_backend(),
       "device_kind": kind, "batch": batch,
