@@ -5,8 +5,7 @@ with retrieval guidance (RISSOLE), in JAX/Flax.
   images = Sampler.from_workdir("runs/mnist").sample(64)
 """
 
-from rissole_jax import xla_flags as _xla_flags
-
+from rissole_jax.runtime import xla_flags as _xla_flags
 # Before JAX starts a backend (it reads XLA_FLAGS then): see xla_flags.py.
 _xla_flags.apply()
 
@@ -17,6 +16,6 @@ __all__ = ["Sampler"]
 def __getattr__(name):
   # Lazy, so that `import rissole_jax` (and its CLIs' --help) does not import JAX.
   if name == "Sampler":
-    from rissole_jax.sampler import Sampler
+    from rissole_jax.inference.sampler import Sampler
     return Sampler
   raise AttributeError(f"module 'rissole_jax' has no attribute {name!r}")

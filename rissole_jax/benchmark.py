@@ -26,8 +26,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rissole_jax import main as main_lib
-from rissole_jax import workdir as wd
-
+from rissole_jax.stages import workdir as wd
+from rissole_jax import files
 FLAGS = flags.FLAGS
 
 # (column, stage, metrics.json key); the first key found is used.
@@ -103,7 +103,7 @@ def run_job(config, root: Path) -> dict:
   record = root / "peak_rss.json"
   before = json.loads(record.read_text())["peak_rss_mib"] if record.exists() else 0.0
   peak = max(before, usage.ru_maxrss / 1024)
-  wd.atomic_write_json(record, {"peak_rss_mib": peak})
+  files.atomic_write_json(record, {"peak_rss_mib": peak})
   return {"peak_rss_mib": peak}
 
 
@@ -156,8 +156,8 @@ def benchmark(bench, out: Path, only=()) -> list[dict]:
         continue
       row[f"sample img/s ({sampler})"] = wd.read_metrics(sroot / "sample").get("samples_per_sec")
     rows.append(row)
-    wd.atomic_write_json(out, rows)  # after every run: a long benchmark loses nothing
-    wd.atomic_write_bytes(out.with_suffix(".md"), markdown(rows).encode())
+    files.atomic_write_json(out, rows)  # after every run: a long benchmark loses nothing
+    files.atomic_write_bytes(out.with_suffix(".md"), markdown(rows).encode())
   return rows
 
 

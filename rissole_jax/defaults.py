@@ -203,12 +203,12 @@ def base_config() -> mlc.ConfigDict:
   # before the update (static thresholding); 0: off. The default MNIST
   # latents lie within about +-4.2.
   s.clip_x0 = 0.0
-  # Post-training quantization (rissole_jax/quantize.py): none | int8_weights
+  # Post-training quantization (rissole_jax/inference/quantize.py): none | int8_weights
   # (weight-only) | int8 (weights and activations, static scales calibrated on
   # training latents).
   s.quantize = "none"
   # Module-path regexes (e.g. "conv_in", "up0_res0/skip") kept in float when
-  # quantizing; rissole_jax.quantize.layer_sensitivity ranks the candidates.
+  # quantizing; rissole_jax.inference.quantize.layer_sensitivity ranks the candidates.
   s.quantize_keep_float = ()
   # DDIM eta: 1 is ancestral (DDPM-like) on the shorter schedule. A briefly
   # trained eps-predictor's x0 estimates near t=T are too noisy for the

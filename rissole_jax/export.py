@@ -1,12 +1,12 @@
 """Writes a trained model for use elsewhere.
 
   python -m rissole_jax.export --workdir DIR --out FILE
-      one file with everything sampling needs (rissole_jax/modelfile.py); load
+      one file with everything sampling needs (rissole_jax/inference/modelfile.py); load
       it with Sampler.load(FILE) or python -m rissole_jax.sample --model FILE
   python -m rissole_jax.export --format stablehlo --workdir DIR --out EXPORT_DIR
       [--quantize int8] [--sampler ddim --steps 10 ...] [--platforms cpu,cuda,tpu]
       the whole sampler as a jax.export program with its parameters and
-      database (rissole_jax/stablehlo.py); python EXPORT_DIR/run.py EXPORT_DIR
+      database (rissole_jax/inference/stablehlo.py); python EXPORT_DIR/run.py EXPORT_DIR
       runs it with only jax and numpy (docs/deploy.md)
 """
 from __future__ import annotations
@@ -35,17 +35,17 @@ def parse(argv=None) -> argparse.Namespace:
   for name, kind in _SETTINGS:
     p.add_argument(f"--{name}", type=kind,
                    help=f"stablehlo: sample.{name} baked into the program (default: the config's)")
-  from rissole_jax import cache
+  from rissole_jax.runtime import cache
   cache.add_flag(p)
   return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
   args = parse(argv)
-  from rissole_jax import cache
+  from rissole_jax.runtime import cache
   cache.enable_compilation_cache(args.no_compilation_cache)
   from rissole_jax.errors import RissoleError
-  from rissole_jax.sampler import Sampler
+  from rissole_jax.inference.sampler import Sampler
   try:
     if args.format == "model" and not args.workdir:
       raise RissoleError("--format model needs --workdir (a model file is already one).")
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
 def _stablehlo(s, args) -> int:
   import json
-  from rissole_jax import stablehlo
+  from rissole_jax.inference import stablehlo
   with s.config.unlocked():
     for name, _ in _SETTINGS:
       if getattr(args, name) is not None:

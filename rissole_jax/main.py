@@ -18,24 +18,10 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from rissole_jax import workdir as wd
-from rissole_jax.context import Context
+from rissole_jax.stages import workdir as wd
+from rissole_jax.stages import STAGES, stage_records
+from rissole_jax.stages.context import Context
 from rissole_jax.errors import RissoleError
-
-# name -> (module with `run(ctx) -> metrics`, config sections it reads, or a
-# function of the config giving them).
-# Each stage's fingerprint also covers its upstream stages (the ones before it).
-STAGES = {
-    "vqgan": ("rissole_jax.stages.vqgan", ("seed", "data", "vqgan")),
-    "encode": ("rissole_jax.stages.encode", ("encode",)),
-    # The first-block embedding depends on the grid; the full one does not.
-    "index": ("rissole_jax.stages.index",
-              lambda c: ("retrieval", "blocks") if c.retrieval.embedding == "first_block"
-              else ("retrieval",)),
-    "diffusion": ("rissole_jax.stages.diffusion", ("blocks", "model", "diffusion")),
-    "sample": ("rissole_jax.stages.sample", ("sample",)),
-    "evaluate": ("rissole_jax.stages.evaluate", ("evaluate",)),
-}
 
 FLAGS = flags.FLAGS
 
@@ -59,21 +45,6 @@ def define_flags() -> None:
   flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
-def stage_records(config, root: Path) -> list[wd.StageRecord]:
-  """One record per configured stage, fingerprints chained through upstream ones."""
-  unknown = [s for s in config.stages if s not in STAGES]
-  if unknown:
-    raise ValueError(f"Unknown stage(s) {unknown} in config.stages; known: {list(STAGES)}")
-  records, upstream = [], ""
-  for name in config.stages:
-    keys = STAGES[name][1]
-    sections = wd.config_sections(config, keys(config) if callable(keys) else keys)
-    fp = wd.fingerprint({"stage": name, "config": sections, "upstream": upstream})
-    records.append(wd.StageRecord(name, root / name, fp, sections))
-    upstream = fp
-  return records
-
-
 def check_config(config) -> None:
   """Refuses an inconsistent config (e.g. a block grid that does not divide the
   latent) before any stage does work."""
@@ -84,7 +55,7 @@ def check_config(config) -> None:
 
 def run(config, root: Path, overwrite: bool = False, only=(), progress: bool = True) -> dict:
   """Runs the stages; returns {stage: metrics}. Importable, for tests and notebooks."""
-  from rissole_jax import parallel
+  from rissole_jax.runtime import parallel
   pidx, pcount = parallel.process_info()
   root = Path(root)
   check_config(config)
@@ -132,9 +103,9 @@ def main(argv):
     raise app.UsageError("Both --config and --workdir are required.")
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/tfds chatter; our log is per stage
-  from rissole_jax import cache
+  from rissole_jax.runtime import cache
   cache.enable_compilation_cache(FLAGS.no_compilation_cache)   # before anything compiles
-  from rissole_jax import parallel
+  from rissole_jax.runtime import parallel
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
   try:

@@ -49,17 +49,18 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--variations", nargs="+", metavar="IMG",
                  help="image files to make variations of ('more like this')")
   p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-  from rissole_jax import cache
+  from rissole_jax.runtime import cache
   cache.add_flag(p)
   return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
   args = parse(argv)
-  from rissole_jax import cache, pictures
+  from rissole_jax.runtime import cache
+  from rissole_jax.inference import pictures
   cache.enable_compilation_cache(args.no_compilation_cache)
   from rissole_jax.errors import RissoleError
-  from rissole_jax.sampler import Sampler
+  from rissole_jax.inference.sampler import Sampler
   out = Path(args.out)
   try:
     if args.num < 1:

@@ -8,12 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from rissole_jax import codes as codes_lib
+from rissole_jax.store import codes as codes_lib
 from rissole_jax import retrieval as R
-from rissole_jax import shards
+from rissole_jax.store import shards
 from rissole_jax.defaults import base_config
 from rissole_jax.errors import IndexMismatch
 from rissole_jax.train import diffusion as dif
+from rissole_jax import files
 
 SHAPE = (4, 4, 2)
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -148,7 +149,7 @@ def test_incomplete_mixed_and_foreign_shards_are_refused(tmp_path):
   c = config()
   R.index_database(tmp_path / "index", c, enc)
   db = R.load_database(c, tmp_path)
-  from rissole_jax.sampler import Database
+  from rissole_jax.inference.sampler import Database
   assert Database.from_retrieval(db, cb).codes is not None
   with pytest.raises(DataError, match="another codebook.*--only encode,index"):
     Database.from_retrieval(db, cb + 1.0)
@@ -156,14 +157,14 @@ def test_incomplete_mixed_and_foreign_shards_are_refused(tmp_path):
 
 def test_legacy_float_workdir_is_still_read(tmp_path):
   """An encode folder from before the shards: {split}.npy float latents."""
-  from rissole_jax import workdir as wd
+  from rissole_jax.stages import workdir as wd
   _, _, lat = codebook_database(120)
   enc = tmp_path / "encode"
   enc.mkdir()
-  wd.atomic_save_npy(enc / "train.npy", lat[:100])
-  wd.atomic_save_npy(enc / "train_labels.npy", np.zeros(100, np.int32))
-  wd.atomic_save_npy(enc / "heldout.npy", lat[100:])
-  wd.atomic_save_npy(enc / "heldout_labels.npy", np.zeros(20, np.int32))
+  files.atomic_save_npy(enc / "train.npy", lat[:100])
+  files.atomic_save_npy(enc / "train_labels.npy", np.zeros(100, np.int32))
+  files.atomic_save_npy(enc / "heldout.npy", lat[100:])
+  files.atomic_save_npy(enc / "heldout_labels.npy", np.zeros(20, np.int32))
   R.write_manifest(enc / "meta.json", ["train.npy", "train_labels.npy", "heldout.npy",
                                        "heldout_labels.npy"],
                    {"fingerprint": "old", "dataset": "toy", "latent_shape": list(SHAPE),

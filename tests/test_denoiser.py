@@ -234,7 +234,7 @@ def tiny_database(n=48, seed=0):
 
 
 def test_train_step_lowers_the_loss():
-  from rissole_jax import parallel
+  from rissole_jax.runtime import parallel
   c = tiny(num_res_blocks=0, attn_lowest=False)   # the machinery, not the model: compile less
   lat, nbr = tiny_database()
   mesh = parallel.make_mesh(c.mesh)

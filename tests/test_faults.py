@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 
 from rissole_jax import main
-from rissole_jax import workdir as wd
+from rissole_jax.stages import workdir as wd
 from rissole_jax.data import sources
 from rissole_jax.errors import DataError, RissoleError
 from rissole_jax.train import checkpoints, guard
+from rissole_jax import files
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("vqgan", "encode", "index", "diffusion", "sample")
@@ -363,7 +364,7 @@ def test_nan_skip_step(reference, tmp_path, data_dir, nan_at, max_skipped, stops
 
 def test_vqgan_step_flags_non_finite_values(reference, data_dir):
   """The VQ-GAN step computes the same flag (its compiled step is reused)."""
-  from rissole_jax import parallel
+  from rissole_jax.runtime import parallel
   from rissole_jax.train import vqgan as T
   cfg = _config(data_dir)
   trainer = T.build(cfg, parallel.make_mesh(cfg.mesh))
@@ -424,16 +425,16 @@ def test_kill_9_at_several_points_then_identical_results(reference, tmp_path, da
 
 def test_enospc_leaves_no_artifact(tmp_path, monkeypatch):
   target = tmp_path / "out" / "metrics.json"
-  wd.atomic_write_json(target, {"old": 1})
+  files.atomic_write_json(target, {"old": 1})
 
   def full(fd):
     raise OSError(errno.ENOSPC, "No space left on device")
   monkeypatch.setattr(os, "fsync", full)
   with pytest.raises(OSError) as e:
-    wd.atomic_write_json(target, {"new": 2})
+    files.atomic_write_json(target, {"new": 2})
   assert e.value.errno == errno.ENOSPC
   with pytest.raises(OSError):
-    wd.atomic_save_npy(tmp_path / "out" / "latents.npy", np.zeros((4, 4)))
+    files.atomic_save_npy(tmp_path / "out" / "latents.npy", np.zeros((4, 4)))
   assert json.loads(target.read_text()) == {"old": 1}  # the old artifact, intact
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.json"]
 

@@ -16,7 +16,7 @@ from rissole_jax.defaults import apply_variants, base_config
 from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError
 from rissole_jax.models import lego, unet
-from rissole_jax import sampler as smp
+from rissole_jax.inference import sampler as smp
 from rissole_jax.train import diffusion as dif
 
 SHAPE, K, B = (8, 8, 4), 3, 2
@@ -294,7 +294,7 @@ def test_variants_compose_with_smoke():
 def test_workdirs_made_before_lego_keep_their_fingerprints():
   """A U-Net config's fingerprints ignore the LEGO keys (and skipping with
   t_break 0), so older workdirs are not taken for another config."""
-  from rissole_jax import workdir as wd
+  from rissole_jax.stages import workdir as wd
   c = base_config()
   secs = wd.config_sections(c, ("model", "sample"))
   assert "lego" not in secs["model"] and "backbone" not in secs["model"]

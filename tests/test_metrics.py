@@ -296,7 +296,7 @@ def stage_context(tmp_path, inception_mode="off"):
   """A workdir with 12 samples and a folder dataset of 48 smooth 16x16 images."""
   import logging
   from PIL import Image
-  from rissole_jax.context import Context
+  from rissole_jax.stages.context import Context
   from rissole_jax.defaults import base_config, smoke
   folder = tmp_path / "images"
   folder.mkdir()
@@ -316,7 +316,7 @@ def stage_context(tmp_path, inception_mode="off"):
 
 def test_evaluate_stage_reports_every_metric(tmp_path):
   from rissole_jax.stages import evaluate
-  from rissole_jax.workdir import flat_numbers
+  from rissole_jax.stages.workdir import flat_numbers
   m = flat_numbers(evaluate.run(stage_context(tmp_path)))
   for key in ("classifier/fd", "classifier/kid", "classifier/precision", "classifier/recall",
               "seam_score", "memorization/median_ratio", "memorization/near_copy_fraction"):

@@ -237,7 +237,7 @@ def test_inferred_mesh_size_must_divide_the_devices():
   """(Sizes that do not multiply to the device count, and two -1s, are
   covered in test_workdir.py.) A -1 whose known sizes do not divide the
   device count is refused before any device is touched, with the fix."""
-  from rissole_jax import parallel
+  from rissole_jax.runtime import parallel
   from rissole_jax.defaults import base_config
   from rissole_jax.errors import ConfigError
   c = base_config().mesh

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rissole_jax import defaults
-from rissole_jax import workdir as wd
+from rissole_jax.stages import workdir as wd
 from rissole_jax.errors import ConfigError
 from rissole_jax.models import layers, unet
 
@@ -138,7 +138,7 @@ def _record(root, name, sections):
 def test_old_workdir_reads_with_its_first_layout(tmp_path):
   """A workdir whose records predate the knobs (no such keys) reads back with
   the legacy values, whatever today's defaults are; a new record's values win."""
-  from rissole_jax.sampler import workdir_config
+  from rissole_jax.inference.sampler import workdir_config
   old = {"model": {"ch": 32, "ch_mult": [1, 2], "variant": "rissole"}}
   _record(tmp_path / "old", "vqgan", {})
   _record(tmp_path / "old", "diffusion", old)
@@ -203,7 +203,7 @@ def test_vqgan_step_benchmark_runs():
 
 
 def test_default_xla_flags_never_override_the_users():
-  from rissole_jax import xla_flags
+  from rissole_jax.runtime import xla_flags
   ynn = xla_flags.CPU_FLAGS[0]
   assert xla_flags.merged("") == ynn
   assert xla_flags.merged("--xla_force_host_platform_device_count=8") == (
@@ -245,7 +245,7 @@ def test_default_xla_flags_keep_results(tmp_path):
   import os
   import subprocess
   import sys
-  from rissole_jax import xla_flags
+  from rissole_jax.runtime import xla_flags
   root = os.path.join(os.path.dirname(__file__), "..")
   out = {}
   for opt in ("1", "0"):

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rissole_jax import quantize as qz
-from rissole_jax import stablehlo
+from rissole_jax.inference import quantize as qz
+from rissole_jax.inference import stablehlo
 from rissole_jax.defaults import LEGACY_MODEL, base_config, smoke
 from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError, DataError
@@ -155,7 +155,7 @@ def test_export_runs_standalone_and_matches_in_process(parts, mode, tmp_path):
       {f.name for f in out.iterdir()}
   # In process: the same program, the same inputs the runner draws.
   fn, leaves, _, _ = stablehlo.build(parts, mode)
-  from rissole_jax import export_runner as runner
+  from rissole_jax.inference import export_runner as runner
   _, _, db, _ = runner.load(str(out))
   assert "codes" in np.load(out / "database.npz")     # stored as codebook indices
   nb, seeds, _ = runner.inputs(db, 3, 7)

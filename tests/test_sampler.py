@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rissole_jax import Sampler, modelfile
+from rissole_jax import Sampler
+
+from rissole_jax.inference import modelfile
 from rissole_jax.errors import ConfigError, DataError
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from rissole_jax import blocks
-from rissole_jax.context import Context
+from rissole_jax.stages.context import Context
 from rissole_jax.defaults import base_config
-from rissole_jax.diffusion import samplers
+from rissole_jax.diffusion import solvers as samplers
 from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError, DataError
 from rissole_jax.models import unet
-from rissole_jax import sampler as smp
+from rissole_jax.inference import sampler as smp
 from rissole_jax.stages import diffusion as diffusion_stage
 from rissole_jax.stages import sample as sample_stage
 from rissole_jax.train import diffusion as dif

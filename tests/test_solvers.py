@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rissole_jax.defaults import base_config
-from rissole_jax.diffusion import samplers
+from rissole_jax.diffusion import solvers as samplers
 from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rissole_jax import parallel
+from rissole_jax.runtime import parallel
 from rissole_jax.defaults import base_config
 from rissole_jax.errors import ConfigError
 from rissole_jax.models import unet
@@ -114,7 +114,8 @@ def test_per_position_weights_train_and_differ_from_shared(init_state):
 def test_per_position_weights_in_the_sampler_and_quantizer():
   """The raster-order sampler (use_prev_block) runs block i with its own
   weights; Qwix quantization refuses per-position weights by name."""
-  from rissole_jax import quantize, sampler
+  from rissole_jax.inference import quantize
+  from rissole_jax.inference import sampler
   from rissole_jax.diffusion.schedule import make_schedule
   from rissole_jax.models import mapped
   c = tiny(block_map="vmap", share_weights=False, use_prev_block=True)
@@ -211,7 +212,8 @@ def test_bfloat16_compute_keeps_float32_state(init_state):
 def test_compilation_cache_setting(monkeypatch, tmp_path):
   """The CLIs' compilation cache: in the user cache, never over the user's
   JAX_COMPILATION_CACHE_DIR, off with RISSOLE_NO_COMPILATION_CACHE or the flag."""
-  from rissole_jax import cache, export, sample
+  from rissole_jax import export, sample
+  from rissole_jax.runtime import cache
   before = (jax.config.jax_compilation_cache_dir,
             jax.config.jax_persistent_cache_min_compile_time_secs)
   try:

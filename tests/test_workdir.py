@@ -80,7 +80,7 @@ def test_unknown_stage_and_variant():
 
 
 def test_mesh_that_does_not_fit_is_refused():
-  from rissole_jax import parallel
+  from rissole_jax.runtime import parallel
   c = base_config().mesh
   c.shape = (3, 1)
   with pytest.raises(ConfigError, match="needs 3 devices but 1"):

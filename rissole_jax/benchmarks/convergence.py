@@ -58,7 +58,7 @@ def instrument(config):
 
 def fd_curve(name: str, root: Path, num: int, seed: int, done: set) -> list[dict]:
   """Rows (step, classifier FD, ...) for each kept checkpoint of `root` not in `done`."""
-  from rissole_jax import sampler as smp
+  from rissole_jax.inference import sampler as smp
   from rissole_jax.metrics import memorization
   from rissole_jax.stages import evaluate as ev_stage
   from rissole_jax.train import checkpoints

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+from rissole_jax import files
 
 flags.DEFINE_list("items", ["20000"], "Database sizes (train items).")
 flags.DEFINE_list("processes", ["1", "2"], "Process counts to run each size with, in this "
@@ -100,7 +101,7 @@ class SyntheticAutoencoder:
     self.fingerprint = f"synthetic-{h}x{w}x{c}-{codebook_size}-{seed}"
 
   def encode_codes(self, images, batch_size=256):
-    from rissole_jax.codes import code_dtype
+    from rissole_jax.store.codes import code_dtype
     b = np.rint((np.asarray(images) + 1.0) * 127.5).astype(np.int64)
     ids = (b[:, 0] << 16) | (b[:, 1] << 8) | b[:, 2]
     h, w, _ = self.latent_shape
@@ -141,14 +142,16 @@ def _cpu_seconds() -> float:
 
 def worker(pidx: int, n: int, root: Path) -> dict:
   """One process of a run: encode, index, gather; returns its measurements."""
-  from rissole_jax import parallel
+  from rissole_jax.runtime import parallel
   parallel.initialize_distributed()
   import logging
 
   import jax
 
-  from rissole_jax import retrieval, shards
-  from rissole_jax.context import Context
+  from rissole_jax import retrieval
+
+  from rissole_jax.store import shards
+  from rissole_jax.stages.context import Context
   from rissole_jax.defaults import base_config
   from rissole_jax.stages import encode as encode_stage
   from rissole_jax.train import diffusion as dif
@@ -250,8 +253,10 @@ def worker(pidx: int, n: int, root: Path) -> dict:
 def assemble_tables_only(idx_dir, c, enc, p):
   """With --search_rows the tables have holes: fill the rows not searched
   with random neighbours (the gather only needs ids), then write them."""
-  from rissole_jax import parallel, retrieval, shards
-  from rissole_jax import workdir as wd
+  from rissole_jax import retrieval
+  from rissole_jax.runtime import parallel
+  from rissole_jax.store import shards
+  from rissole_jax.stages import workdir as wd
   if p == 0:
     meta = shards.read_meta(enc)
     n, rng, tables = meta["rows"]["train"], np.random.default_rng(0), {}
@@ -266,12 +271,12 @@ def assemble_tables_only(idx_dir, c, enc, p):
           np.save(idx_dir / "parts" / f"{split}-{pos:010d}.npy", t.astype(np.int32))
         pos = start + length
       tables[split] = retrieval.table_from_parts(idx_dir, split, rows, FLAGS.k)
-      wd.atomic_save_npy(idx_dir / f"neighbours_{split}.npy", tables[split])
+      files.atomic_save_npy(idx_dir / f"neighbours_{split}.npy", tables[split])
     info = {"fingerprint": meta["fingerprint"], "embedding": "full", "grid": None,
             "latent_shape": meta["latent_shape"], "k": FLAGS.k, "n_train": n,
             "n_heldout": len(tables["heldout"]),
             "reduce": retrieval.reduction_kind(n, meta["latent_shape"], c)}
-    retrieval.write_manifest(idx_dir / "neighbours.json",
+    files.write_manifest(idx_dir / "neighbours.json",
                              ["neighbours_train.npy", "neighbours_heldout.npy"], info)
   parallel.sync("tables")
 

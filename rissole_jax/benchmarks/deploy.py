@@ -1,5 +1,5 @@
 """Deployment figures: on-device footprint, peak memory and time per image of
-the exported sampler (rissole_jax/stablehlo.py), run by its standalone
+the exported sampler (rissole_jax/inference/stablehlo.py), run by its standalone
 runner on ONE CPU thread at batch 1, for each quantization mode.
 
   python -m rissole_jax.benchmarks.deploy --config configs/mnist.py \
@@ -100,8 +100,8 @@ def random_variant(parts, variant: str):
 
 
 def run(parts, out: Path, modes, repeats: int, baseline: str | None, say=print) -> dict:
-  from rissole_jax import quantize as qz
-  from rissole_jax import stablehlo
+  from rissole_jax.inference import quantize as qz
+  from rissole_jax.inference import stablehlo
   rows = []
   todo = [(parts.config.model.variant, parts, m) for m in modes]
   if baseline:
@@ -118,14 +118,14 @@ def run(parts, out: Path, modes, repeats: int, baseline: str | None, say=print) 
              **measure(Path(d), repeats)}
     rows.append(row)
     say(json.dumps(row))
-    from rissole_jax.workdir import atomic_write_json
+    from rissole_jax.files import atomic_write_json
     atomic_write_json(out, {"rows": rows})
   return {"rows": rows}
 
 
 def main(argv=None) -> int:
   from rissole_jax.benchmarks.solvers import load_parts
-  from rissole_jax.stablehlo import _load_config
+  from rissole_jax.inference.stablehlo import _load_config
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", required=True)

@@ -93,7 +93,8 @@ def larger_canvas(config, run: Path, hw, out: Path, num: int = 64) -> dict:
   from rissole_jax.diffusion.schedule import make_schedule
   from rissole_jax.metrics import seams
   from rissole_jax.models import lego
-  from rissole_jax import pictures, sampler as smp
+  from rissole_jax.inference import pictures
+  from rissole_jax.inference import sampler as smp
   from rissole_jax.train import diffusion as dif
   from rissole_jax.train.vqgan import load_autoencoder
   ae = load_autoencoder(config, run / "vqgan")
@@ -158,7 +159,7 @@ def timing(config, run: Path, t_breaks, rounds: int, batch: int = 16) -> list[di
   import jax
   from rissole_jax.diffusion.schedule import make_schedule
   from rissole_jax.models import unet
-  from rissole_jax import sampler as smp
+  from rissole_jax.inference import sampler as smp
   from rissole_jax.train import diffusion as dif
   model, params, stats = dif.load_denoiser(config, run)
   schedule = make_schedule(config.diffusion)

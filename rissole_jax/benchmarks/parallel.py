@@ -52,7 +52,7 @@ def measure(config, devices: int, shape: tuple[int, ...], steps: int, warmup: in
   import jax
   import numpy as np
 
-  from rissole_jax import parallel
+  from rissole_jax.runtime import parallel
   from rissole_jax.train import diffusion
 
   config = config.copy_and_resolve_references()
@@ -173,7 +173,7 @@ def main(argv):
     rows.append(_run_child(entry, rest))
     print(json.dumps(rows[-1]), file=sys.stderr)
   if _JSON.value:
-    from rissole_jax import workdir
+    from rissole_jax.stages import workdir
     workdir.atomic_write_json(_JSON.value, rows)
   print(markdown(rows))
 

@@ -453,7 +453,7 @@ def main(argv):
   text = "\n".join(markdown(r) for r in results)
   print(text)
   if F.out:
-    from rissole_jax import workdir
+    from rissole_jax.stages import workdir
     if F.out.endswith(".md"):
       workdir.atomic_write_bytes(F.out, text.encode())
     else:

@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from rissole_jax.workdir import atomic_write_bytes, atomic_write_json
+from rissole_jax.files import atomic_write_bytes, atomic_write_json
 
 DEFAULT_SOLVERS = ("ddim:eta=0", "ddim:eta=1", "dpmpp:order=2;spacing=logsnr",
                    "dpmpp:order=2;spacing=time_uniform", "dpmpp:order=3;spacing=logsnr")
@@ -72,8 +72,8 @@ def load_parts(config, workdir) -> types.SimpleNamespace:
 
 def make_sample_fn(model, schedule, config, decode_fn, stats):
   """fn(params, ae_params, nb, key) -> (latents, images) with config.sample's
-  settings: the Sampler's program (rissole_jax/sampler.py)."""
-  from rissole_jax import sampler as api
+  settings: the Sampler's program (rissole_jax/inference/sampler.py)."""
+  from rissole_jax.inference import sampler as api
   settings = api.Settings.from_config(config.sample)
   fn = api.make_sample_fn(model, schedule, config.diffusion.prediction, settings, decode_fn,
                           stats, api.skip_plan(model, config, settings))
@@ -104,9 +104,9 @@ def generate(parts, config, nb_lat, batch: int, key):
   """uint8 images for normalised neighbour latents nb_lat (n, k, h, w, c), and
   (compile seconds, sampling seconds)."""
   from rissole_jax.data.pipeline import to_uint8
-  from rissole_jax.diffusion import samplers
+  from rissole_jax.diffusion import solvers as samplers
   samplers.check_config(config.sample, config.diffusion.timesteps)
-  from rissole_jax import quantize as qz
+  from rissole_jax.inference import quantize as qz
   model, params, decode_fn, ae_params = parts.model, parts.params, parts.ae.decode_fn, parts.ae.params
   t0 = time.perf_counter()
   if config.sample.quantize != "none":
@@ -171,7 +171,7 @@ def row_key(spec: str, steps: int, quantize: str) -> str:
 
 
 def nfe(config, model) -> int:
-  from rissole_jax import sampler as api
+  from rissole_jax.inference import sampler as api
   return api.nfe(api.Settings.from_config(config.sample), config, model)
 
 
@@ -261,7 +261,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def run(config, workdir, out: Path, solvers, steps_list, quant_modes, num: int, batch: int,
         inception: bool = False, quantize_at=(), say=print) -> list[dict]:
-  from rissole_jax import sampler as smp
+  from rissole_jax.inference import sampler as smp
   from rissole_jax.train import diffusion as dif
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)

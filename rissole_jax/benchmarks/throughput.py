@@ -98,8 +98,8 @@ def load_config(spec: str, overrides=()):
 def _latents_fn(model, schedule, config):
   """fn(params, nb, key) -> normalised latents: the sampler without the decode."""
   try:
-    from rissole_jax.sampler import latents_fn
-  except ImportError:  # trees before rissole_jax.sampler (5c3a3a5)
+    from rissole_jax.inference.sampler import latents_fn
+  except ImportError:  # trees before rissole_jax.inference.sampler (5c3a3a5)
     from rissole_jax.stages.sample import sample_latents
     return lambda params, nb, key: sample_latents(model, params, schedule, config, nb, key)
   return latents_fn(model, schedule, config)
@@ -164,7 +164,7 @@ def setup(config, sample_batch: int = 0, n_db: int = 2048) -> Setup:
   import jax
   import numpy as np
 
-  from rissole_jax import parallel
+  from rissole_jax.runtime import parallel
   from rissole_jax.models import unet
   from rissole_jax.train import diffusion
 
@@ -334,7 +334,7 @@ def main(argv):
       print(json.dumps(rows))
       return
   if _JSON.value:
-    from rissole_jax import workdir
+    from rissole_jax.stages import workdir
     workdir.atomic_write_json(_JSON.value, rows)
   print(markdown(rows))
 

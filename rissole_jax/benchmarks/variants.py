@@ -27,10 +27,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from rissole_jax import benchmark, parallel
+from rissole_jax import benchmark
+
+from rissole_jax.runtime import parallel
 from rissole_jax.data.pipeline import TrainStream
 from rissole_jax.models import unet
 from rissole_jax.train import diffusion
+from rissole_jax import files
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config [:variant].")
 _VARIANT = flags.DEFINE_multi_string("variant", [], "NAME:KEY=VALUE[,KEY=VALUE...]")
@@ -140,8 +143,8 @@ def main(argv):
           f"{r['sample_step_images_per_s']:.1f} | {r['train_step_ms']:.1f} | "
           f"{r['sample_step_ms']:.1f} | {r['first_train_call_s']:.1f} |")
   if _OUT.value:
-    from rissole_jax import workdir as wd
-    wd.atomic_write_json(_OUT.value, {"env": env, "rows": rows})
+    from rissole_jax.stages import workdir as wd
+    files.atomic_write_json(_OUT.value, {"env": env, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def setup(config, step: int | None = None) -> Setup:
   import jax
   import numpy as np
 
-  from rissole_jax import parallel
+  from rissole_jax.runtime import parallel
   from rissole_jax.train import vqgan
   mesh = parallel.make_mesh(config.mesh)
   trainer = vqgan.build(config, mesh)

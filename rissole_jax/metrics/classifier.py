@@ -37,7 +37,7 @@ from flax import serialization
 from rissole_jax.metrics.frechet import content_hash
 from rissole_jax.metrics.inception import batched
 from rissole_jax.train.optim import adam
-from rissole_jax.workdir import atomic_write_bytes
+from rissole_jax.files import atomic_write_bytes
 
 VERSION = 1  # bump when the network or training changes: it keys the cache
 FEATURES = 128

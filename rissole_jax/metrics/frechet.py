@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rissole_jax.workdir import atomic_write_bytes
+from rissole_jax.files import atomic_write_bytes
 
 
 def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -94,8 +94,8 @@ def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int
 
 def cache_dir(configured: str | None = None) -> Path:
   """Where reference statistics and classifiers live: the configured folder,
-  $RISSOLE_CACHE, or ~/.cache/rissole_jax (rissole_jax.cache)."""
-  from rissole_jax.cache import user_cache_dir
+  $RISSOLE_CACHE, or ~/.cache/rissole_jax (rissole_jax.runtime.cache)."""
+  from rissole_jax.runtime.cache import user_cache_dir
   return user_cache_dir(configured)
 
 

@@ -463,7 +463,7 @@ def canvas_neighbours(nb, latent_hw):
 def step_counts(config, plan) -> tuple[int, int]:
   """(steps run with the first model, steps with the second) of the config's
   sampler under a skip plan (None: every step with the first)."""
-  from rissole_jax.diffusion import samplers
+  from rissole_jax.diffusion import solvers as samplers
   s, T = config.sample, int(config.diffusion.timesteps)
   ts = np.arange(T) if s.sampler == "ddpm" else samplers.ddim_timesteps(T, s.steps)
   if plan is None:

@@ -29,7 +29,7 @@ from rissole_jax.retrieval.embedding import (EMBEDDINGS, REDUCTIONS, Reduction, 
 from rissole_jax.retrieval.index import (BACKENDS, STRUCTURES, Index, exact_search,
                                          load_reduction, plan, recall_at_k, resolve_backend)
 from rissole_jax.retrieval.latents import encode_source, read_latents, save_latents
-from rissole_jax.retrieval.manifest import read_manifest, write_manifest
+from rissole_jax.files import read_manifest, write_manifest
 from rissole_jax.retrieval.tables import (assemble_tables, build_index, exact_search_rows,
                                           index_database, recall_in_full_space, search_share,
                                           table_from_parts)

@@ -16,7 +16,7 @@ from rissole_jax.errors import ConfigError, IndexMismatch
 from rissole_jax.retrieval.embedding import embed_rows, reduction_kind
 from rissole_jax.retrieval.index import Index, load_reduction
 from rissole_jax.retrieval.latents import encode_source, save_latents
-from rissole_jax.retrieval.manifest import read_manifest, _expect, _fix
+from rissole_jax.files import read_manifest, expect_meta, rerun_fix
 from rissole_jax.retrieval.tables import index_database
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class Database:
     return self._float(self.heldout_rows)
 
   def _float(self, rows):
-    from rissole_jax import codes as codes_lib
+    from rissole_jax.store import codes as codes_lib
     if self.codebook is None:
       return rows
     return codes_lib.from_codes(rows, self.codebook)
@@ -97,7 +97,7 @@ def open_database(encode_dir: Path, index_dir: Path, config,
   """A Database from an encode folder and an index folder, after checking that
   both are complete, come from the same autoencoder (and `fingerprint`, if
   given), and match config.retrieval (k, embedding, grid, reduction)."""
-  from rissole_jax import shards
+  from rissole_jax.store import shards
   enc = shards.read_meta(encode_dir)
   nmeta = read_manifest(Path(index_dir) / "neighbours.json", "neighbour tables")
   nmeta.setdefault("reduce", "none")  # tables from before the reduced embeddings
@@ -107,11 +107,11 @@ def open_database(encode_dir: Path, index_dir: Path, config,
           "n_train": n,
           "grid": list(config.blocks.grid) if rcfg.embedding == "first_block" else None,
           "reduce": reduction_kind(n, enc["latent_shape"], config)}
-  _expect(nmeta, want, Path(index_dir) / "neighbours.json", "neighbour tables")
+  expect_meta(nmeta, want, Path(index_dir) / "neighbours.json", "neighbour tables")
   if fingerprint is not None and enc["fingerprint"] != fingerprint:
     raise IndexMismatch(
         f"{encode_dir} holds latents made by another autoencoder ({enc['fingerprint']}, "
-        f"this one is {fingerprint}). " + _fix(Path(encode_dir), "latents"))
+        f"this one is {fingerprint}). " + rerun_fix(Path(encode_dir), "latents"))
   cb = shards.codebook(encode_dir, enc)
   train_rows, train_y = shards.read_split(encode_dir, enc, "train", mmap=mmap)
   held_rows, held_y = shards.read_split(encode_dir, enc, "heldout", mmap=mmap)
@@ -144,8 +144,8 @@ def build_database(autoencoder, source, config, out_dir: Path, say: Callable[...
   With several processes every one must call this (the encoder may be a
   collective); process 0 writes, the others wait for it and then read.
   """
-  from rissole_jax import codes as codes_lib
-  from rissole_jax import parallel
+  from rissole_jax.store import codes as codes_lib
+  from rissole_jax.runtime import parallel
   out_dir = Path(out_dir)
   try:
     db = open_database(out_dir / "encode", out_dir / "index", config, autoencoder.fingerprint)

@@ -60,7 +60,7 @@ def embed_rows(rows: np.ndarray, codebook: np.ndarray | None, config,
   codes never exists as float latents."""
   if codebook is None:
     return embed(rows, config, reduction)
-  from rissole_jax import codes as codes_lib
+  from rissole_jax.store import codes as codes_lib
   shape = (*rows.shape[1:], codebook.shape[1])
   out = np.empty((len(rows), embedding_dim(shape, config, reduction)), np.float32)
   step = max(1, (64 << 20) // (4 * int(np.prod(shape))))  # ~64 MiB of float latents a chunk

@@ -11,11 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rissole_jax import workdir as wd
+from rissole_jax.stages import workdir as wd
 from rissole_jax.errors import ConfigError
 from rissole_jax.retrieval.embedding import Reduction, embed
-from rissole_jax.retrieval.manifest import (_atomic_dir, _expect, _remove, read_manifest,
-                                            write_manifest)
+from rissole_jax.files import atomic_dir, expect_meta, read_manifest, remove, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -243,20 +242,20 @@ class Index:
     """Writes the index under `directory` (scann/ or embeddings.npy, then index.json)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _remove(directory / "index.json")  # stale manifest first: a crash leaves "missing"
+    remove(directory / "index.json")  # stale manifest first: a crash leaves "missing"
     if self.backend == "scann":
       # ScaNN writes a folder; relative paths so it loads after the rename.
-      _atomic_dir(directory / "scann",
+      atomic_dir(directory / "scann",
                   lambda d: self._searcher.serialize(str(d), relative_path=True))
       files = sorted(f"scann/{p.name}" for p in (directory / "scann").iterdir())
     else:
-      wd.atomic_save_npy(directory / "embeddings.npy", self._emb)
+      files.atomic_save_npy(directory / "embeddings.npy", self._emb)
       files = ["embeddings.npy"]
     reduction = {"kind": "none"}
     if self.reduction is not None:
       reduction = self.reduction.describe()
       if self.reduction.matrix is not None:
-        wd.atomic_save_npy(directory / "projection.npy", self.reduction.matrix)
+        files.atomic_save_npy(directory / "projection.npy", self.reduction.matrix)
         files.append("projection.npy")
     write_manifest(directory / "index.json", files, {
         **self.meta, "backend": self.backend, "n": self.n, "dim": self.dim,
@@ -269,7 +268,7 @@ class Index:
     metadata, e.g. fingerprint, embedding, n) must match or IndexMismatch."""
     directory = Path(directory)
     meta = read_manifest(directory / "index.json", "index")
-    _expect(meta, expect or {}, directory / "index.json", "index")
+    expect_meta(meta, expect or {}, directory / "index.json", "index")
     own = {k: meta[k] for k in ("backend", "n", "dim", "params")}
     extra = {k: v for k, v in meta.items() if k not in own and k not in ("files", "reduction")}
     reduction = load_reduction(directory, meta)

@@ -33,8 +33,8 @@ def save_latents(directory: Path, fingerprint: str, dataset: str,
   """A whole database written by one process, as the encode stage writes it:
   splits {name: (latents, labels, source name)}; stored as code indices of
   `codebook` (refusing latents that are not its vectors), else as float32."""
-  from rissole_jax import codes as codes_lib
-  from rissole_jax import shards
+  from rissole_jax.store import codes as codes_lib
+  from rissole_jax.store import shards
   info = {}
   for split, (z, labels, name) in splits.items():
     for i, (a, b) in enumerate(shards.ranges(len(z), shard_rows)):
@@ -50,8 +50,8 @@ def save_latents(directory: Path, fingerprint: str, dataset: str,
 def read_latents(directory: Path) -> tuple[dict, dict]:
   """(meta, {split: (float latents, labels)}) of an encode folder, verified
   (codes looked up in the codebook: for small databases and tests)."""
-  from rissole_jax import codes as codes_lib
-  from rissole_jax import shards
+  from rissole_jax.store import codes as codes_lib
+  from rissole_jax.store import shards
   meta = shards.read_meta(directory)
   cb = shards.codebook(directory, meta)
   out = {}

@@ -10,12 +10,13 @@ from typing import Callable
 
 import numpy as np
 
-from rissole_jax import workdir as wd
+from rissole_jax.stages import workdir as wd
 from rissole_jax.errors import IndexMismatch
 from rissole_jax.retrieval.embedding import (Reduction, embed_rows, embedding_dim,
                                              fit_reduction, reduction_kind)
 from rissole_jax.retrieval.index import Index, exact_search, recall_at_k, _check_k
-from rissole_jax.retrieval.manifest import write_manifest, _fix, _remove
+from rissole_jax.files import write_manifest, rerun_fix, remove
+from rissole_jax import files
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def index_database(directory: Path, config, encode_dir: Path,
   searched in the same batch), checks recall against exact search on up to 2,000
   held-out queries and returns the metrics ({} on the other processes).
   progress(total=, desc=) -> a tqdm-like bar, e.g. ctx.progress."""
-  from rissole_jax import parallel
+  from rissole_jax.runtime import parallel
   metrics = build_index(directory, config, encode_dir, say) if process_index == 0 else {}
   if process_count > 1:
     parallel.sync(f"index-built:{directory}")
@@ -54,7 +55,7 @@ def index_database(directory: Path, config, encode_dir: Path,
 
 def _encoded(encode_dir: Path, config):
   """(meta, codebook, n, latent shape, reduction kind, provenance) of an encode folder."""
-  from rissole_jax import shards
+  from rissole_jax.store import shards
   rcfg = config.retrieval
   meta = shards.read_meta(encode_dir)
   n, shape = meta["rows"]["train"], tuple(meta["latent_shape"])
@@ -70,11 +71,11 @@ def build_index(directory: Path, config, encode_dir: Path,
                 say: Callable[..., None] = log.info) -> dict:
   """Fits the reduced embedding, embeds the train split a chunk at a time,
   builds the index and saves it under `directory` (one process)."""
-  from rissole_jax import shards
+  from rissole_jax.store import shards
   directory, encode_dir = Path(directory), Path(encode_dir)
   meta, cb, n, shape, kind, info = _encoded(encode_dir, config)
   directory.mkdir(parents=True, exist_ok=True)
-  _remove(directory / "neighbours.json")
+  remove(directory / "neighbours.json")
   shutil.rmtree(directory / "parts", ignore_errors=True)
   t0 = time.perf_counter()
   # A shard at a time: the codes of the whole database are never in memory.
@@ -103,7 +104,7 @@ def search_share(directory: Path, config, encode_dir: Path, process_index: int =
   process holds the index, one batch and its part of the table. One part file
   per split, named for its first row. limit: at most this many rows per split
   (benchmarks)."""
-  from rissole_jax import shards
+  from rissole_jax.store import shards
   directory, encode_dir = Path(directory), Path(encode_dir)
   meta, cb, n, _, _, _ = _encoded(encode_dir, config)
   k, qb = int(config.retrieval.k), int(config.retrieval.query_batch)
@@ -131,7 +132,7 @@ def search_share(directory: Path, config, encode_dir: Path, process_index: int =
         bar.update(b - a)
     if bar is not None:
       bar.close()
-    wd.atomic_save_npy(directory / "parts" / f"{split}-{start:010d}.npy", ids)
+    files.atomic_save_npy(directory / "parts" / f"{split}-{start:010d}.npy", ids)
     searched += stop - start
   seconds = time.perf_counter() - t0
   return {"neighbours_seconds": seconds, "queries_searched": searched,
@@ -143,7 +144,7 @@ def table_from_parts(directory: Path, split: str, rows: int, k: int) -> np.ndarr
   (each named for its first row), in row order; refuses parts that leave
   rows out or cover a row twice, naming the fix."""
   directory = Path(directory)
-  fix = _fix(directory, "index")
+  fix = rerun_fix(directory, "index")
   parts = sorted((int(p.stem.rsplit("-", 1)[1]), p)
                  for p in (directory / "parts").glob(f"{split}-*.npy"))
   pieces, pos = [], 0
@@ -172,7 +173,7 @@ def assemble_tables(directory: Path, config, encode_dir: Path,
                     say: Callable[..., None] = log.info) -> dict:
   """The neighbour tables from every process's parts, their manifest, and
   recall against exact search (one process, once every part is written)."""
-  from rissole_jax import shards
+  from rissole_jax.store import shards
   directory, encode_dir = Path(directory), Path(encode_dir)
   meta, cb, n, _, kind, info = _encoded(encode_dir, config)
   rcfg, k = config.retrieval, int(config.retrieval.k)
@@ -180,7 +181,7 @@ def assemble_tables(directory: Path, config, encode_dir: Path,
   tables = {split: table_from_parts(directory, split, meta["rows"].get(split, 0), k)
             for split in ("train", "heldout")}
   for split, table in tables.items():
-    wd.atomic_save_npy(directory / f"neighbours_{split}.npy", table)
+    files.atomic_save_npy(directory / f"neighbours_{split}.npy", table)
   shutil.rmtree(directory / "parts", ignore_errors=True)
   write_manifest(directory / "neighbours.json",
                  ["neighbours_train.npy", "neighbours_heldout.npy"],
@@ -219,7 +220,7 @@ def exact_search_rows(encode_dir: Path, meta: dict, codebook: np.ndarray | None,
                       ) -> tuple[np.ndarray, np.ndarray]:
   """exact_search over the embeddings of the train split, streamed shard by
   shard (and chunk by chunk): for recall where the database cannot be held."""
-  from rissole_jax import shards
+  from rissole_jax.store import shards
   best_i = np.zeros((len(queries), 0), np.int64)
   best_s = np.zeros((len(queries), 0), np.float32)
   step = 16384
@@ -237,7 +238,7 @@ def recall_in_full_space(encode_dir: Path, meta: dict, codebook, config, query_r
                          k: int) -> float:
   """recall@k of neighbour ids (found in a reduced space) against exact
   search in the full embedding space (streamed over the train shards)."""
-  from rissole_jax import shards
+  from rissole_jax.store import shards
   q = embed_rows(query_rows, codebook, config)
   _, exact_scores = exact_search_rows(encode_dir, meta, codebook, config, q, k)
   found = embed_rows(shards.rows_at(encode_dir, meta, "train", np.asarray(ids).ravel()),

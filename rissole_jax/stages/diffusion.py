@@ -12,11 +12,12 @@ import jax
 import numpy as np
 
 from rissole_jax import blocks as blk
-from rissole_jax import parallel
-from rissole_jax import workdir as wd
+from rissole_jax.runtime import parallel
+from rissole_jax.stages import workdir as wd
 from rissole_jax.data.pipeline import TrainStream
 from rissole_jax.models import unet
 from rissole_jax.train import checkpoints, guard
+from rissole_jax import files
 from rissole_jax.train.diffusion import (_Rows, abstract_state, build, check_config,
                                          check_database, database_stats,
                                          expected_latent_shape, load_database,
@@ -64,7 +65,7 @@ def run(ctx) -> dict:
   stats_out = {"mean": stats["mean"].tolist(), "std": stats["std"].tolist(),
                "latent_shape": list(latent_shape), "k": int(k)}
   if ctx.is_main:
-    wd.atomic_write_json(ctx.stage_dir / "latent_stats.json", stats_out)
+    files.atomic_write_json(ctx.stage_dir / "latent_stats.json", stats_out)
 
   key = parallel.put_replicated(jax.random.PRNGKey(config.seed + 1), mesh)
   stream = TrainStream(_Rows(len(rows)), t.batch_size, config.seed,

@@ -1,6 +1,6 @@
 """Stage 'encode': the training split (the retrieval database) and the held-out
 split through the trained VQ-GAN encoder, stored as code indices in shards
-(layout in rissole_jax/shards.py):
+(layout in rissole_jax/store/shards.py):
 
   DIR/encode/codebook.npy                    (K, c) float32
   DIR/encode/{split}-{i:05d}.npy             (rows, h, w) uint8/uint16 codes
@@ -19,8 +19,10 @@ import time
 
 import numpy as np
 
-from rissole_jax import codes as codes_lib
-from rissole_jax import parallel, retrieval, shards
+from rissole_jax.store import codes as codes_lib
+from rissole_jax import retrieval
+from rissole_jax.runtime import parallel
+from rissole_jax.store import shards
 from rissole_jax.data import HELDOUT, TRAIN, load_source, to_float
 
 

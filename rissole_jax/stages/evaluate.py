@@ -18,11 +18,12 @@ import time
 
 import numpy as np
 
-from rissole_jax import workdir as wd
+from rissole_jax.stages import workdir as wd
 from rissole_jax.data import HELDOUT, TRAIN, load_all, load_source, to_float, to_uint8
 from rissole_jax.errors import ConfigError, DataError
 from rissole_jax.metrics import classifier as clf_lib
 from rissole_jax.metrics import frechet, inception, memorization, prdc, seams
+from rissole_jax import files
 
 CLASSIFIER_SEED = 0  # the classifier is a measuring instrument: one per dataset, not per run
 
@@ -47,7 +48,7 @@ def load_samples(sample_dir) -> np.ndarray:
                     "(python -m rissole_jax.main ... --only sample).")
   fix = (f"Fix: rerun the pipeline: the sample stage ({sample_dir}) remakes it.")
   try:
-    x = wd.load_npy(path, fix)
+    x = files.load_npy(path, fix)
   except DataError:
     wd.mark_unfinished(sample_dir)
     raise

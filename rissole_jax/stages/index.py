@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from rissole_jax import retrieval, shards
+from rissole_jax import retrieval
 
-
+from rissole_jax.store import shards
 def run(ctx) -> dict:
   enc = ctx.dir("encode")
   meta = shards.read_meta(enc)

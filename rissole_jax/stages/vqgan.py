@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rissole_jax import parallel
+from rissole_jax.runtime import parallel
 from rissole_jax.data import TrainStream, eval_batches, load_source, to_uint8
 from rissole_jax.models import vqgan as vq
 from rissole_jax.train import checkpoints, guard
 from rissole_jax.train.vqgan import Autoencoder, Trainer, build, check_batch, keys
-from rissole_jax.workdir import atomic_write_bytes
+from rissole_jax.files import atomic_write_bytes
 
 
 def run(ctx) -> dict:

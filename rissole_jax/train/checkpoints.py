@@ -27,7 +27,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from rissole_jax.errors import DataError
-from rissole_jax.workdir import atomic_write_json
+from rissole_jax.files import atomic_write_json
+from rissole_jax import files
 
 CHECKSUMS = "checksums.json"
 DAMAGED = "checkpoints_damaged"  # sibling of the checkpoints folder
@@ -50,7 +51,7 @@ def _file_sums(step_dir: Path) -> dict:
   out = {}
   for p in sorted(step_dir.rglob("*")):
     if p.is_file() and p.name != CHECKSUMS:
-      out[str(p.relative_to(step_dir))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+      out[str(p.relative_to(step_dir))] = {"bytes": p.stat().st_size, "sha256": files.sha256_file(p)}
   return out
 
 
@@ -86,17 +87,9 @@ def check_files(step_dir: Path) -> None:
     if p.stat().st_size != want["bytes"]:
       raise CheckpointError(f"{p} is truncated or changed ({p.stat().st_size} bytes, "
                             f"{want['bytes']} when saved).")
-    if _sha256(p) != want["sha256"]:
+    if files.sha256_file(p) != want["sha256"]:
       raise CheckpointError(f"{p} is damaged: its checksum differs from the one recorded "
                             "when it was saved.")
-
-
-def _sha256(p: Path) -> str:
-  h = hashlib.sha256()
-  with open(p, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -139,7 +132,7 @@ def quarantine(mngr: ocp.CheckpointManager, step: int) -> Path:
     while dst.exists():
       dst, n = dst_root / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}.{n}", n + 1
     os.replace(src, dst)
-  from rissole_jax import parallel
+  from rissole_jax.runtime import parallel
   parallel.sync(f"quarantine-{mngr.directory}-{step}")
   mngr.reload()
   return dst
@@ -206,7 +199,7 @@ def restore_params(directory: Path, like=None):
 
 def remake_fix(stage_dir: Path, stage: str) -> str:
   """Marks the training stage in `stage_dir` unfinished and says how to remake it."""
-  from rissole_jax import workdir as wd
+  from rissole_jax.stages import workdir as wd
   if jax.process_index() == 0:
     wd.mark_unfinished(stage_dir)
   return (f"The {stage} stage in {stage_dir} is now marked unfinished. Fix: rerun the "

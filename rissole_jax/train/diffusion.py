@@ -22,13 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rissole_jax import parallel
-from rissole_jax import workdir as wd
-from rissole_jax.diffusion import samplers
+from rissole_jax.runtime import parallel
+from rissole_jax.stages import workdir as wd
+from rissole_jax.diffusion import solvers as samplers
 from rissole_jax.diffusion.schedule import PREDICTIONS, make_schedule
 from rissole_jax.errors import ConfigError, DataError
 from rissole_jax.models import unet
 from rissole_jax.train import checkpoints, guard, optim
+from rissole_jax import files
 
 GATHERS = ("device", "sharded", "host")
 
@@ -373,7 +374,7 @@ def load_denoiser(config, root: Path, mesh=None):
   path = sdir / "latent_stats.json"
   if not path.exists():
     raise DataError(f"{path} is missing: the 'diffusion' stage has not run in {root}.")
-  meta = wd.read_json(path)
+  meta = files.read_json(path)
   try:
     latent_shape, k = tuple(meta["latent_shape"]), int(meta["k"])
     np.asarray(meta["mean"], np.float32), np.asarray(meta["std"], np.float32)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rissole_jax import parallel
+from rissole_jax.runtime import parallel
 from rissole_jax.errors import ConfigError
 from rissole_jax.models import vqgan as vq
 from rissole_jax.train import checkpoints, guard, optim
@@ -279,7 +279,7 @@ class Autoencoder:
   def encode_codes(self, images, batch_size: int = 256) -> np.ndarray:
     """Code indices (N, h, w) (uint8/uint16) of images in [-1, 1]: what the
     database stores (no nearest-code search after the fact)."""
-    from rissole_jax.codes import code_dtype
+    from rissole_jax.store.codes import code_dtype
     idx = self._batched(self._encode_codes, images, batch_size, tuple(self.latent_shape[:2]),
                         np.int32)
     return idx.astype(code_dtype(self.config.vqgan.codebook_size))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rissole_jax.workdir import atomic_write_bytes
+from rissole_jax.files import atomic_write_bytes
 
 
 def tile(images: np.ndarray, cols: int, pad: int = 2, value: int = 255) -> np.ndarray:

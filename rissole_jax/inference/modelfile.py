@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from rissole_jax.errors import DataError
-from rissole_jax.workdir import atomic_write_bytes
+from rissole_jax.files import atomic_write_bytes
 
 FORMAT = "rissole_jax.model"
 VERSION = 1  # bump on any change a version-1 reader would misread
@@ -46,13 +46,13 @@ def _npy(a) -> bytes:
 def _msgpack(params) -> bytes:
   import jax
   from flax import serialization
-  from rissole_jax import parallel
+  from rissole_jax.runtime import parallel
   return serialization.msgpack_serialize(jax.tree.map(parallel.to_host, params))
 
 
 def members(sampler) -> dict[str, bytes]:
   """The file's members (manifest excluded) for a Sampler."""
-  from rissole_jax import codes as codes_lib
+  from rissole_jax.store import codes as codes_lib
   db = sampler.db
   codebook = codes_lib.codebook_of(sampler.ae.params)
   if codebook is None or db.codes is None:
@@ -80,7 +80,7 @@ def save(sampler, path) -> dict:
   plus what the database would take as float32 latents (for the ratio)."""
   import jax
   import rissole_jax
-  from rissole_jax import parallel
+  from rissole_jax.runtime import parallel
   path = Path(path)
   parts = members(sampler)
   manifest = {"format": FORMAT, "version": VERSION, "rissole_jax": rissole_jax.__version__,
@@ -143,9 +143,11 @@ def _check_format(manifest: dict, path: Path) -> None:
 def load(path, mesh=None):
   """A Sampler from a model file."""
   from flax import serialization
-  from rissole_jax import codes as codes_lib, defaults, parallel
+  from rissole_jax import defaults
+  from rissole_jax.store import codes as codes_lib
+  from rissole_jax.runtime import parallel
   from rissole_jax.models import unet
-  from rissole_jax.sampler import Database, Sampler, merge_config
+  from rissole_jax.inference.sampler import Database, Sampler, merge_config
   from rissole_jax.train.vqgan import Autoencoder
   manifest, data = read(path)
   config = defaults.recorded_base()   # files made before a model key: its first value

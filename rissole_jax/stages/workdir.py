@@ -23,53 +23,6 @@ import ml_collections as mlc
 from rissole_jax.errors import DataError, WorkdirMismatch
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-  """Writes to a temporary file in the same folder, then renames over `path`."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are for everyone
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-  atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
-
-
-def atomic_save_npy(path: Path, array) -> None:
-  import io
-  import numpy as np
-  buf = io.BytesIO()
-  np.save(buf, np.asarray(array))
-  atomic_write_bytes(path, buf.getvalue())
-
-
-def _json_default(o):
-  import numpy as np
-  if isinstance(o, (np.integer, np.floating)):
-    return o.item()
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  if isinstance(o, Path):
-    return str(o)
-  raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
 def config_sections(config: mlc.ConfigDict, keys) -> dict:
   out = {}
   for k in keys:
@@ -216,33 +169,6 @@ def mark_unfinished(stage_dir: Path) -> None:
   if rec and rec.get("done"):
     rec["done"] = False
     atomic_write_json(path, rec)
-
-
-def read_json(path: Path, missing_ok: bool = False):
-  """A JSON file's contents; DataError naming the file when it is damaged
-  (None when it is missing and missing_ok)."""
-  path = Path(path)
-  try:
-    return json.loads(path.read_text())
-  except FileNotFoundError:
-    if missing_ok:
-      return None
-    raise DataError(f"{path} is missing.") from None
-  except (ValueError, UnicodeDecodeError) as e:
-    raise DataError(f"{path} is damaged ({type(e).__name__}: {e}). It is a record this "
-                    "program wrote. Fix: delete the stage.json beside it and rerun: the stage "
-                    "that wrote it runs again (a training stage resumes from its checkpoints).") from None
-
-
-def load_npy(path: Path, fix: str = "") -> "np.ndarray":
-  """np.load, with a DataError naming the file (and `fix`) when it is damaged."""
-  import numpy as np
-  try:
-    return np.load(path, allow_pickle=False)
-  except FileNotFoundError:
-    raise DataError(f"{path} is missing. {fix}") from None
-  except (OSError, ValueError, EOFError) as e:
-    raise DataError(f"{path} is damaged ({type(e).__name__}: {e}). {fix}") from None
 
 
 def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:

@@ -1,5 +1,5 @@
 """The whole sampler as a StableHLO program (jax.export), runnable without
-this package: `rissole_jax/export_runner.py` (copied beside it as run.py)
+this package: `rissole_jax/inference/export_runner.py` (copied beside it as run.py)
 needs only jax and numpy.
 
   python -m rissole_jax.export --format stablehlo --workdir DIR --out EXPORT_DIR \
@@ -34,11 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from rissole_jax import blocks as blk
-from rissole_jax import export_runner as runner
-from rissole_jax.diffusion import samplers
+from rissole_jax.inference import export_runner as runner
+from rissole_jax.diffusion import solvers as samplers
 from rissole_jax.errors import ConfigError
-from rissole_jax.sampler import Settings, sample_latents, skip_plan
-from rissole_jax.workdir import atomic_write_bytes, atomic_write_json
+from rissole_jax.inference.sampler import Settings, sample_latents, skip_plan
+from rissole_jax.files import atomic_write_bytes, atomic_write_json
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -64,7 +64,7 @@ def program(config, model, schedule, decode_fn, stats, treedef):
 
 def build(sampler, quantize: str | None = None):
   """(fn, param leaves, treedef, Quantized) for a sampler's parts."""
-  from rissole_jax import quantize as qz
+  from rissole_jax.inference import quantize as qz
   config = sampler.config
   samplers.check_config(config.sample, config.diffusion.timesteps)
   mode = quantize if quantize is not None else config.sample.get("quantize", "none")
@@ -90,7 +90,7 @@ def export_stablehlo(sampler, out_dir, *, batch_symbolic: bool = True, platforms
   manifest.json to out_dir; returns the manifest. `sampler`: anything with
   config, model, params, ae, stats, db, schedule (a rissole_jax.Sampler).
   Platforms JAX cannot lower for here are dropped (and listed as skipped)."""
-  from rissole_jax import quantize as qz
+  from rissole_jax.inference import quantize as qz
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   fn, leaves, treedef, q = build(sampler, quantize)
@@ -142,10 +142,10 @@ def export_stablehlo(sampler, out_dir, *, batch_symbolic: bool = True, platforms
 
 def database_arrays(sampler) -> dict:
   """The database as stored beside the program: the neighbour table, and the
-  latents as codebook indices plus the codebook (rissole_jax/codes.py: 16x
+  latents as codebook indices plus the codebook (rissole_jax/store/codes.py: 16x
   smaller than float32 with a 256-entry codebook), or float32 latents where
   they are not codebook vectors."""
-  from rissole_jax import codes as codes_lib
+  from rissole_jax.store import codes as codes_lib
   from rissole_jax.errors import DataError
   out = {"neighbours": np.asarray(sampler.db.neighbours, np.int32)}
   cb = codes_lib.codebook_of(sampler.ae.params)

@@ -34,10 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from rissole_jax import blocks as blk
-from rissole_jax import codes as codes_lib
-from rissole_jax import parallel, pictures
+from rissole_jax.store import codes as codes_lib
+from rissole_jax.runtime import parallel
+from rissole_jax.inference import pictures
 from rissole_jax.data.pipeline import local_slice, to_float, to_uint8
-from rissole_jax.diffusion import samplers
+from rissole_jax.diffusion import solvers as samplers
 from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError, DataError
 from rissole_jax.models import lego, mapped, unet
@@ -99,7 +100,7 @@ def check_config(config) -> None:
   """The sample section, refused early with the fix."""
   s = config.sample
   check_settings(Settings.from_config(s), config)
-  from rissole_jax import quantize
+  from rissole_jax.inference import quantize
   quantize.check_mode(s.get("quantize", "none"))
   if s.pseudo_query not in PSEUDO_QUERIES:
     raise ConfigError(f"Unknown sample.pseudo_query {s.pseudo_query!r}: use one of {PSEUDO_QUERIES}.")
@@ -308,7 +309,7 @@ def workdir_config(root: Path):
   """The config a workdir was made with: the defaults, overridden by every
   stage record's config sections (each stage records the sections it reads)."""
   from rissole_jax import defaults
-  from rissole_jax.main import STAGES
+  from rissole_jax.stages import STAGES
   root = Path(root)
   first = root / "vqgan" / "stage.json"
   if not root.is_dir():
@@ -349,7 +350,7 @@ def _tuples(v):
 def check_stages(config, root: Path, needed=NEEDED_STAGES) -> None:
   """Each needed stage finished with this config, or DataError naming the
   stage and the command that makes it."""
-  from rissole_jax.main import stage_records
+  from rissole_jax.stages import stage_records
   for rec in stage_records(config, Path(root)):
     if rec.name not in needed or rec.is_done():
       continue
@@ -415,12 +416,12 @@ class Sampler:
   @classmethod
   def load(cls, path, mesh=None) -> "Sampler":
     """A sampler from a model file written by `save` (python -m rissole_jax.export)."""
-    from rissole_jax import modelfile
+    from rissole_jax.inference import modelfile
     return modelfile.load(path, mesh)
 
   def save(self, path) -> dict:
     """Writes everything sampling needs into one file; returns its parts' sizes."""
-    from rissole_jax import modelfile
+    from rissole_jax.inference import modelfile
     return modelfile.save(self, path)
 
   def __repr__(self) -> str:
@@ -615,8 +616,8 @@ class Sampler:
     """This sampler with its denoiser and VQ-GAN decoder quantized to int8
     ('int8_weights': int8 weights, float compute; 'int8': int8 weights and
     activations with static scales calibrated on the database), see
-    rissole_jax/quantize.py. 'none' returns this sampler."""
-    from rissole_jax import quantize
+    rissole_jax/inference/quantize.py. 'none' returns this sampler."""
+    from rissole_jax.inference import quantize
     quantize.check_mode(mode)
     if mode == self.quantize:
       return self
@@ -669,8 +670,8 @@ def _bar(total: int, desc: str):
 
 
 def cache_dir() -> Path:
-  """$RISSOLE_CACHE, else ~/.cache/rissole_jax (rissole_jax.cache)."""
-  from rissole_jax.cache import user_cache_dir
+  """$RISSOLE_CACHE, else ~/.cache/rissole_jax (rissole_jax.runtime.cache)."""
+  from rissole_jax.runtime.cache import user_cache_dir
   return user_cache_dir()
 
 
@@ -705,7 +706,7 @@ def _digest(data: bytes) -> str:
 
 
 def _database_key(sampler: Sampler, src) -> str:
-  from rissole_jax import workdir as wd
+  from rissole_jax.stages import workdir as wd
   return wd.fingerprint({"autoencoder": sampler.ae.fingerprint, "source": src.name,
                          "retrieval": sampler.config.retrieval.to_dict(),
                          "size": sampler.image_shape})

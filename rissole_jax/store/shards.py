@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rissole_jax import workdir as wd
+from rissole_jax.stages import workdir as wd
 from rissole_jax.errors import IndexMismatch
+from rissole_jax import files
 
 FORMAT = "shards"
 
@@ -63,12 +64,12 @@ def _fix(directory: Path) -> str:
 def write_shard(directory: Path, split: str, i: int, start: int, rows: np.ndarray,
                 labels: np.ndarray, fingerprint: str) -> None:
   """One shard's rows and labels, then its manifest (a crash leaves no manifest)."""
-  from rissole_jax.retrieval import write_manifest
+  from rissole_jax.files import write_manifest
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   name = _name(split, i)
-  wd.atomic_save_npy(directory / f"{name}.npy", rows)
-  wd.atomic_save_npy(directory / f"{name}_labels.npy", np.asarray(labels, np.int32))
+  files.atomic_save_npy(directory / f"{name}.npy", rows)
+  files.atomic_save_npy(directory / f"{name}_labels.npy", np.asarray(labels, np.int32))
   write_manifest(directory / f"{name}.json", [f"{name}.npy", f"{name}_labels.npy"],
                  {"split": split, "shard": i, "start": int(start), "rows": len(rows),
                   "fingerprint": fingerprint, "dtype": str(rows.dtype),
@@ -78,7 +79,7 @@ def write_shard(directory: Path, split: str, i: int, start: int, rows: np.ndarra
 def shard_done(directory: Path, split: str, i: int, start: int, stop: int,
                fingerprint: str) -> bool:
   """Whether shard i is already there, intact, for these rows and this autoencoder."""
-  from rissole_jax.retrieval import read_manifest
+  from rissole_jax.files import read_manifest
   path = Path(directory) / f"{_name(split, i)}.json"
   if not path.exists():
     return False
@@ -94,13 +95,13 @@ def finish(directory: Path, fingerprint: str, dataset: str, codebook: np.ndarray
   """meta.json over every shard (process 0, once all processes wrote theirs).
   splits: {split: (rows, shard_rows, source name)}. Refuses missing shards and
   shards of another autoencoder, naming the fix."""
-  from rissole_jax.retrieval import read_manifest, write_manifest
-  from rissole_jax.retrieval.manifest import _remove
+  from rissole_jax.files import read_manifest, write_manifest
+  from rissole_jax.files import remove
   directory = Path(directory)
-  _remove(directory / "meta.json")
+  remove(directory / "meta.json")
   files, shapes, sources, counts = [], {}, {}, {}
   if codebook is not None:
-    wd.atomic_save_npy(directory / "codebook.npy", np.asarray(codebook, np.float32))
+    files.atomic_save_npy(directory / "codebook.npy", np.asarray(codebook, np.float32))
     files.append("codebook.npy")
   dtypes = set()
   for split, (n, shard_rows, source_name) in splits.items():
@@ -134,7 +135,7 @@ def finish(directory: Path, fingerprint: str, dataset: str, codebook: np.ndarray
 def read_meta(directory: Path) -> dict:
   """The encode folder's meta.json after checking every file it lists
   (legacy float folders included: their meta has no 'format')."""
-  from rissole_jax.retrieval import read_manifest
+  from rissole_jax.files import read_manifest
   meta = read_manifest(Path(directory) / "meta.json", "latents")
   if meta.get("format", "float") not in (FORMAT, "float"):
     raise IndexMismatch(f"{directory}/meta.json: unknown format {meta['format']!r}. "
