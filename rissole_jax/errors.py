@@ -19,3 +19,12 @@ class WorkdirMismatch(RissoleError):
 
 class IndexMismatch(RissoleError):
   """An index or latent file was made by another autoencoder/config, or is damaged."""
+
+
+def check_choice(key: str, value, choices, error=None, hint: str = "") -> None:
+  """Refuses a value outside `choices`, naming the key, the value and every
+  choice: the one "Unknown X: use one of ..." check (ConfigError unless
+  `error` gives another type; `hint` is appended to the message)."""
+  if value not in choices:
+    raise (error or ConfigError)(
+        f"Unknown {key} {value!r}: use one of {tuple(choices)}." + (f" {hint}" if hint else ""))
