@@ -7,7 +7,8 @@ import pytest
 
 from rissole_jax.defaults import base_config
 from rissole_jax.errors import ConfigError
-from rissole_jax.models import unet
+from rissole_jax.models import common, make_denoiser
+from rissole_jax.models import rows as model_rows
 from rissole_jax.train import diffusion as dif
 
 SHAPE, K, B = (8, 8, 4), 3, 2
@@ -21,7 +22,7 @@ def tiny(variant="rissole", **model):
   c.retrieval.k = K
   c.diffusion.timesteps = 20
   # Condition dropout gives retrieval models their learned null (keep=False).
-  c.diffusion.cond_dropout = 0.1 if unet.uses_retrieval(variant) else 0.0
+  c.diffusion.cond_dropout = 0.1 if common.uses_retrieval(variant) else 0.0
   c.diffusion.train.update(steps=40, batch_size=8, lr=3e-3, warmup_steps=1)
   return c
 
@@ -30,7 +31,7 @@ def random_params(model, seed=0):
   """Parameters drawn at random without compiling an init: the shapes come from
   eval_shape. Zero-initialised layers and nulls would otherwise hide what the
   inputs do."""
-  x, t, cond = unet.init_inputs(model, SHAPE, K)
+  x, t, cond = model_rows.init_inputs(model, SHAPE, K)
   shapes = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, t, **cond)))
   rng = np.random.default_rng(seed)
   def draw(a):
@@ -56,7 +57,7 @@ def models():
                             ("nopos", "rissole", {"use_position": False}),
                             ("xattn", "rissole", {"cond": "cross_attn"}),
                             ("blocks_only", "blocks_only", {}), ("full", "full", {}), ("rdm", "rdm", {})]:
-    m = unet.make_denoiser(tiny(variant, **kw), SHAPE)
+    m = make_denoiser(tiny(variant, **kw), SHAPE)
     out[name] = (m, random_params(m), jax.jit(lambda p, x, t, c, keep, m=m: m.apply(
         {"params": p}, x, t, **c, keep=keep)))
   return out
@@ -76,7 +77,7 @@ def test_folded_blocks_equal_a_per_block_loop(models, name):
   with one block's inputs, so it reuses the compiled batch shape.)"""
   m, _, _ = models[name]
   z0, nb = data()
-  x0, cond = unet.model_inputs(m, z0, nb)
+  x0, cond = model_rows.model_inputs(m, z0, nb)
   t = jnp.arange(x0.shape[0], dtype=jnp.int32) % 20
   folded = call(models, name, x0, t, cond)
   gh, gw = m.grid
@@ -96,7 +97,7 @@ def test_folded_blocks_equal_a_per_block_loop(models, name):
 
 def test_position_switch(models):
   z0, nb = data()
-  x, cond = unet.model_inputs(models["rissole"][0], z0, nb)
+  x, cond = model_rows.model_inputs(models["rissole"][0], z0, nb)
   t = jnp.full((x.shape[0],), 5, jnp.int32)
   other = {**cond, "pos": (cond["pos"] + 1) % 4}
   assert not np.allclose(call(models, "rissole", x, t, cond), call(models, "rissole", x, t, other))
@@ -109,8 +110,8 @@ def test_neighbour_content_and_null_switch(models, name):
   m = models[name][0]
   z0, nb = data()
   _, nb2 = data(seed=1)
-  x, cond = unet.model_inputs(m, z0, nb)
-  _, cond2 = unet.model_inputs(m, z0, nb2)
+  x, cond = model_rows.model_inputs(m, z0, nb)
+  _, cond2 = model_rows.model_inputs(m, z0, nb2)
   t = jnp.full((x.shape[0],), 7, jnp.int32)
   a = call(models, name, x, t, cond)
   assert not np.allclose(a, call(models, name, x, t, cond2))
@@ -125,11 +126,11 @@ def test_neighbour_content_and_null_switch(models, name):
 
 def test_prev_block_switch(models):
   z0, nb = data()
-  x, cond = unet.model_inputs(models["prev"][0], z0, nb)
+  x, cond = model_rows.model_inputs(models["prev"][0], z0, nb)
   t = jnp.full((x.shape[0],), 3, jnp.int32)
   other = {**cond, "prev": cond["prev"] + 1.0}
   assert not np.allclose(call(models, "prev", x, t, cond), call(models, "prev", x, t, other))
-  x1, cond1 = unet.model_inputs(models["rissole"][0], z0, nb)
+  x1, cond1 = model_rows.model_inputs(models["rissole"][0], z0, nb)
   assert "prev" not in cond1
   # Without the switch a previous block is not an input at all.
   np.testing.assert_allclose(call(models, "rissole", x1, t, cond1),
@@ -140,7 +141,7 @@ def test_concat_vs_cross_attention_and_variants(models):
   z0, nb = data()
   outs = {}
   for name in ["rissole", "xattn", "blocks_only"]:
-    x, cond = unet.model_inputs(models[name][0], z0, nb)
+    x, cond = model_rows.model_inputs(models[name][0], z0, nb)
     outs[name] = call(models, name, x, jnp.full((x.shape[0],), 4, jnp.int32), cond)
     assert x.shape == (B * 4, 4, 4, 4) and outs[name].shape == x.shape
   # concat: the neighbours enter conv_in (through model.neighbour_encoder's convs or not)
@@ -150,10 +151,10 @@ def test_concat_vs_cross_attention_and_variants(models):
   assert any("xattn" in k for k in models["xattn"][1])
   assert not np.allclose(outs["rissole"], outs["xattn"])
   # blocks_only and full take no neighbours; full and rdm see the whole latent.
-  _, cond = unet.model_inputs(models["blocks_only"][0], z0, nb)
+  _, cond = model_rows.model_inputs(models["blocks_only"][0], z0, nb)
   assert cond["neighbours"] is None
   for name in ["full", "rdm"]:
-    x, cond = unet.model_inputs(models[name][0], z0, nb)
+    x, cond = model_rows.model_inputs(models[name][0], z0, nb)
     assert x.shape == (B, *SHAPE) and "pos" not in cond
     assert (cond["neighbours"] is None) == (name == "full")
     assert call(models, name, x, jnp.array([3, 9]), cond).shape == x.shape
@@ -166,7 +167,7 @@ def test_every_parameter_is_used(models, name):
   from jax._src.interpreters import partial_eval as pe
   m, p, _ = models[name]
   z0, nb = data()
-  x, cond = unet.model_inputs(m, z0, nb)
+  x, cond = model_rows.model_inputs(m, z0, nb)
   t = jnp.arange(x.shape[0], dtype=jnp.int32) % 20
   keep = jnp.arange(x.shape[0]) % 2 == 0   # some rows use the learned null
   closed = jax.make_jaxpr(lambda p: m.apply({"params": p}, x, t, **cond, keep=keep))(p)
@@ -179,35 +180,35 @@ def test_every_parameter_is_used(models, name):
 def test_null_only_with_condition_dropout():
   c = tiny()
   c.diffusion.cond_dropout = 0.0
-  m = unet.make_denoiser(c, SHAPE)
+  m = make_denoiser(c, SHAPE)
   assert "null_neighbours" not in random_params(m)
   z0, nb = data()
-  x, cond = unet.model_inputs(m, z0, nb)
+  x, cond = model_rows.model_inputs(m, z0, nb)
   with pytest.raises(ValueError, match="cond_dropout"):
     jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x, jnp.zeros(x.shape[0], jnp.int32),
                                   **cond, keep=jnp.ones(x.shape[0], bool)))
 
 
 def test_param_counts(models):
-  counts = {n: unet.count_params(p) for n, (_, p, _) in models.items()}
+  counts = {n: common.count_params(p) for n, (_, p, _) in models.items()}
   assert all(c > 0 for c in counts.values())
   assert counts["rissole"] > counts["blocks_only"] and counts["rdm"] > counts["full"]
 
 
 def test_config_errors():
   with pytest.raises(ConfigError, match="variant"):
-    unet.make_denoiser(tiny("unet"), SHAPE)
+    make_denoiser(tiny("unet"), SHAPE)
   with pytest.raises(ConfigError, match="cond"):
-    unet.make_denoiser(tiny(cond="film"), SHAPE)
+    make_denoiser(tiny(cond="film"), SHAPE)
   with pytest.raises(ConfigError, match="use_prev_block"):
-    unet.make_denoiser(tiny("full", use_prev_block=True), SHAPE)
+    make_denoiser(tiny("full", use_prev_block=True), SHAPE)
   with pytest.raises(ConfigError, match="does not divide"):
     c = tiny()
     c.blocks.grid = (3, 3)
     dif.check_config(c, SHAPE)
   with pytest.raises(ConfigError, match="ch_mult"):
     c = tiny(ch_mult=(1, 2, 2, 2))
-    unet.make_denoiser(c, SHAPE)
+    make_denoiser(c, SHAPE)
   with pytest.raises(ConfigError, match="cond_dropout"):
     c = tiny("blocks_only")
     c.diffusion.cond_dropout = 0.1

@@ -15,7 +15,8 @@ from rissole_jax import defaults
 from rissole_jax.defaults import apply_variants, base_config
 from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError
-from rissole_jax.models import lego, unet
+from rissole_jax.models import common, lego, make_denoiser
+from rissole_jax.models import rows as model_rows
 from rissole_jax.inference import sampler as smp
 from rissole_jax.train import diffusion as dif
 
@@ -38,7 +39,7 @@ def tiny(preset="pg", variant="rissole", **lg):
 def random_params(model, shape=SHAPE, seed=0):
   """Random parameters from eval_shape shapes (zero-initialised heads and gates
   would hide what the inputs do)."""
-  x, t, cond = unet.init_inputs(model, shape, K)
+  x, t, cond = model_rows.init_inputs(model, shape, K)
   shapes = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, t, **cond)))
   rng = np.random.default_rng(seed)
   def draw(a):
@@ -60,14 +61,14 @@ def data(shape=SHAPE, seed=0):
 @pytest.mark.parametrize("variant", ["rissole", "blocks_only", "full"])
 @pytest.mark.parametrize("preset", ["pg", "pr", "u"])
 def test_every_preset_predicts_every_brick_on_the_canvas(preset, variant):
-  m = unet.make_denoiser(tiny(preset, variant), SHAPE)
+  m = make_denoiser(tiny(preset, variant), SHAPE)
   canvas = (4, 4) if m.blocks else (8, 8)
   regions = [b[0] for b in m.bricks]
   # The paper's orders: PG local -> full canvas, PR the reverse, U = PR then PG.
   want = {"pg": [(2, 2), (4, 4)], "pr": [(4, 4), (2, 2)], "u": [(4, 4), (2, 2), (4, 4)]}[preset]
   assert regions == [tuple(np.array(r) * canvas[0] // 4) for r in want]
   z0, nb = data()
-  x, cond = unet.model_inputs(m, z0, nb)
+  x, cond = model_rows.model_inputs(m, z0, nb)
   t = jnp.zeros((x.shape[0],), jnp.int32)
   p = nn.meta.unbox(jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x, t, **cond)))
   out = jax.eval_shape(lambda p: m.apply(p, x, t, **cond, all_bricks=True), p)
@@ -91,7 +92,7 @@ def test_larger_and_non_square_canvases_get_positions_and_neighbours():
   """A 2x-per-side canvas (and a 1x2 non-square one): the block model's grid
   grows, each block takes the learned position at its relative place and the
   coordinates of the larger canvas; `full` runs its regions over it."""
-  m = unet.make_denoiser(tiny("pg"), SHAPE)
+  m = make_denoiser(tiny("pg"), SHAPE)
   for hw, grid in (((16, 16), (4, 4)), ((8, 16), (2, 4))):
     big = lego.for_canvas(m, hw, SHAPE[:2])
     assert big.grid == grid and big.train_grid == (2, 2)
@@ -104,16 +105,16 @@ def test_larger_and_non_square_canvases_get_positions_and_neighbours():
     nb_big = lego.canvas_neighbours(nb, hw)
     assert nb_big.shape == (B, K, *hw, 4)
     np.testing.assert_array_equal(nb_big[:, :, ::hw[0] // 8, ::hw[1] // 8], nb)
-    x, cond = unet.model_inputs(big, z_big, nb_big)
+    x, cond = model_rows.model_inputs(big, z_big, nb_big)
     assert x.shape == (B * blk.num_blocks(grid), 4, 4, 4)
     cc = big.canvas_coords(x, cond["pos"])
-    np.testing.assert_allclose(np.asarray(blk.merge(unet.unfold(cc, blk.num_blocks(grid)), grid))[0],
+    np.testing.assert_allclose(np.asarray(blk.merge(model_rows.unfold(cc, blk.num_blocks(grid)), grid))[0],
                                lego.coords(*hw), atol=1e-6)
     params = random_params(m)
     out = jax.jit(lambda p, x, c: big.apply({"params": p}, x, jnp.zeros((x.shape[0],), jnp.int32),
                                             **c))(params, x, cond)
     assert out.shape == x.shape and np.all(np.isfinite(out))
-  f = unet.make_denoiser(tiny("pr", "full"), SHAPE)
+  f = make_denoiser(tiny("pr", "full"), SHAPE)
   assert lego.for_canvas(f, (16, 24), SHAPE[:2]) is f
   with pytest.raises(ConfigError, match="not tiled"):
     lego.for_canvas(f, (12, 16), SHAPE[:2])
@@ -126,7 +127,7 @@ def test_attention_and_patches_stay_inside_a_region():
   """One local brick (4x4 regions on the 8x8 canvas): changing the noisy input
   in one region changes the prediction there only."""
   c = tiny("pg", "full", bricks=((4, 2, 1, 32),))
-  m = unet.make_denoiser(c, SHAPE)
+  m = make_denoiser(c, SHAPE)
   params = random_params(m)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, *SHAPE)), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
@@ -151,13 +152,13 @@ def test_neighbours_as_tokens_reach_only_their_region():
     c = tiny("pg", "full", bricks=((4, 2, 1, 32),), neighbours=how)
     c.model.variant = "rissole"
     c.blocks.grid = (1, 1)        # the block is the whole 8x8 latent: regions 4x4
-    m = unet.make_denoiser(c, SHAPE)
+    m = make_denoiser(c, SHAPE)
     params = random_params(m)
-    counts[how] = unet.count_params(params)
-    x, cond = unet.model_inputs(m, z0, nb)
+    counts[how] = common.count_params(params)
+    x, cond = model_rows.model_inputs(m, z0, nb)
     tt = jnp.zeros((x.shape[0],), jnp.int32)
     f = jax.jit(lambda nb_: m.apply({"params": params}, x, tt,
-                                    **{**cond, "neighbours": unet.condition(m, nb_, B)["neighbours"]}))
+                                    **{**cond, "neighbours": model_rows.condition(m, nb_, B)["neighbours"]}))
     d = np.abs(np.asarray(f(nb.at[0, 1, 1, 2].add(3.0)) - f(nb)))[0].sum(-1)
     outs[how] = d
   assert counts["tokens"] != counts["channels"]   # token embeddings instead of input channels
@@ -168,7 +169,7 @@ def test_neighbours_as_tokens_reach_only_their_region():
     d[:4, :4] = 0
     assert d.max() == 0                 # no other region does
   with pytest.raises(ConfigError, match="model.lego.neighbours"):
-    unet.make_denoiser(tiny("pg", neighbours="bag"), SHAPE)
+    make_denoiser(tiny("pg", neighbours="bag"), SHAPE)
 
 
 # ---------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def test_every_brick_learns():
 
   @jax.jit
   def brick_losses(params, key):
-    x0, cond = unet.model_inputs(model, z0, nb)
+    x0, cond = model_rows.model_inputs(model, z0, nb)
     kt, kn = jax.random.split(key)
     t = jax.random.randint(kt, (x0.shape[0],), 0, schedule.T)
     noise = jax.random.normal(kn, x0.shape)
@@ -216,7 +217,7 @@ def _sampler(c, model, params, nb):
 @pytest.mark.parametrize("preset", ["pg", "pr"])
 def test_skipping_nothing_is_exact_and_skipping_saves_flops(preset):
   c = tiny(preset)
-  model = unet.make_denoiser(c, SHAPE)
+  model = make_denoiser(c, SHAPE)
   params = random_params(model)
   _, nb = data()
   key = jax.random.PRNGKey(0)
@@ -226,7 +227,7 @@ def test_skipping_nothing_is_exact_and_skipping_saves_flops(preset):
   c.sample.skip.t_break = 0.0
   np.testing.assert_array_equal(np.asarray(_sampler(c, model, params, nb)(params, nb, key)), ref)
 
-  x, cond = unet.model_inputs(model, nb[:, 0], nb)
+  x, cond = model_rows.model_inputs(model, nb[:, 0], nb)
   full = lego.sampler_flops(model, params, c, x, cond)["flops"]
   last = full
   for t_break in (0.5, 1.0):
@@ -249,7 +250,7 @@ def test_skipping_nothing_is_exact_and_skipping_saves_flops(preset):
 
 def test_skip_steps_follow_t_break():
   c = tiny("pg")
-  m = unet.make_denoiser(c, SHAPE)
+  m = make_denoiser(c, SHAPE)
   c.sample.update(sampler="ddpm")
   for end, t_break, want in (("low", 0.25, (15, 5)), ("high", 0.25, (5, 15)),
                              ("low", 1.0, (0, 20)), ("high", 1.0, (20, 0))):
@@ -279,7 +280,7 @@ def test_configs_that_cannot_work_are_refused_with_the_fix(change, match):
   c = tiny("pg")
   change(c)
   with pytest.raises(ConfigError, match=match) as e:
-    unet.make_denoiser(c, SHAPE)
+    make_denoiser(c, SHAPE)
   assert "Fix" in str(e.value) or "use one of" in str(e.value) or "must" in str(e.value)
 
 
@@ -287,7 +288,7 @@ def test_variants_compose_with_smoke():
   from configs import mnist
   for p in ("pg", "pr", "u"):
     c = mnist.get_config(f"lego_{p},smoke")
-    m = unet.make_denoiser(c, SHAPE)
+    m = make_denoiser(c, SHAPE)
     assert isinstance(m, lego.LegoDenoiser) and c.model.lego.preset == p
 
 

@@ -13,7 +13,7 @@ import pytest
 from rissole_jax import defaults
 from rissole_jax.stages import workdir as wd
 from rissole_jax.errors import ConfigError
-from rissole_jax.models import layers, unet
+from rissole_jax.models import layers, make_denoiser, unet
 
 SHAPE, K, B = (8, 8, 4), 3, 2
 
@@ -34,7 +34,7 @@ def legacy_cost():
 def cost(config):
   """(parameter count, forward FLOPs) from shapes and XLA's count of the lowered
   program: nothing is compiled."""
-  model = unet.make_denoiser(config, SHAPE)
+  model = make_denoiser(config, SHAPE)
   x, t, cond = unet.init_inputs(model, SHAPE, K, batch=B)
   params = nn.meta.unbox(jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), x, t, **cond)))["params"]
@@ -58,12 +58,12 @@ def test_bad_knob_values_are_refused():
   for key, value in [("upsample", "bilinear"), ("neighbour_encoder", "mlp"),
                      ("mid_res_blocks", 3)]:
     with pytest.raises(ConfigError, match=key):
-      unet.make_denoiser(two_levels(**{key: value}), SHAPE)
+      make_denoiser(two_levels(**{key: value}), SHAPE)
 
 
 def test_legacy_values_are_the_first_layout():
   """At LEGACY_MODEL the module tree is the one old checkpoints hold."""
-  model = unet.make_denoiser(two_levels(**defaults.LEGACY_MODEL), SHAPE)
+  model = make_denoiser(two_levels(**defaults.LEGACY_MODEL), SHAPE)
   x, t, cond = unet.init_inputs(model, SHAPE, K)
   names = set(nn.meta.unbox(jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), x, t, **cond)))["params"])
@@ -223,8 +223,8 @@ import json, os, sys
 import jax, numpy as np
 sys.path.insert(0, os.getcwd())
 from tests.test_performance import two_levels, SHAPE, K
-from rissole_jax.models import unet
-model = unet.make_denoiser(two_levels(), SHAPE)
+from rissole_jax.models import make_denoiser, unet
+model = make_denoiser(two_levels(), SHAPE)
 x, t, cond = unet.init_inputs(model, SHAPE, K, batch=2)
 rng = np.random.default_rng(0)
 x = rng.normal(size=x.shape).astype(np.float32)

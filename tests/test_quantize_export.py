@@ -18,7 +18,7 @@ from rissole_jax.inference import stablehlo
 from rissole_jax.defaults import LEGACY_MODEL, base_config, smoke
 from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError, DataError
-from rissole_jax.models import unet
+from rissole_jax.models import make_denoiser, unet
 from rissole_jax.models import vqgan as vq
 from rissole_jax.train import diffusion as dif
 from rissole_jax.train.vqgan import Autoencoder
@@ -50,7 +50,7 @@ def parts():
   c.diffusion.timesteps = 20
   c.diffusion.prediction = "x0"        # keeps a random network's steps bounded
   c.sample.update(sampler="dpmpp", steps=4, order=2)
-  model = unet.make_denoiser(c, SHAPE)
+  model = make_denoiser(c, SHAPE)
   vqm = vq.make_model(c)
   import flax.linen as nn
   ae_params = nn.unbox(jax.jit(vqm.init)(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 1)))["params"])

@@ -15,7 +15,7 @@ from rissole_jax.defaults import base_config
 from rissole_jax.diffusion import solvers as samplers
 from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError, DataError
-from rissole_jax.models import unet
+from rissole_jax.models import make_denoiser, unet
 from rissole_jax.inference import sampler as smp
 from rissole_jax.stages import diffusion as diffusion_stage
 from rissole_jax.stages import sample as sample_stage
@@ -164,7 +164,7 @@ def test_sample_fn_shapes_and_block_dependencies(variant, kw, sampler):
   # A random network predicting eps sends x0 = (x - sqrt(1-ab) eps) / sqrt(ab)
   # to ~1e5 at t=T; predicting x0 keeps every step bounded.
   c.diffusion.prediction = "x0"
-  model = unet.make_denoiser(c, SHAPE)
+  model = make_denoiser(c, SHAPE)
   params = random_params(model)
   stats = {"mean": np.full(4, 0.5, np.float32), "std": np.full(4, 2.0, np.float32)}
   fn = smp.make_sample_fn(model, make_schedule(c.diffusion), c.diffusion.prediction,

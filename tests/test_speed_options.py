@@ -10,7 +10,8 @@ import pytest
 from rissole_jax.runtime import parallel
 from rissole_jax.defaults import base_config
 from rissole_jax.errors import ConfigError
-from rissole_jax.models import unet
+from rissole_jax.models import common, make_denoiser, unet
+from rissole_jax.models import rows as model_rows
 from rissole_jax.train import diffusion as dif
 
 SHAPE, K, BATCH, N_DB = (8, 8, 4), 3, 4, 32
@@ -57,8 +58,8 @@ def train(c, state, steps=3):
 
 
 def abstract_params(c):
-  model = unet.make_denoiser(c, SHAPE)
-  x, t, cond = unet.init_inputs(model, SHAPE, K)
+  model = make_denoiser(c, SHAPE)
+  x, t, cond = model_rows.init_inputs(model, SHAPE, K)
   return nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, t, **cond)))["params"]
 
 
@@ -93,14 +94,14 @@ def test_per_position_weights_train_and_differ_from_shared(init_state):
     assert a.shape == (n, *b.shape)
   kern = np.asarray(sp["conv_in"]["kernel"])
   assert not np.allclose(kern[0], kern[1])
-  assert unet.count_params(sp) == n * unet.count_params(shared_params)
+  assert common.count_params(sp) == n * common.count_params(shared_params)
   trained, losses = train(pp_c, state, steps=2)
   assert np.all(np.isfinite(losses)) and int(trained["step"]) == 2
   # Shared weights stacked n times are the shared model exactly; trained
   # per-position weights give other outputs.
   pp_model, sh_model = dif.parts(pp_c, SHAPE).model, dif.parts(shared_c, SHAPE).model
   lat, nbr = database(1)
-  x, cond = unet.model_inputs(sh_model, lat[:2], lat[nbr[:2]])
+  x, cond = model_rows.model_inputs(sh_model, lat[:2], lat[nbr[:2]])
   t = jnp.arange(x.shape[0]) % 20
   rnd = jax.tree.map(lambda a: a + 0.05 * jnp.sin(jnp.arange(a.size).reshape(a.shape)), shared_params)
   out_sh = jax.jit(lambda p: sh_model.apply({"params": p}, x, t, **cond))(rnd)
@@ -120,18 +121,18 @@ def test_per_position_weights_in_the_sampler_and_quantizer():
   from rissole_jax.models import mapped
   c = tiny(block_map="vmap", share_weights=False, use_prev_block=True)
   c.sample.update(steps=1, sampler="ddim")
-  model = unet.make_denoiser(c, SHAPE)
+  model = make_denoiser(c, SHAPE)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: jnp.asarray(0.1 * rng.normal(size=a.shape), a.dtype),
                         abstract_params(c))
   # One block's rows through its own weights = that block's rows of the whole.
   lat, nbr = database()
-  x, cond = unet.model_inputs(model, lat[:2], lat[nbr[:2]])
+  x, cond = model_rows.model_inputs(model, lat[:2], lat[nbr[:2]])
   t = jnp.full((x.shape[0],), 7)
-  whole = unet.unfold(model.apply({"params": params}, x, t, **cond), 4)
+  whole = model_rows.unfold(model.apply({"params": params}, x, t, **cond), 4)
   m2, p2 = mapped.for_rows(model, params, 2)
-  rows = {k: unet.unfold(v, 4)[:, 2] for k, v in cond.items()}
-  close(m2.apply({"params": p2}, unet.unfold(x, 4)[:, 2], t[:2], **rows), whole[:, 2],
+  rows = {k: model_rows.unfold(v, 4)[:, 2] for k, v in cond.items()}
+  close(m2.apply({"params": p2}, model_rows.unfold(x, 4)[:, 2], t[:2], **rows), whole[:, 2],
         rtol=1e-5, atol=1e-5)
   z = sampler.latents_fn(model, make_schedule(c.diffusion), c)(params, lat[nbr[:2]],
                                                                  jax.random.PRNGKey(0))
@@ -191,7 +192,7 @@ def test_bfloat16_compute_keeps_float32_state(init_state):
     dtypes = {a.dtype for a in jax.tree.leaves(trained[part]) if jnp.issubdtype(a.dtype, jnp.floating)}
     assert dtypes == {jnp.dtype(jnp.float32)}, (part, dtypes)
   # Every conv and matmul of the network runs in bfloat16; the output is float32.
-  x, t, cond = unet.init_inputs(model, SHAPE, K, batch=2)
+  x, t, cond = model_rows.init_inputs(model, SHAPE, K, batch=2)
   fn = lambda p: model.apply({"params": p}, x, t, **cond)
   eqns = [e for e in jax.make_jaxpr(fn)(trained["params"]).jaxpr.eqns]
   def ops(eqns):

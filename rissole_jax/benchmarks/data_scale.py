@@ -234,7 +234,7 @@ def worker(pidx: int, n: int, root: Path) -> dict:
       fn = jax.jit(dif.host_gather_step(sink))
       call = lambda ids: fn(None, None, *parallel.put_batch((rows[ids], rows[table[ids]]), mesh, rules), cb)
     else:
-      take = dif._take if gather == "device" else parallel.take_sharded(mesh)
+      take = dif.take if gather == "device" else parallel.take_sharded(mesh)
       fn = jax.jit(dif.device_gather_step(sink, take))
       call = lambda ids: fn(None, None, rows, table, parallel.put_batch(ids, mesh, rules), cb)
     jax.block_until_ready(call(batches[0]))  # compile

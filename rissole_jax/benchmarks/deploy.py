@@ -88,12 +88,12 @@ def random_variant(parts, variant: str):
   import jax
   import flax.linen as nn
   from rissole_jax.defaults import VARIANTS
-  from rissole_jax.models import unet
+  from rissole_jax.models import make_denoiser, unet
   c = parts.config.copy_and_resolve_references()
   VARIANTS[variant](c)
   c.model.update(**BASELINES.get(variant, {}))
   shape = tuple(parts.stats["latent_shape"])
-  model = unet.make_denoiser(c, shape)
+  model = make_denoiser(c, shape)
   x, t, cond = unet.init_inputs(model, shape, int(parts.stats["k"]), 1)
   params = nn.unbox(jax.jit(lambda: model.init(jax.random.PRNGKey(0), x, t, **cond))()["params"])
   return types.SimpleNamespace(**{**vars(parts), "config": c, "model": model, "params": params})

@@ -30,7 +30,7 @@ from ml_collections import config_flags
 from rissole_jax import benchmark
 
 from rissole_jax.runtime import parallel
-from rissole_jax.data.pipeline import TrainStream
+from rissole_jax.data.pipeline import RowCount, TrainStream
 from rissole_jax.models import unet
 from rissole_jax.train import diffusion
 from rissole_jax import files
@@ -62,7 +62,7 @@ def setup(config, latents, table):
   fns = diffusion.parts(config, latent_shape)
   *_, state, state_sh = diffusion.build(config, latent_shape, k, mesh, config.seed)
   t = config.diffusion.train
-  stream = TrainStream(diffusion._Rows(len(latents)), t.batch_size, 0, 0, 1, cache=False)
+  stream = TrainStream(RowCount(len(latents)), t.batch_size, 0, 0, 1, cache=False)
   key = parallel.put_replicated(jax.random.PRNGKey(1), mesh)
   call, _ = diffusion.make_train_call(fns, t.gather, latents, None, table, stream, key,
                                       state_sh, mesh, config.mesh.logical_axis_rules)

@@ -34,6 +34,18 @@ def local_slice(global_batch: int, process_index: int, process_count: int) -> sl
   return slice(process_index * per, (process_index + 1) * per)
 
 
+class RowCount:
+  """A source known only by its length (named `name`): a TrainStream over it
+  gives the (seed, step)-pure ids of each batch, and the caller gathers the
+  rows itself (the diffusion trainer, from its latent database)."""
+
+  def __init__(self, n: int, name: str = "latents"):
+    self.name, self.n = name, int(n)
+
+  def __len__(self):
+    return self.n
+
+
 @dataclasses.dataclass
 class TrainStream:
   """Batch `step` of an endless shuffled stream, as this process's part."""

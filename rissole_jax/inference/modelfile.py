@@ -146,7 +146,7 @@ def load(path, mesh=None):
   from rissole_jax import defaults
   from rissole_jax.store import codes as codes_lib
   from rissole_jax.runtime import parallel
-  from rissole_jax.models import unet
+  from rissole_jax.models import make_denoiser
   from rissole_jax.inference.sampler import Database, Sampler, merge_config
   from rissole_jax.train.vqgan import Autoencoder
   manifest, data = read(path)
@@ -166,7 +166,7 @@ def load(path, mesh=None):
   if ae.fingerprint != manifest.get("autoencoder_fingerprint"):
     raise DataError(f"{path}: the autoencoder's parameters do not match the fingerprint they "
                     "were written with (a damaged or edited file). Fix: export it again.")
-  model = unet.make_denoiser(config, stats["latent_shape"])
+  model = make_denoiser(config, stats["latent_shape"])
   params = parallel.put_replicated(serialization.msgpack_restore(data["denoiser.msgpack"]), mesh)
   arr = {a: np.load(io.BytesIO(data[f"database/{a}.npy"]), allow_pickle=False) for a in _ARRAYS}
   info = json.loads(data["database/info.json"])

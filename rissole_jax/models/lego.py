@@ -20,9 +20,9 @@ attends to (keys and values: that region of every neighbour; 'tokens'), or
 both; the coordinates span the whole latent (a block knows where it sits),
 and the block position joins the timestep in the adaLN-Zero condition.
 
-The module presents the U-Net's interface (attributes variant, grid, blocks,
-retrieval, position, prev_block, learn_null; the same call signature), so
-`unet.condition`, `unet.model_inputs` and the samplers work unchanged. Extra
+The module presents the denoiser interface (models/common.py: attributes
+variant, grid, blocks, retrieval, position, prev_block, learn_null; the same
+call signature), so models/rows.py and the samplers serve it unchanged. Extra
 call arguments: `active` (the brick indices to run; the others are skipped)
 and `all_bricks` (every active brick's prediction, stacked first).
 
@@ -37,13 +37,15 @@ import math
 
 import einops
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rissole_jax import blocks as blk
-from rissole_jax.errors import ConfigError
+from rissole_jax.diffusion import solvers
+from rissole_jax.errors import ConfigError, check_choice
+from rissole_jax.models.common import VariantFlags, need, timestep_embedding, uses_blocks, with_null
 from rissole_jax.models.layers import dense, embedding
-from rissole_jax.models.unet import VariantFlags, _need, with_null
 
 PRESETS = ("pg", "pr", "u")
 # How the neighbours' blocks enter every brick: as input channels, as extra
@@ -51,13 +53,6 @@ PRESETS = ("pg", "pr", "u")
 NEIGHBOURS_AS = ("channels", "tokens", "both")
 SKIP_ENDS = ("low", "high")
 HEAD_DIM = 32
-
-
-def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
-  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], -1)
 
 
 # ---------------------------------------------------------------------------
@@ -225,7 +220,7 @@ class LegoDenoiser(VariantFlags, nn.Module):
   def canvas_coords(self, x, pos):
     B, h, w, _ = x.shape
     if self.blocks:
-      return block_coords(_need(pos, "pos"), self.grid, h, w)
+      return block_coords(need(pos, "pos"), self.grid, h, w)
     return jnp.broadcast_to(coords(h, w, x.dtype), (B, h, w, 2))
 
   @nn.compact
@@ -235,16 +230,16 @@ class LegoDenoiser(VariantFlags, nn.Module):
     c = dense(E, name="time1")(timestep_embedding(t, E))
     c = dense(E, name="time2")(nn.silu(c))
     if self.position:
-      p = train_position(_need(pos, "pos"), self.grid, self.train_grid)
+      p = train_position(need(pos, "pos"), self.grid, self.train_grid)
       c = c + embedding(blk.num_blocks(self.train_grid), E, "position")(p)
 
     # What every brick sees besides the previous prediction.
     inputs = [x, self.canvas_coords(x, pos).astype(x.dtype)]
     if self.prev_block:
-      inputs.append(_need(prev, "prev"))
+      inputs.append(need(prev, "prev"))
     nb = None
     if self.retrieval:
-      nb = with_null(self, _need(neighbours, "neighbours"), keep, self.learn_null)
+      nb = with_null(self, need(neighbours, "neighbours"), keep, self.learn_null)
       if self.neighbours_as in ("channels", "both"):
         inputs.append(einops.rearrange(nb, "b k h w c -> b h w (k c)"))
     base = jnp.concatenate(inputs, -1)
@@ -267,7 +262,7 @@ class LegoDenoiser(VariantFlags, nn.Module):
 
 def canvas_shape(config, latent_shape) -> tuple[int, int]:
   """The brick canvas: one block for the block variants, else the latent."""
-  if config.model.variant in ("rissole", "blocks_only"):
+  if uses_blocks(config.model.variant):
     return blk.check_grid(latent_shape, config.blocks.grid)
   return int(latent_shape[0]), int(latent_shape[1])
 
@@ -298,8 +293,7 @@ def preset_bricks(name: str, canvas, depth: int, width: int) -> tuple:
     d = max(1, depth // 3)
     loc, glo = _local_global(h, w, d, width)
     return (glo, loc, glo)
-  raise ConfigError(f"Unknown model.lego.preset {name!r}: use one of {PRESETS}, or give "
-                    "model.lego.bricks explicitly.")
+  check_choice("model.lego.preset", name, PRESETS, hint="Or give model.lego.bricks explicitly.")
 
 
 def _norm_brick(b) -> tuple:
@@ -339,7 +333,7 @@ def check_bricks(bricks, canvas) -> None:
 
 
 def check_config(config, latent_shape) -> None:
-  """The LEGO part of the model config; unet.check_model_config does the rest."""
+  """The LEGO part of the model config; models/registry.py checks the rest."""
   m = config.model
   if m.variant not in ("rissole", "blocks_only", "full"):
     raise ConfigError(f"model.backbone='lego' serves the variants rissole, blocks_only and "
@@ -347,16 +341,14 @@ def check_config(config, latent_shape) -> None:
   if m.cond != "concat":
     raise ConfigError("model.backbone='lego' takes the neighbours' blocks as input channels "
                       "(model.cond='concat'). Fix: --config.model.cond=concat.")
-  if m.lego.get("neighbours", "channels") not in NEIGHBOURS_AS:
-    raise ConfigError(f"Unknown model.lego.neighbours {m.lego.neighbours!r}: use one of "
-                      f"{NEIGHBOURS_AS}.")
+  check_choice("model.lego.neighbours", m.lego.get("neighbours", "channels"), NEIGHBOURS_AS)
   bricks = resolve_bricks(config, latent_shape)
   check_bricks(bricks, canvas_shape(config, latent_shape))
   check_skip(config.sample.skip, len(bricks))
 
 
 def make_denoiser(config, latent_shape) -> LegoDenoiser:
-  check_config(config, latent_shape)
+  """The config's brick stack (checked by models/registry.py's check_config)."""
   m = config.model
   grid = tuple(int(g) for g in config.blocks.grid)
   return LegoDenoiser(
@@ -383,8 +375,7 @@ def skipped_bricks(skip, n: int) -> tuple:
 
 
 def check_skip(skip, n: int) -> None:
-  if skip.end not in SKIP_ENDS:
-    raise ConfigError(f"Unknown sample.skip.end {skip.end!r}: use one of {SKIP_ENDS}.")
+  check_choice("sample.skip.end", skip.end, SKIP_ENDS)
   if not 0.0 <= skip.t_break <= 1.0:
     raise ConfigError(f"sample.skip.t_break={skip.t_break} must be a fraction in [0, 1].")
   drop = skipped_bricks(skip, n)
@@ -401,7 +392,7 @@ def check_skip(skip, n: int) -> None:
 
 def skip_plan(model, config):
   """None (no skipping), or (active for t >= t_switch, active for t < t_switch,
-  t_switch) for samplers.run_sampler(model_fn, model_fn_low, t_switch).
+  t_switch) for solvers.run_sampler(model_fn, model_fn_low, t_switch).
 
   skip.end='low' skips the bricks for the lowest-noise fraction t_break of the
   trajectory (t < t_break*T: PG's full-canvas brick); 'high' for the highest
@@ -455,7 +446,6 @@ def canvas_neighbours(nb, latent_hw):
   """Neighbours' latents (B, k, h, w, c) stretched (nearest) to the larger
   canvas, so that each block of the larger grid is conditioned on the part of
   the neighbours' layout at its relative place."""
-  import jax
   B, k, h, w, c = nb.shape
   return jax.image.resize(nb, (B, k, int(latent_hw[0]), int(latent_hw[1]), c), "nearest")
 
@@ -463,9 +453,8 @@ def canvas_neighbours(nb, latent_hw):
 def step_counts(config, plan) -> tuple[int, int]:
   """(steps run with the first model, steps with the second) of the config's
   sampler under a skip plan (None: every step with the first)."""
-  from rissole_jax.diffusion import solvers as samplers
   s, T = config.sample, int(config.diffusion.timesteps)
-  ts = np.arange(T) if s.sampler == "ddpm" else samplers.ddim_timesteps(T, s.steps)
+  ts = np.arange(T) if s.sampler == "ddpm" else solvers.ddim_timesteps(T, s.steps)
   if plan is None:
     return len(ts), 0
   high = int(np.sum(ts >= plan[2]))
@@ -476,8 +465,7 @@ def sampler_flops(model, params, config, x, cond) -> dict:
   """FLOPs of the sampler's network evaluations under config.sample.skip, from
   XLA's cost analysis of each compiled model (XLA counts a loop's body once,
   whatever its trip count, so the loop's share is body FLOPs x steps).
-  x: one batch of sampler rows; cond: their condition (unet.condition)."""
-  import jax
+  x: one batch of sampler rows; cond: their condition (rows.condition)."""
   plan = skip_plan(model, config)
   n_hi, n_lo = step_counts(config, plan)
   hi, lo = (None, None) if plan is None else plan[:2]

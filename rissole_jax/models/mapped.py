@@ -1,7 +1,7 @@
 """How the U-Net denoiser meets the blocks, and the dtype it computes in.
 
 Every caller hands the denoiser rows with the blocks folded into the batch
-(B*n rows, example-major: `unet.model_inputs`). The classes made here keep
+(B*n rows, example-major: models/rows.py). The classes made here keep
 that interface and change what happens inside:
 
   model.block_map="fold"   one call over all B*n rows (the plain Denoiser)
@@ -43,8 +43,10 @@ import jax
 import jax.numpy as jnp
 
 from rissole_jax import blocks as blk
-from rissole_jax.errors import ConfigError
+from rissole_jax.errors import ConfigError, check_choice
 from rissole_jax.models import layers, unet
+from rissole_jax.models.common import uses_blocks
+from rissole_jax.models.rows import fold, unfold
 
 BLOCK_MAPS = ("fold", "vmap")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -52,10 +54,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def check_config(config) -> None:
   m = config.model
-  if m.block_map not in BLOCK_MAPS:
-    raise ConfigError(f"Unknown model.block_map {m.block_map!r}: use one of {BLOCK_MAPS}.")
-  if m.dtype not in DTYPES:
-    raise ConfigError(f"Unknown model.dtype {m.dtype!r}: use one of {tuple(DTYPES)}.")
+  check_choice("model.block_map", m.block_map, BLOCK_MAPS)
+  check_choice("model.dtype", m.dtype, DTYPES)
   plain = m.block_map == "fold" and m.share_weights and m.dtype == "float32"
   if m.backbone != "unet" and not plain:
     raise ConfigError(
@@ -69,7 +69,7 @@ def check_config(config) -> None:
       raise ConfigError("model.share_weights=False gives every block position its own "
                         "weights, which needs model.block_map='vmap' (folding blocks into "
                         "the batch shares one set). Fix: set model.block_map='vmap'.")
-    if not unet.uses_blocks(m.variant):
+    if not uses_blocks(m.variant):
       raise ConfigError(f"model.share_weights=False needs a block variant (rissole, "
                         f"blocks_only); {m.variant!r} denoises the whole latent.")
 
@@ -117,19 +117,26 @@ def denoiser_class(block_map: str = "fold", share_weights: bool = True,
       def rows(a, cast=False):
         if a is None:
           return None
-        a = unet.unfold(a, n) if mapped else a
+        a = unfold(a, n) if mapped else a
         return a.astype(compute) if cast and not self.is_initializing() else a
       args = (rows(x, True), rows(t), rows(pos), rows(neighbours, True), rows(prev, True),
               rows(keep), train)
       core = self.core if self.is_initializing() or compute == jnp.float32 else self.core_cast
       with layers.batched_kernels(not share_weights):
         out = core(*args)
-      return (unet.fold(out) if mapped else out).astype(jnp.float32)
+      return (fold(out) if mapped else out).astype(jnp.float32)
 
   Mapped.block_map, Mapped.share_weights, Mapped.dtype_name = block_map, share_weights, dtype
   Mapped.__name__ = Mapped.__qualname__ = (
       f"Denoiser_{block_map}{'' if share_weights else '_per_position'}_{dtype}")
   return Mapped
+
+
+def make_denoiser(config, latent_shape):
+  """The config's U-Net, of the class for its block_map, share_weights and dtype."""
+  m = config.model
+  cls = denoiser_class(m.block_map, bool(m.share_weights), m.dtype)
+  return cls(**unet.fields(config, latent_shape))
 
 
 def settings(model) -> tuple[str, bool, str]:

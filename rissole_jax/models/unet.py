@@ -1,78 +1,40 @@
-"""The denoiser: a small U-Net over one latent block (or the whole latent).
-
-Variants (config.model.variant):
-  rissole      one block, conditioned on the same block of the k neighbours
-  blocks_only  one block, no retrieval (shows the coherence problem)
-  full         the whole latent, no retrieval (a plain latent diffusion model)
-  rdm          the whole latent, cross-attending to one token per neighbour (RDM)
+"""The U-Net denoiser backbone (model.backbone='unet'): a small U-Net over one
+latent block (or the whole latent), for every variant (models/common.py).
 
 Block variants also take the block's position (an embedding added to the time
 embedding) and, optionally, the previous block in raster order (as channels).
 Neighbour blocks enter by channel concatenation through a small conv encoder
-(cond='concat') or as tokens for cross-attention (cond='cross_attn'). A learned
-"null" neighbour set replaces the real one where `keep` is False: condition
-dropout in training, the unconditional half of classifier-free guidance.
+(cond='concat') or as tokens for cross-attention (cond='cross_attn'); rdm
+cross-attends to one token per neighbour. A learned "null" neighbour set
+replaces the real one where `keep` is False: condition dropout in training,
+the unconditional half of classifier-free guidance.
 
 One set of weights serves every block: the callers fold blocks into the batch
-(`model_inputs`), so all blocks of all examples go through one call.
+(models/rows.py), so all blocks of all examples go through one call. How the
+blocks are mapped and the compute dtype are models/mapped.py's; choosing the
+backbone is models/registry.py's.
 """
 from __future__ import annotations
-
-import math
 
 import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rissole_jax import blocks as blk
-from rissole_jax.errors import ConfigError
+from rissole_jax.errors import ConfigError, check_choice
+from rissole_jax.models.common import (VariantFlags, need, timestep_embedding, uses_blocks,
+                                       with_null)
 from rissole_jax.models.layers import conv, conv_transpose, dense, embedding, group_norm
+# The denoiser interface, still importable from here for callers that name it
+# through the U-Net (inference/).
+from rissole_jax.models.common import count_params, uses_retrieval  # noqa: F401
+from rissole_jax.models.rows import condition, fold, init_inputs, model_inputs, unfold  # noqa: F401
 
-VARIANTS = ("rissole", "blocks_only", "full", "rdm")
 CONDS = ("concat", "cross_attn")
 UPSAMPLES = ("nearest_conv", "conv_transpose", "nearest")
 NEIGHBOUR_ENCODERS = ("two_conv", "one_conv", "none")
 HEAD_DIM = 32
-
-
-def uses_blocks(variant: str) -> bool:
-  return variant in ("rissole", "blocks_only")
-
-
-def uses_retrieval(variant: str) -> bool:
-  return variant in ("rissole", "rdm")
-
-
-class VariantFlags:
-  """What a denoiser's variant and flags mean, for every backbone (the
-  trainer and sampler read these): needs `variant`, `use_position`,
-  `use_prev_block` fields."""
-
-  @property
-  def blocks(self) -> bool:
-    return uses_blocks(self.variant)
-
-  @property
-  def retrieval(self) -> bool:
-    return uses_retrieval(self.variant)
-
-  @property
-  def position(self) -> bool:
-    return self.blocks and self.use_position
-
-  @property
-  def prev_block(self) -> bool:
-    return self.blocks and self.use_prev_block
-
-
-def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
-  """Sinusoidal embedding (B,) -> (B, dim), as in Transformer/DDPM."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
-  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], -1)
 
 
 class ResBlock(nn.Module):
@@ -191,14 +153,14 @@ class Denoiser(VariantFlags, nn.Module):
     emb = dense(emb_dim, name="time1")(timestep_embedding(t, self.ch).astype(x.dtype))
     emb = dense(emb_dim, name="time2")(nn.silu(emb))
     if self.position:
-      _need(pos, "pos")
+      need(pos, "pos")
       emb = emb + embedding(blk.num_blocks(self.grid), emb_dim, "position")(pos)
 
     inputs, context = [x], None
     if self.prev_block:
-      inputs.append(_need(prev, "prev"))
+      inputs.append(need(prev, "prev"))
     if self.retrieval:
-      nb = with_null(self, _need(neighbours, "neighbours"), keep, self.learn_null)
+      nb = with_null(self, need(neighbours, "neighbours"), keep, self.learn_null)
       if self.variant == "rdm":
         context = LatentTokens(self.ch, name="neighbour_tokens")(nb)
       elif self.cond == "concat":
@@ -257,142 +219,36 @@ class Denoiser(VariantFlags, nn.Module):
     return h
 
 
-def with_null(module: nn.Module, nb, keep, learn_null: bool):
-  """Condition dropout: nb (B, ...) where keep (B,) is True, else the module's
-  learned stand-in `null_neighbours` (created only when keep is given)."""
-  if keep is None:
-    return nb
-  if not learn_null:
-    raise ValueError("`keep` needs a model trained with condition dropout "
-                     "(diffusion.cond_dropout > 0).")
-  null = module.param("null_neighbours", nn.with_logical_partitioning(
-      nn.initializers.zeros, (None,) * (nb.ndim - 1)), nb.shape[1:])
-  return jnp.where(keep.reshape((nb.shape[0],) + (1,) * (nb.ndim - 1)), nb,
-                   null[None].astype(nb.dtype))
-
-
-def _need(x, name):
-  if x is None:
-    raise ValueError(f"The denoiser needs `{name}` with this config.")
-  return x
-
-
 # ---------------------------------------------------------------------------
-# Config -> model, and the layout of its inputs.
+# Config -> U-Net.
 
-BACKBONES = ("unet", "lego")
-
-
-def check_model_config(config, latent_shape) -> None:
-  """Refuses inconsistent model/blocks/diffusion settings before any work."""
-  m, v = config.model, config.model.variant
-  if v not in VARIANTS:
-    raise ConfigError(f"Unknown model.variant {v!r}: use one of {VARIANTS}.")
-  if m.backbone not in BACKBONES:
-    raise ConfigError(f"Unknown model.backbone {m.backbone!r}: use one of {BACKBONES}.")
-  if m.cond not in CONDS:
-    raise ConfigError(f"Unknown model.cond {m.cond!r}: use one of {CONDS}.")
-  if m.upsample not in UPSAMPLES:
-    raise ConfigError(f"Unknown model.upsample {m.upsample!r}: use one of {UPSAMPLES}.")
-  if m.neighbour_encoder not in NEIGHBOUR_ENCODERS:
-    raise ConfigError(f"Unknown model.neighbour_encoder {m.neighbour_encoder!r}: use one of "
-                      f"{NEIGHBOUR_ENCODERS}.")
+def check_config(config, latent_shape) -> None:
+  """The U-Net part of the model config; models/registry.py checks the rest."""
+  m = config.model
+  check_choice("model.cond", m.cond, CONDS)
+  check_choice("model.upsample", m.upsample, UPSAMPLES)
+  check_choice("model.neighbour_encoder", m.neighbour_encoder, NEIGHBOUR_ENCODERS)
   if m.mid_res_blocks not in (0, 1, 2):
     raise ConfigError(f"model.mid_res_blocks={m.mid_res_blocks} must be 0, 1 or 2.")
   bh, bw = blk.check_grid(latent_shape, config.blocks.grid)
-  if m.use_prev_block and not uses_blocks(v):
-    raise ConfigError(f"model.use_prev_block needs a block variant (rissole, blocks_only); "
-                      f"variant {v!r} denoises the whole latent. Fix: drop prev_block.")
-  size = (bh, bw) if uses_blocks(v) else tuple(latent_shape[:2])
+  size = (bh, bw) if uses_blocks(m.variant) else tuple(latent_shape[:2])
   f = 2 ** (len(m.ch_mult) - 1)
-  if m.backbone == "lego":   # bricks, not U-Net levels: their own checks
-    from rissole_jax.models import lego
-    lego.check_config(config, latent_shape)
-  elif size[0] % f or size[1] % f:
+  if size[0] % f or size[1] % f:
     raise ConfigError(
         f"model.ch_mult {tuple(m.ch_mult)} halves the input {len(m.ch_mult) - 1} times, but "
         f"the denoiser's input is {size[0]}x{size[1]} (not divisible by {f}). Fix: use fewer "
         f"levels in model.ch_mult or a coarser blocks.grid.")
-  if config.diffusion.cond_dropout > 0 and not uses_retrieval(v):
-    raise ConfigError(f"diffusion.cond_dropout={config.diffusion.cond_dropout} drops the "
-                      f"retrieval condition, but variant {v!r} has none. Fix: set it to 0.")
-  if not 0 <= config.diffusion.cond_dropout < 1:
-    raise ConfigError("diffusion.cond_dropout must be in [0, 1).")
-  from rissole_jax.models import mapped   # block_map, share_weights, dtype
-  mapped.check_config(config)
 
 
-def make_denoiser(config, latent_shape) -> Denoiser:
-  """The config's denoiser: this U-Net, or LEGO bricks (model.backbone='lego'),
-  which share its interface."""
-  check_model_config(config, latent_shape)
+def fields(config, latent_shape) -> dict:
+  """The Denoiser's fields for a config (models/mapped.py picks the class)."""
   m = config.model
-  if m.backbone == "lego":
-    from rissole_jax.models import lego
-    return lego.make_denoiser(config, latent_shape)
-  from rissole_jax.models import mapped   # fold or vmap over blocks, shared or not, dtype
-  cls = mapped.denoiser_class(m.block_map, bool(m.share_weights), m.dtype)
-  return cls(variant=m.variant, grid=tuple(int(g) for g in config.blocks.grid), ch=m.ch,
-                  ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-                  attn_lowest=m.attn_lowest, up_extra_block=m.up_extra_block,
-                  attn_mid_only=m.attn_mid_only, mid_res_blocks=m.mid_res_blocks,
-                  upsample=m.upsample, neighbour_encoder=m.neighbour_encoder,
-                  dropout=m.dropout, num_groups=m.num_groups,
-                  cond=m.cond, use_position=m.use_position, use_prev_block=m.use_prev_block,
-                  learn_null=uses_retrieval(m.variant) and config.diffusion.cond_dropout > 0,
-                  out_channels=int(latent_shape[-1]))
-
-
-def fold(x):
-  """(B, n, ...) -> (B*n, ...): blocks become batch rows."""
-  return einops.rearrange(x, "b n ... -> (b n) ...")
-
-
-def unfold(x, n: int):
-  return einops.rearrange(x, "(b n) ... -> b n ...", n=n)
-
-
-def condition(model: Denoiser, neighbours, batch: int) -> dict:
-  """Position and neighbour rows for `batch` latents whose neighbours' latents
-  are (B, k, h, w, c): folded to B*n rows for block variants."""
-  if not model.blocks:
-    return {"neighbours": neighbours if model.retrieval else None}
-  n = blk.num_blocks(model.grid)
-  # broadcast + reshape rather than tile: works for a symbolic batch (jax.export)
-  cond = {"pos": jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n)).reshape(-1),
-          "neighbours": None}
-  if model.retrieval:
-    nb = jnp.swapaxes(blk.split(neighbours, model.grid), 1, 2)  # (B, n, k, bh, bw, c)
-    cond["neighbours"] = fold(nb)
-  return cond
-
-
-def model_inputs(model: Denoiser, z0, neighbours=None):
-  """Denoiser inputs for clean latents z0 (B, h, w, c) and their neighbours'
-  latents (B, k, h, w, c): (x0 rows, dict of condition rows). Block variants
-  fold the n blocks into the rows (B*n of them, example-major)."""
-  cond = condition(model, neighbours, z0.shape[0])
-  if not model.blocks:
-    return z0, cond
-  zb = blk.split(z0, model.grid)                       # (B, n, bh, bw, c)
-  if model.prev_block:
-    # Teacher forcing: block i sees the clean block i-1 (at sampling, the one just made).
-    cond["prev"] = fold(blk.previous(zb, axis=1))
-  return fold(zb), cond
-
-
-def init_inputs(model: Denoiser, latent_shape, k: int, batch: int = 1):
-  """Dummy inputs of the right shapes (for init / eval_shape); `keep` is among
-  them when the model has a learned null, so that it is created."""
-  h, w, c = latent_shape
-  z0 = jnp.zeros((batch, h, w, c), jnp.float32)
-  nb = jnp.zeros((batch, k, h, w, c), jnp.float32)
-  x, cond = model_inputs(model, z0, nb)
-  t = jnp.zeros((x.shape[0],), jnp.int32)
-  if model.retrieval and model.learn_null:
-    cond["keep"] = jnp.ones((x.shape[0],), bool)
-  return x, t, cond
-
-
-def count_params(params) -> int:
-  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+  return dict(variant=m.variant, grid=tuple(int(g) for g in config.blocks.grid), ch=m.ch,
+              ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+              attn_lowest=m.attn_lowest, up_extra_block=m.up_extra_block,
+              attn_mid_only=m.attn_mid_only, mid_res_blocks=m.mid_res_blocks,
+              upsample=m.upsample, neighbour_encoder=m.neighbour_encoder,
+              dropout=m.dropout, num_groups=m.num_groups,
+              cond=m.cond, use_position=m.use_position, use_prev_block=m.use_prev_block,
+              learn_null=uses_retrieval(m.variant) and config.diffusion.cond_dropout > 0,
+              out_channels=int(latent_shape[-1]))

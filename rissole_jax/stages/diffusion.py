@@ -14,11 +14,11 @@ import numpy as np
 from rissole_jax import blocks as blk
 from rissole_jax.runtime import parallel
 from rissole_jax.stages import workdir as wd
-from rissole_jax.data.pipeline import TrainStream
-from rissole_jax.models import unet
+from rissole_jax.data.pipeline import RowCount, TrainStream
+from rissole_jax.models.common import count_params
 from rissole_jax.train import checkpoints, guard
 from rissole_jax import files
-from rissole_jax.train.diffusion import (_Rows, abstract_state, build, check_config,
+from rissole_jax.train.diffusion import (abstract_state, build, check_config,
                                          check_database, database_stats,
                                          expected_latent_shape, load_database,
                                          make_train_call, normalise, parts)
@@ -58,7 +58,7 @@ def run(ctx) -> dict:
       ctx.log("resumed from step %d", start)
   if not start:  # nothing (intact) to resume from
     _, _, _, state, state_sh = build(config, latent_shape, k, mesh, config.seed)
-  n_params = unet.count_params(state["params"])
+  n_params = count_params(state["params"])
   ctx.log("denoiser (%s): %s parameters", config.model.variant, f"{n_params:,}")
   print(f"denoiser ({config.model.variant}): {n_params:,} parameters")
 
@@ -68,7 +68,7 @@ def run(ctx) -> dict:
     files.atomic_write_json(ctx.stage_dir / "latent_stats.json", stats_out)
 
   key = parallel.put_replicated(jax.random.PRNGKey(config.seed + 1), mesh)
-  stream = TrainStream(_Rows(len(rows)), t.batch_size, config.seed,
+  stream = TrainStream(RowCount(len(rows)), t.batch_size, config.seed,
                        ctx.process_index, ctx.process_count, cache=False)
   train_call, placed = make_train_call(fns, t.gather, rows, codebook, db.neighbours, stream,
                                        key, state_sh, mesh, rules)

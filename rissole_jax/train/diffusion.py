@@ -27,7 +27,9 @@ from rissole_jax.stages import workdir as wd
 from rissole_jax.diffusion import solvers as samplers
 from rissole_jax.diffusion.schedule import PREDICTIONS, make_schedule
 from rissole_jax.errors import ConfigError, DataError
-from rissole_jax.models import unet
+from rissole_jax import models
+from rissole_jax.models import rows as model_rows
+from rissole_jax.models.common import uses_retrieval
 from rissole_jax.train import checkpoints, guard, optim
 from rissole_jax import files
 
@@ -91,7 +93,7 @@ def denormalise(z, stats):
 
 def check_config(config, latent_shape, k: int | None = None) -> None:
   """Everything this stage and sampling read, refused early with the fix."""
-  unet.check_model_config(config, latent_shape)
+  models.check_config(config, latent_shape)
   f, t = config.diffusion, config.diffusion.train
   make_schedule(f)
   if f.prediction not in PREDICTIONS:
@@ -105,7 +107,7 @@ def check_config(config, latent_shape, k: int | None = None) -> None:
   guard.check_config(t, "diffusion.train")
   if t.steps_per_call < 1:
     raise ConfigError(f"diffusion.train.steps_per_call={t.steps_per_call} must be at least 1.")
-  if k is not None and k < 1 and unet.uses_retrieval(config.model.variant):
+  if k is not None and k < 1 and uses_retrieval(config.model.variant):
     raise ConfigError(f"variant {config.model.variant!r} needs neighbours, but k={k}.")
 
 
@@ -122,7 +124,7 @@ def make_optimizer(config):
 def init_fn(model, tx, latent_shape, k):
   """key -> the train state (params boxed with logical axes, for sharded_init)."""
   def init(key):
-    x, t, cond = unet.init_inputs(model, latent_shape, k)
+    x, t, cond = model_rows.init_inputs(model, latent_shape, k)
     params = model.init({"params": key}, x, t, **cond)["params"]
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "ema": jax.tree.map(jnp.copy, params), "opt": tx.init(params)}
@@ -140,7 +142,7 @@ def loss_fn(model, schedule, prediction: str, cond_dropout: float, per_image: bo
   """(params, z0, neighbours, key) -> mean squared error of the prediction
   (or one per image of z0, its blocks together)."""
   def loss(params, z0, nb, key):
-    x0, cond = unet.model_inputs(model, z0, nb)
+    x0, cond = model_rows.model_inputs(model, z0, nb)
     M = x0.shape[0]
     kt, kn, kc, kd = jax.random.split(key, 4)
     t = jax.random.randint(kt, (M,), 0, schedule.T)     # one timestep per example
@@ -185,11 +187,12 @@ def lookup(rows, codebook):
   return rows if codebook is None else jnp.take(codebook, rows.astype(jnp.int32), axis=0)
 
 
-def _take(rows, ids):
+def take(rows, ids):
+  """The plain gather of device_gather_step: rows[ids]."""
   return rows[ids]
 
 
-def device_gather_step(step, take=_take):
+def device_gather_step(step, take=take):
   """The step with the batch gathered inside the jit: the database (codes, or
   float latents when codebook is None) and neighbour table live on the
   devices, only the batch's ids travel. take(rows, ids): a plain gather, or
@@ -247,23 +250,13 @@ def place_database(rows, codebook, table, gather: str, mesh):
                   "database_bytes_host": host}
 
 
-class _Rows:
-  """A stand-in source of N rows: TrainStream only needs the length to
-  produce its (seed, step)-pure ids."""
-  def __init__(self, n: int):
-    self.name, self._n = "latents", n
-
-  def __len__(self):
-    return self._n
-
-
 # ---------------------------------------------------------------------------
 # Building: the step functions, the train state, the train call.
 
 @dataclasses.dataclass(frozen=True)
 class Parts:
   """What a config's training needs, as functions; see `parts`."""
-  model: unet.Denoiser
+  model: object         # a denoiser (models/common.py's interface)
   schedule: object
   tx: optax.GradientTransformation
   step: object          # (state, key, z0, nb) -> (state, metrics)
@@ -285,7 +278,7 @@ def parts(config, latent_shape) -> Parts:
   key = (wd.fingerprint(wd.config_sections(config, ("blocks", "model", "diffusion"))),
          tuple(latent_shape))
   if key not in _PARTS:
-    model = unet.make_denoiser(config, latent_shape)
+    model = models.make_denoiser(config, latent_shape)
     schedule, tx = make_schedule(config.diffusion), make_optimizer(config)
     step = make_train_step(model, schedule, tx, config)
     eval_loss = loss_fn(model, schedule, config.diffusion.prediction, 0.0, per_image=True)
@@ -384,7 +377,7 @@ def load_denoiser(config, root: Path, mesh=None):
   stats = {"mean": np.asarray(meta["mean"], np.float32), "std": np.asarray(meta["std"], np.float32),
            "k": k, "latent_shape": latent_shape}
   mesh = mesh or parallel.make_mesh(config.mesh)
-  model = unet.make_denoiser(config, latent_shape)
+  model = models.make_denoiser(config, latent_shape)
   like, _ = abstract_state(config, model, latent_shape, k, mesh)
   fix = (f"Fix: run the diffusion stage first (python -m rissole_jax.main --config ... "
          f"--workdir {root} --only diffusion); it resumes from its last checkpoint.")
