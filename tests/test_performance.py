@@ -93,7 +93,7 @@ def test_small_map_conv_equals_the_convolution(size, kernel, stride, cin, cout):
   out = -(-size // stride)
   assert out * out <= layers.MATMUL_CONV_MAX_PIXELS
   pads = tuple(jax.lax.padtype_to_pads((size, size), (kernel, kernel), (stride, stride), "SAME"))
-  assert layers._tap_index((size, size), (kernel, kernel), (stride, stride), pads) is not None
+  assert layers.tap_index((size, size), (kernel, kernel), (stride, stride), pads) is not None
 
 
 @pytest.mark.parametrize("size,stride", [(4, 1), (5, 2), (8, 2)])

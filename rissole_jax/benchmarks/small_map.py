@@ -36,7 +36,7 @@ def program(shape, matmul: bool, sliced: bool = False):
   from rissole_jax.models import layers
   keep = layers.MATMUL_CONV_MAX_PIXELS
   layers.MATMUL_CONV_MAX_PIXELS = shape[1] * shape[2] if matmul else 0
-  layers._tap_index.cache_clear()
+  layers.tap_index.cache_clear()
   try:
     w_shape = (3, 3, shape[-1], shape[-1])
     dn = jax.lax.conv_dimension_numbers(shape, w_shape, ("NHWC", "HWIO", "NHWC"))
@@ -50,7 +50,7 @@ def program(shape, matmul: bool, sliced: bool = False):
       return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile(), args
   finally:
     layers.MATMUL_CONV_MAX_PIXELS = keep
-    layers._tap_index.cache_clear()
+    layers.tap_index.cache_clear()
 
 
 def measure(shape, rounds: int) -> dict:

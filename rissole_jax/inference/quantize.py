@@ -264,7 +264,7 @@ def quantize_decoder(ae, mode: str, calib_latents=None, keep_float=()):
   check_mode(mode)
   if mode == "none":
     return ae.decode_fn, ae.params
-  module = ae._model
+  module = ae.model
   # jax Arrays, not numpy: Qwix finds a layer's weight by identity.
   params = jax.tree.map(jnp.asarray, ae.params)
   dec_keys = decoder_keys(params)

@@ -67,7 +67,7 @@ def small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
   B, H, W, _ = lhs.shape
   pads = (jax.lax.padtype_to_pads((H, W), rhs.shape[:2], window_strides, padding)
           if isinstance(padding, str) else tuple(map(tuple, padding)))
-  taps = _tap_index((H, W), rhs.shape[:2], tuple(window_strides), tuple(pads))
+  taps = tap_index((H, W), rhs.shape[:2], tuple(window_strides), tuple(pads))
   if taps is None:
     if _BATCHED_KERNELS.get():
       return _sliced_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, pads)), precision)
@@ -97,7 +97,7 @@ def _sliced_conv(lhs, rhs, strides, pads, precision):
 
 
 @functools.lru_cache(maxsize=64)
-def _tap_index(size, kernel, strides, pads):
+def tap_index(size, kernel, strides, pads):
   """(H*W, Ho*Wo) int: the kernel tap (dy*kw + dx) joining input pixel p to
   output pixel q, kh*kw where none does; None when the output is too large
   for the matmul form."""

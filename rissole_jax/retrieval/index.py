@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rissole_jax.stages import workdir as wd
 from rissole_jax.errors import ConfigError
 from rissole_jax.retrieval.embedding import Reduction, embed
 from rissole_jax.files import atomic_dir, expect_meta, read_manifest, remove, write_manifest
@@ -36,7 +35,7 @@ def exact_search(database: np.ndarray, queries: np.ndarray, k: int,
   Rows are sorted by score, ties by id among the candidates.
   """
   n = len(database)
-  _check_k(k, n)
+  check_k(k, n)
   queries = np.asarray(queries, np.float32)
   nq = len(queries)
   ids = np.empty((nq, k), np.int32)
@@ -84,7 +83,7 @@ def recall_at_k(database: np.ndarray, queries: np.ndarray, approx_ids: np.ndarra
   return float(hits.mean())
 
 
-def _check_k(k: int, n: int, excluded: int = 0) -> None:
+def check_k(k: int, n: int, excluded: int = 0) -> None:
   """k results must exist: k + excluded ids per query <= n database rows."""
   if k < 1:
     raise ConfigError(f"retrieval.k must be at least 1, got {k}.")
@@ -172,7 +171,7 @@ class Index:
     rcfg = config.retrieval
     emb = np.ascontiguousarray(embeddings, np.float32)
     n, dim = emb.shape
-    _check_k(rcfg.k, n, 1)  # the neighbour tables exclude the query itself
+    check_k(rcfg.k, n, 1)  # the neighbour tables exclude the query itself
     backend = resolve_backend(rcfg.backend)
     if backend == "exact":
       return cls("exact", n, dim, {"structure": "exact"}, embeddings=emb,
@@ -197,7 +196,7 @@ class Index:
     if exclude_ids is not None:
       excl = np.asarray(exclude_ids).reshape(len(queries), -1)
     m = 0 if excl is None else excl.shape[1]
-    _check_k(k, self.n, m)
+    check_k(k, self.n, m)
     ids = np.empty((len(queries), k), np.int32)
     scores = np.empty((len(queries), k), np.float32)
     for s in range(0, len(queries), self.query_batch):

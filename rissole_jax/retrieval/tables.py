@@ -10,11 +10,10 @@ from typing import Callable
 
 import numpy as np
 
-from rissole_jax.stages import workdir as wd
 from rissole_jax.errors import IndexMismatch
 from rissole_jax.retrieval.embedding import (Reduction, embed_rows, embedding_dim,
                                              fit_reduction, reduction_kind)
-from rissole_jax.retrieval.index import Index, exact_search, recall_at_k, _check_k
+from rissole_jax.retrieval.index import Index, exact_search, recall_at_k, check_k
 from rissole_jax.files import write_manifest, rerun_fix, remove
 from rissole_jax import files
 
@@ -59,7 +58,7 @@ def _encoded(encode_dir: Path, config):
   rcfg = config.retrieval
   meta = shards.read_meta(encode_dir)
   n, shape = meta["rows"]["train"], tuple(meta["latent_shape"])
-  _check_k(int(rcfg.k), n, 1)
+  check_k(int(rcfg.k), n, 1)
   kind = reduction_kind(n, shape, config)
   info = {"fingerprint": meta["fingerprint"], "embedding": rcfg.embedding,
           "grid": list(config.blocks.grid) if rcfg.embedding == "first_block" else None,

@@ -120,7 +120,7 @@ def evaluate(ctx, ae: "Autoencoder", show: int = 16) -> dict:
 
   @jax.jit
   def eval_fn(params, x, mask):
-    z, idx = ae._model.apply({"params": params}, x, method=vq.VQModel.encode)
+    z, idx = ae.model.apply({"params": params}, x, method=vq.VQModel.encode)
     x_rec = ae.decode_fn(params, z)
     mse01 = jnp.mean(jnp.square((x - x_rec) / 2.0), axis=(1, 2, 3))  # [0,1] scale
     l1 = jnp.mean(jnp.abs(x - x_rec), axis=(1, 2, 3))

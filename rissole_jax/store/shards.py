@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from rissole_jax.stages import workdir as wd
 from rissole_jax.errors import IndexMismatch
 from rissole_jax import files
 
@@ -64,13 +63,12 @@ def _fix(directory: Path) -> str:
 def write_shard(directory: Path, split: str, i: int, start: int, rows: np.ndarray,
                 labels: np.ndarray, fingerprint: str) -> None:
   """One shard's rows and labels, then its manifest (a crash leaves no manifest)."""
-  from rissole_jax.files import write_manifest
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   name = _name(split, i)
   files.atomic_save_npy(directory / f"{name}.npy", rows)
   files.atomic_save_npy(directory / f"{name}_labels.npy", np.asarray(labels, np.int32))
-  write_manifest(directory / f"{name}.json", [f"{name}.npy", f"{name}_labels.npy"],
+  files.write_manifest(directory / f"{name}.json", [f"{name}.npy", f"{name}_labels.npy"],
                  {"split": split, "shard": i, "start": int(start), "rows": len(rows),
                   "fingerprint": fingerprint, "dtype": str(rows.dtype),
                   "row_shape": list(rows.shape[1:])})
@@ -79,12 +77,11 @@ def write_shard(directory: Path, split: str, i: int, start: int, rows: np.ndarra
 def shard_done(directory: Path, split: str, i: int, start: int, stop: int,
                fingerprint: str) -> bool:
   """Whether shard i is already there, intact, for these rows and this autoencoder."""
-  from rissole_jax.files import read_manifest
   path = Path(directory) / f"{_name(split, i)}.json"
   if not path.exists():
     return False
   try:
-    m = read_manifest(path, "latents")
+    m = files.read_manifest(path, "latents")
   except IndexMismatch:
     return False
   return (m.get("fingerprint"), m.get("start"), m.get("rows")) == (fingerprint, start, stop - start)
@@ -95,14 +92,12 @@ def finish(directory: Path, fingerprint: str, dataset: str, codebook: np.ndarray
   """meta.json over every shard (process 0, once all processes wrote theirs).
   splits: {split: (rows, shard_rows, source name)}. Refuses missing shards and
   shards of another autoencoder, naming the fix."""
-  from rissole_jax.files import read_manifest, write_manifest
-  from rissole_jax.files import remove
   directory = Path(directory)
-  remove(directory / "meta.json")
-  files, shapes, sources, counts = [], {}, {}, {}
+  files.remove(directory / "meta.json")
+  listed, shapes, sources, counts = [], {}, {}, {}
   if codebook is not None:
     files.atomic_save_npy(directory / "codebook.npy", np.asarray(codebook, np.float32))
-    files.append("codebook.npy")
+    listed.append("codebook.npy")
   dtypes = set()
   for split, (n, shard_rows, source_name) in splits.items():
     rr = ranges(n, shard_rows)
@@ -112,7 +107,7 @@ def finish(directory: Path, fingerprint: str, dataset: str, codebook: np.ndarray
         raise IndexMismatch(f"{path} is missing: shard {i} of {len(rr)} of the {split} split "
                             f"was never written (a process failed or was left out). "
                             + _fix(directory))
-      m = read_manifest(path, "latents")
+      m = files.read_manifest(path, "latents")
       if m["fingerprint"] != fingerprint:
         raise IndexMismatch(
             f"{path} was made by another autoencoder ({m['fingerprint']}, the others by "
@@ -121,22 +116,21 @@ def finish(directory: Path, fingerprint: str, dataset: str, codebook: np.ndarray
         raise IndexMismatch(f"{path} holds rows {m['start']}.. ({m['rows']}), not "
                             f"{start}..{stop}: encode.shard_rows changed. " + _fix(directory))
       dtypes.add(m["dtype"])
-      files += [f"{_name(split, i)}.npy", f"{_name(split, i)}_labels.npy"]
+      listed += [f"{_name(split, i)}.npy", f"{_name(split, i)}_labels.npy"]
     shapes[split], sources[split], counts[split] = n, source_name, len(rr)
   meta = {"format": FORMAT, "fingerprint": fingerprint, "dataset": dataset,
           "latent_shape": list(latent_shape), "rows": shapes, "shards": counts,
           "shard_rows": {s: int(v[1]) for s, v in splits.items()}, "sources": sources,
           "codes": codebook is not None, "dtype": sorted(dtypes)[0] if dtypes else None,
           "codebook_size": None if codebook is None else len(codebook)}
-  write_manifest(directory / "meta.json", files, meta)
+  files.write_manifest(directory / "meta.json", listed, meta)
   return meta
 
 
 def read_meta(directory: Path) -> dict:
   """The encode folder's meta.json after checking every file it lists
   (legacy float folders included: their meta has no 'format')."""
-  from rissole_jax.files import read_manifest
-  meta = read_manifest(Path(directory) / "meta.json", "latents")
+  meta = files.read_manifest(Path(directory) / "meta.json", "latents")
   if meta.get("format", "float") not in (FORMAT, "float"):
     raise IndexMismatch(f"{directory}/meta.json: unknown format {meta['format']!r}. "
                         + _fix(directory))

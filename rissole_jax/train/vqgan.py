@@ -238,6 +238,7 @@ def check_batch(config, mesh) -> None:
 class Autoencoder:
   """The trained VQ-GAN generator for the later stages.
 
+  .model        the VQModel (Flax module; apply it with .params)
   .params       generator params (replicated on the mesh)
   .fingerprint  sha256 of the params and the vqgan config (stable across loads)
   .latent_shape (h, w, c);  .f  the downsampling factor
@@ -248,7 +249,7 @@ class Autoencoder:
 
   def __init__(self, config, params, mesh):
     self.config, self.mesh = config, mesh
-    self._model = vq.make_model(config)
+    self.model = vq.make_model(config)
     self.params = jax.device_put(params, parallel.replicated(mesh))
     self.f = vq.downsampling_factor(config.vqgan)
     self.latent_shape = vq.latent_shape(config.vqgan, config.data.image_size)
@@ -263,15 +264,15 @@ class Autoencoder:
 
   def encode_fn(self, params, x):
     """Quantized latents (B, h, w, c) of images (B, H, W, C) in [-1, 1]."""
-    return self._model.apply({"params": params}, x, method=vq.VQModel.encode)[0]
+    return self.model.apply({"params": params}, x, method=vq.VQModel.encode)[0]
 
   def encode_codes_fn(self, params, x):
     """Code indices (B, h, w) of images: the quantizer's own choice."""
-    return self._model.apply({"params": params}, x, method=vq.VQModel.encode)[1]
+    return self.model.apply({"params": params}, x, method=vq.VQModel.encode)[1]
 
   def decode_fn(self, params, z):
     """Images (B, H, W, C) in [-1, 1] (clipped) of latents (B, h, w, c)."""
-    return jnp.clip(self._model.apply({"params": params}, z, method=vq.VQModel.decode), -1, 1)
+    return jnp.clip(self.model.apply({"params": params}, z, method=vq.VQModel.decode), -1, 1)
 
   def encode(self, images, batch_size: int = 256) -> np.ndarray:
     return self._batched(self._encode, images, batch_size, self.latent_shape)
