@@ -16,7 +16,7 @@ from rissole_jax.runtime import parallel
 from rissole_jax.stages import workdir as wd
 from rissole_jax.data.pipeline import RowCount, TrainStream
 from rissole_jax.models.common import count_params
-from rissole_jax.train import checkpoints, guard
+from rissole_jax.train import checkpoints, guard, loop
 from rissole_jax import files
 from rissole_jax.train.diffusion import (abstract_state, build, check_config,
                                          check_database, database_stats,
@@ -83,7 +83,7 @@ def run(ctx) -> dict:
   window, last, t_first, timed_from = [], {}, None, start
   first_step_seconds, t_start = 0.0, time.time()
   crossed = lambda a, b, every: b // max(every, 1) > a // max(every, 1)
-  try:
+  with loop.ending(mngr, t.steps, nan_guard, bar, writer) as end:
     s = start
     while s < t.steps:
       # steps_per_call steps per jitted call (the last call may be shorter);
@@ -111,17 +111,10 @@ def run(ctx) -> dict:
                 last["grad_norm"])
         bar.set_postfix(loss=f"{last['loss']:.4f}")
       bar.update(n)
-    jax.block_until_ready(state)
+    end.state = state = jax.block_until_ready(state)
     elapsed = time.time() - t_first if t_first else 0.0
     steps_timed = t.steps - timed_from
     rate = steps_timed / elapsed if elapsed > 0 and steps_timed else 0.0
-    nan_guard.check(mngr.latest_step())
-  except BaseException:
-    checkpoints.abandon(mngr)  # the last good save is finished, not lost
-    raise
-  checkpoints.finish(mngr, t.steps, state)
-  bar.close()
-  writer.close()
   if not last:  # resumed at the very end: nothing new to report
     last = {"loss": float("nan")}
   heldout = heldout_loss(fns.eval_loss, state["ema"], db, stats, rows, codebook)

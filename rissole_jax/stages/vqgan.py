@@ -18,7 +18,7 @@ import numpy as np
 from rissole_jax.runtime import parallel
 from rissole_jax.data import TrainStream, eval_batches, load_source, to_uint8
 from rissole_jax.models import vqgan as vq
-from rissole_jax.train import checkpoints, guard
+from rissole_jax.train import checkpoints, guard, loop
 from rissole_jax.train.vqgan import Autoencoder, Trainer, build, check_batch, keys
 from rissole_jax.files import atomic_write_bytes
 
@@ -67,7 +67,7 @@ def train(ctx, trainer: Trainer, init_key, step_key) -> tuple[Any, dict]:
   hints["vqgan.disc_weight"] = config.vqgan.disc_weight
   nan_guard = guard.Guard("vqgan", t, hints, ckpt_dir)
   window, last, t0, timed_from = [], {}, None, start
-  try:
+  with loop.ending(mngr, t.steps, nan_guard, bar, writer) as end:
     for s in range(start, t.steps):
       images = parallel.put_batch(stream.batch(s)["image"], mesh, rules)
       state, m = trainer.step(state, step_key, images)
@@ -90,15 +90,8 @@ def train(ctx, trainer: Trainer, init_key, step_key) -> tuple[Any, dict]:
         ctx.log("step %d: %s", s + 1, ", ".join(f"{n}={x:.4g}" for n, x in last.items()))
         bar.set_postfix(rec=f"{last['rec_loss']:.4f}", usage=f"{last['batch_usage']:.2f}")
       bar.update(1)
-    jax.block_until_ready(state)
+    end.state = state = jax.block_until_ready(state)
     elapsed = time.time() - t0 if t0 else 0.0
-    nan_guard.check(mngr.latest_step())
-  except BaseException:
-    checkpoints.abandon(mngr)  # the last good save is finished, not lost
-    raise
-  checkpoints.finish(mngr, t.steps, state)
-  bar.close()
-  writer.close()
   timed = t.steps - timed_from
   last["steps_per_sec"] = timed / elapsed if elapsed > 0 and timed > 0 else 0.0
   last["train_seconds"] = elapsed
