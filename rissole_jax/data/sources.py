@@ -15,7 +15,7 @@ TRAIN, HELDOUT = "train", "heldout"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-from rissole_jax.errors import DataError
+from rissole_jax.errors import DataError, check_choice
 
 
 class Source(Protocol):
@@ -247,8 +247,7 @@ class FolderSource:
     if not folder.is_dir():
       raise DataError(f"Image folder '{folder}' does not exist. Fix: set "
                       "--config.data.folder to a directory of PNG/JPEG files.")
-    if bad_images not in BAD_IMAGES:
-      raise DataError(f"data.bad_images={bad_images!r} is unknown: use one of {BAD_IMAGES}.")
+    check_choice("data.bad_images", bad_images, BAD_IMAGES, DataError)
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not files:
       raise DataError(f"No images ({', '.join(IMAGE_EXTS)}) found under '{folder}'.")
@@ -332,5 +331,5 @@ def load_source(data_cfg, split: str) -> Source:
     return TfdsSource(spec["tfds_name"], tfds_split, data_cfg.data_dir, size, ch,
                       label_key=spec.get("label_key", "label"), crop=spec.get("crop"),
                       keep_labels=keep)
-  raise DataError(f"Unknown dataset '{name}'. Known: mnist_embedded, folder, "
-                  + ", ".join(CATALOGUE) + ".")
+  check_choice("dataset", name, ("mnist_embedded", "folder", *CATALOGUE), DataError,
+               hint="Fix: set --config.data.name to one of them.")

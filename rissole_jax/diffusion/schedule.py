@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from rissole_jax.errors import ConfigError
+from rissole_jax.errors import ConfigError, check_choice
 
 PREDICTIONS = ("eps", "x0", "v")
 
@@ -88,7 +88,7 @@ class Schedule:
       return x0
     if prediction == "v":
       return self.v_from(x0, eps, t)
-    raise ValueError(_bad_prediction(prediction))
+    check_choice("diffusion.prediction", prediction, PREDICTIONS, ValueError)
 
   def to_eps_x0(self, prediction: str, xt, t, out):
     """(eps, x0) implied by a network output `out` of kind `prediction`."""
@@ -98,11 +98,7 @@ class Schedule:
       return self.eps_from_x0(xt, t, out), out
     if prediction == "v":
       return self.eps_from_v(xt, t, out), self.x0_from_v(xt, t, out)
-    raise ValueError(_bad_prediction(prediction))
-
-
-def _bad_prediction(p) -> str:
-  return f"Unknown diffusion.prediction {p!r}: use one of {PREDICTIONS}."
+    check_choice("diffusion.prediction", prediction, PREDICTIONS, ValueError)
 
 
 def _bc(arr, t, x):
@@ -143,4 +139,4 @@ def make_schedule(diffusion_cfg) -> Schedule:
                                    min(diffusion_cfg.beta_end * scale, 0.999)))
   if kind == "cosine":
     return from_betas(cosine_betas(T))
-  raise ConfigError(f"Unknown diffusion.schedule {kind!r}: use 'linear' or 'cosine'.")
+  check_choice("diffusion.schedule", kind, ("linear", "cosine"))

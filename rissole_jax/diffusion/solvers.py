@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rissole_jax.diffusion.schedule import Schedule
-from rissole_jax.errors import ConfigError
+from rissole_jax.errors import ConfigError, check_choice
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 # Timestep spacings (Lu et al. 2022): "time_uniform" is DDIM's evenly spread
@@ -97,7 +97,7 @@ def timesteps(alphas_cumprod, steps: int, spacing: str = "time_uniform") -> np.n
     target = np.linspace(lam[0], lam[-1], steps)
     ts = np.interp(-target, -lam, np.arange(T))      # np.interp needs increasing x
   else:
-    raise ConfigError(f"Unknown sample.spacing {spacing!r}: use one of {SPACINGS}.")
+    check_choice("sample.spacing", spacing, SPACINGS)
   return _distinct(np.round(ts), T)
 
 
@@ -295,7 +295,7 @@ def run_sampler(name: str, schedule: Schedule, model_fn, x_T, key, steps: int = 
   if name == "dpmpp":
     return dpmpp(schedule, model_fn, x_T, key, steps, order, spacing, lower_order_final, **switch,
                  eta=eta)
-  raise ConfigError(f"Unknown sample.sampler {name!r}: use one of {SAMPLERS}.")
+  check_choice("sample.sampler", name, SAMPLERS)
 
 
 def clipped(schedule: Schedule, model_fn, c: float):
@@ -329,14 +329,12 @@ def num_steps(sample_cfg, timesteps_T: int) -> int:
 def check_config(sample_cfg, timesteps_T: int) -> None:
   """Refuses a sampler setting that cannot run, naming the fix."""
   s, opt = sample_cfg, options(sample_cfg)
-  if s.sampler not in SAMPLERS:
-    raise ConfigError(f"Unknown sample.sampler {s.sampler!r}: use one of {SAMPLERS}.")
+  check_choice("sample.sampler", s.sampler, SAMPLERS)
   if s.sampler == "ddpm":
     return
   if s.steps < 1:
     raise ConfigError(f"sample.steps={s.steps}: {s.sampler} needs at least one step.")
-  if opt["spacing"] not in SPACINGS:
-    raise ConfigError(f"Unknown sample.spacing {opt['spacing']!r}: use one of {SPACINGS}.")
+  check_choice("sample.spacing", opt["spacing"], SPACINGS)
   if s.sampler == "dpmpp":
     order = opt["order"]
     if order not in ORDERS:

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from rissole_jax import blocks
-from rissole_jax.errors import ConfigError
+from rissole_jax.errors import ConfigError, check_choice
 
 
 EMBEDDINGS = ("full", "first_block")
@@ -26,8 +26,7 @@ def embed(latents: np.ndarray, config, reduction: "Reduction | None" = None) -> 
   reduction: the reduced embedding searched with (see `Reduction`); None: the full space.
   """
   mode, grid = config.retrieval.embedding, tuple(config.blocks.grid)
-  if mode not in EMBEDDINGS:
-    raise ConfigError(f"retrieval.embedding={mode!r} is unknown; use one of {EMBEDDINGS}.")
+  check_choice("retrieval.embedding", mode, EMBEDDINGS)
   latents = np.asarray(latents) if not hasattr(latents, "shape") else latents
   if latents.ndim != 4:
     raise ValueError(f"embed expects latents (N, h, w, c), got shape {latents.shape}.")
@@ -120,8 +119,7 @@ def reduction_kind(n: int, latent_shape, config) -> str:
   takes minutes for 20k rows)."""
   rcfg = config.retrieval
   kind = rcfg.reduce
-  if kind not in REDUCTIONS:
-    raise ConfigError(f"retrieval.reduce={kind!r} is unknown; use one of {REDUCTIONS}.")
+  check_choice("retrieval.reduce", kind, REDUCTIONS)
   if kind != "auto":
     return kind
   d = embedding_dim(latent_shape, config)

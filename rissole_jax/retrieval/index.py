@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rissole_jax.errors import ConfigError
+from rissole_jax.errors import ConfigError, check_choice
 from rissole_jax.retrieval.embedding import Reduction, embed
 from rissole_jax.files import atomic_dir, expect_meta, read_manifest, remove, write_manifest
 
@@ -102,8 +102,7 @@ def check_k(k: int, n: int, excluded: int = 0) -> None:
 
 def resolve_backend(name: str) -> str:
   """'auto' -> 'scann' where it imports, else 'exact' (with a one-line warning)."""
-  if name not in BACKENDS:
-    raise ConfigError(f"retrieval.backend={name!r} is unknown; use one of {BACKENDS}.")
+  check_choice("retrieval.backend", name, BACKENDS)
   if name == "exact":
     return "exact"
   try:
@@ -125,8 +124,7 @@ def plan(n: int, k: int, rcfg) -> dict:
   databases, asymmetric hashing (AH) for medium, a tree of ~sqrt(n) leaves
   with AH inside it for large)."""
   structure = rcfg.structure
-  if structure not in STRUCTURES:
-    raise ConfigError(f"retrieval.structure={structure!r} is unknown; use one of {STRUCTURES}.")
+  check_choice("retrieval.structure", structure, STRUCTURES)
   if structure == "auto":
     structure = ("brute" if n < rcfg.brute_max else "ah" if n < rcfg.ah_max else "tree")
   p = {"structure": structure}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rissole_jax.errors import check_choice
 from rissole_jax.stages import workdir as wd
 
 # name -> (module with `run(ctx) -> metrics`, config sections it reads, or a
@@ -29,9 +30,8 @@ STAGES = {
 
 def stage_records(config, root: Path) -> list[wd.StageRecord]:
   """One record per configured stage, fingerprints chained through upstream ones."""
-  unknown = [s for s in config.stages if s not in STAGES]
-  if unknown:
-    raise ValueError(f"Unknown stage(s) {unknown} in config.stages; known: {list(STAGES)}")
+  for s in config.stages:
+    check_choice("stage", s, STAGES, ValueError, hint="(in config.stages)")
   records, upstream = [], ""
   for name in config.stages:
     keys = STAGES[name][1]

@@ -26,7 +26,7 @@ from rissole_jax.runtime import parallel
 from rissole_jax.stages import workdir as wd
 from rissole_jax.diffusion import solvers as samplers
 from rissole_jax.diffusion.schedule import PREDICTIONS, make_schedule
-from rissole_jax.errors import ConfigError, DataError
+from rissole_jax.errors import ConfigError, DataError, check_choice
 from rissole_jax import models
 from rissole_jax.models import rows as model_rows
 from rissole_jax.models.common import uses_retrieval
@@ -96,10 +96,8 @@ def check_config(config, latent_shape, k: int | None = None) -> None:
   models.check_config(config, latent_shape)
   f, t = config.diffusion, config.diffusion.train
   make_schedule(f)
-  if f.prediction not in PREDICTIONS:
-    raise ConfigError(f"Unknown diffusion.prediction {f.prediction!r}: use one of {PREDICTIONS}.")
-  if t.gather not in GATHERS:
-    raise ConfigError(f"Unknown diffusion.train.gather {t.gather!r}: use one of {GATHERS}.")
+  check_choice("diffusion.prediction", f.prediction, PREDICTIONS)
+  check_choice("diffusion.train.gather", t.gather, GATHERS)
   if t.steps < 1 or t.batch_size < 1:
     raise ConfigError("diffusion.train.steps and batch_size must be positive.")
   if not 0 <= t.ema_decay < 1:

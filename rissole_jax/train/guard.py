@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rissole_jax.errors import ConfigError, RissoleError
+from rissole_jax.errors import ConfigError, RissoleError, check_choice
 
 POLICIES = ("stop", "skip_step")
 FLAG = "finite"  # the per-step metric: 1.0 when the step's values were finite
@@ -27,8 +27,7 @@ class NonFiniteError(RissoleError):
 
 
 def check_config(train_cfg, section: str) -> None:
-  if train_cfg.nan_policy not in POLICIES:
-    raise ConfigError(f"Unknown {section}.nan_policy {train_cfg.nan_policy!r}: use one of {POLICIES}.")
+  check_choice(f"{section}.nan_policy", train_cfg.nan_policy, POLICIES)
   if train_cfg.max_skipped_steps < 1:
     raise ConfigError(f"{section}.max_skipped_steps={train_cfg.max_skipped_steps} must be at least 1.")
 

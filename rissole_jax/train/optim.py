@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import optax
 
+from rissole_jax.errors import check_choice
+
 
 def learning_rate(lr: float, warmup_steps: int, total_steps: int, schedule: str):
   warmup = max(warmup_steps, 1)
@@ -11,7 +13,7 @@ def learning_rate(lr: float, warmup_steps: int, total_steps: int, schedule: str)
   if schedule == "cosine":  # decays to lr/10 at total_steps (at least one step after warm-up)
     return optax.warmup_cosine_decay_schedule(
         0.0, lr, warmup, max(total_steps, warmup + 1), end_value=lr * 0.1)
-  raise ValueError(f"Unknown learning-rate schedule {schedule!r}: use 'cosine' or 'constant'.")
+  check_choice("learning-rate schedule", schedule, ("cosine", "constant"), ValueError)
 
 
 def adam(train_cfg, lr: float | None = None, b1: float = 0.9, b2: float = 0.99,
