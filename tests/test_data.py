@@ -88,3 +88,29 @@ def test_missing_inputs_have_clear_messages(tmp_path):
     load_source(_cfg(None, name="cifar11"), "train")
   with pytest.raises(DataError, match="32x32x1"):
     load_source(_cfg(None, image_size=64), "train")
+
+
+def test_16_bit_images_are_scaled_by_their_depth_not_their_brightness(tmp_path):
+  """A dark 16-bit scan (every value <= 255) is 16-bit data: it comes out
+  dark (value / 257), not 257x too bright; a bright one fills 0..255. Files
+  (mode I;16, or I where Pillow opens 16-bit PNGs so) and arrays alike."""
+  from PIL import Image
+  from rissole_jax.data import images, sources
+  dark = np.tile(np.arange(0, 256, 16, dtype=np.uint16), (16, 1))       # 0..240 of 65535
+  bright = dark * 257                                                   # 0..61680
+  for name, a, want in (("dark", dark, np.round(dark / 257)), ("bright", bright, dark)):
+    Image.fromarray(a).save(tmp_path / f"{name}.png")
+    with Image.open(tmp_path / f"{name}.png") as im:
+      assert im.mode.startswith("I")   # 16-bit, as this Pillow opens it
+      np.testing.assert_array_equal(sources.pil_to_array(im, 1)[..., 0], want)
+    as_i = Image.fromarray(a.astype(np.int32))                         # mode "I" (older Pillow)
+    assert as_i.mode == "I"
+    np.testing.assert_array_equal(sources.pil_to_array(as_i, 1)[..., 0], want)
+    np.testing.assert_array_equal(images.array_to_uint8(a)[..., 0], want)
+    got = sources.decode_image(tmp_path / f"{name}.png", 16, 1)[..., 0]
+    np.testing.assert_array_equal(got, want)
+  assert sources.decode_image(tmp_path / "dark.png", 16, 1).max() <= 1
+  # Integer dtypes that declare no depth are 8-bit values; beyond 0..255 is refused.
+  np.testing.assert_array_equal(images.array_to_uint8(dark.astype(np.int64))[..., 0], dark)
+  with pytest.raises(DataError, match="uint16"):
+    images.array_to_uint8(bright.astype(np.int32))

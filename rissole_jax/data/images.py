@@ -20,8 +20,12 @@ _MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 def array_to_uint8(a: np.ndarray, what: str = "image") -> np.ndarray:
   """An (H, W) or (H, W, C) array -> uint8 (H, W, C) of 1 to 4 channels
-  (grey, grey + alpha, RGB, RGBA). uint8 as is, uint16 scaled, float read as
-  [0, 1], bool as 0/255."""
+  (grey, grey + alpha, RGB, RGBA), scaled by what the dtype declares, never
+  by how bright the values are: uint8 as is, uint16 as 16-bit (1/257, so a
+  dark 16-bit image stays dark), float as [0, 1], bool as 0/255. Other
+  integer dtypes (int64 from np.array of Python ints, int32, ...) declare no
+  depth: they are read as 8-bit values and must lie in 0..255 (16-bit data:
+  cast it to uint16)."""
   a = np.asarray(a)
   if a.ndim == 2:
     a = a[..., None]
@@ -41,8 +45,11 @@ def array_to_uint8(a: np.ndarray, what: str = "image") -> np.ndarray:
       raise DataError(f"{what} holds NaN or infinite values.")
     return np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8)
   if np.issubdtype(a.dtype, np.integer):
-    top = 255 if a.max(initial=0) <= 255 else 65535
-    return np.clip(np.round(a.astype(np.float64) / top * 255), 0, 255).astype(np.uint8)
+    if a.min(initial=0) < 0 or a.max(initial=0) > 255:
+      raise DataError(f"{what} has dtype {a.dtype} with values in {a.min()}..{a.max()}; an "
+                      f"integer dtype other than uint8/uint16 is read as 8-bit (0..255). Fix: "
+                      "cast 16-bit data to np.uint16, or scale it to 0..255 as np.uint8.")
+    return a.astype(np.uint8)
   raise DataError(f"{what} has dtype {a.dtype}; use uint8, uint16 or float in [0, 1].")
 
 

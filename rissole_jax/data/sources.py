@@ -166,14 +166,31 @@ def _missing_message(name, data_dir, err) -> str:
 BAD_IMAGES = ("error", "skip")
 
 
+def depth_scale(mode: str, a: np.ndarray) -> float:
+  """The factor to 8 bits of a single-channel PIL image of `mode` (values a),
+  set by the depth the file declares, not by how bright it is (a dark 16-bit
+  scan whose values stay below 256 is still 16-bit):
+    I;16*  16-bit: 0..65535 -> 0..255 (1/257)
+    I      32-bit integers. Some Pillow versions open 16-bit PNGs as "I", and
+           a 32-bit image whose values all fit 0..65535 holds 16-bit data in
+           practice, so it is scaled as 16-bit; otherwise 0..2**31-1 -> 0..255.
+    F      float, 0..1 -> 0..255."""
+  if mode == "F":
+    return 255.0
+  if mode.startswith("I;16"):
+    return 1 / 257
+  if a.min(initial=0) >= 0 and a.max(initial=0) <= 65535:
+    return 1 / 257
+  return 255 / (2**31 - 1)
+
+
 def pil_to_array(im, channels: int) -> np.ndarray:
   """An opened PIL image as uint8 (H, W, 1 or 3): greyscale, RGB, RGBA and
   palette (transparency on white), 16-bit and float, CMYK, YCbCr, LAB alike."""
   from PIL import Image
   if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-    a = np.asarray(im).astype(np.float64)
-    # 16-bit and 32-bit integer images span 0..65535; float ones 0..1.
-    a = a * 255.0 if im.mode == "F" else a / 257.0 if a.max(initial=0) > 255 else a
+    a = np.asarray(im)
+    a = a.astype(np.float64) * depth_scale(im.mode, a)
     im = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), mode="L")
   if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
     rgba = im.convert("RGBA")
