@@ -223,8 +223,17 @@ def test_skipping_nothing_is_exact_and_skipping_saves_flops(preset):
   key = jax.random.PRNGKey(0)
   c0 = tiny(preset)
   c0.sample.skip.bricks = ()
+  assert lego.skip_plan(model, c0) is None   # the no-skip program: one stack, one loop
   ref = np.asarray(_sampler(c0, model, params, nb)(params, nb, key))
-  c.sample.skip.t_break = 0.0
+  # A real skip plan whose switch lies at the trajectory's end (t_break * T
+  # rounds to 0 at the low end, to T at the high end): both stacks are
+  # compiled, the reduced one runs no step, so it must equal the no-skip program.
+  T = int(c.diffusion.timesteps)
+  c.sample.skip.t_break = 0.4 / T
+  plan = lego.skip_plan(model, c)
+  assert plan is not None and plan[2] == (0 if c.sample.skip.end == "low" else T)
+  n = lego.step_counts(c, None)[0]
+  assert lego.step_counts(c, plan) == ((n, 0) if c.sample.skip.end == "low" else (0, n))
   np.testing.assert_array_equal(np.asarray(_sampler(c, model, params, nb)(params, nb, key)), ref)
 
   x, cond = model_rows.model_inputs(model, nb[:, 0], nb)
@@ -257,8 +266,7 @@ def test_skip_steps_follow_t_break():
     c.sample.skip.update(end=end, t_break=t_break)
     plan = lego.skip_plan(m, c)
     assert lego.step_counts(c, plan) == want
-    reduced = (1,) if False else (0,)
-    assert (plan[1] if end == "low" else plan[0]) == reduced
+    assert (plan[1] if end == "low" else plan[0]) == (0,)   # the brick kept
 
 
 # ---------------------------------------------------------------------------
