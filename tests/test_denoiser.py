@@ -217,6 +217,20 @@ def test_config_errors():
     c = tiny()
     c.diffusion.train.gather = "disk"
     dif.check_config(c, SHAPE)
+  with pytest.raises(ConfigError, match=r"Unknown model.backbone 'resnet': use one of \('unet', 'lego'\)"):
+    make_denoiser(tiny(backbone="resnet"), SHAPE)
+
+
+def test_backbones_by_name():
+  """models.make_denoiser picks the backbone by config.model.backbone."""
+  from rissole_jax import models
+  from rissole_jax.models import lego, unet
+  assert set(models.BACKBONES) == {"unet", "lego"}
+  assert isinstance(make_denoiser(tiny(), SHAPE), unet.Denoiser)
+  c = tiny()
+  c.model.backbone = "lego"
+  c.model.lego.update(preset="pg", depth=2, width=32, emb_dim=32)
+  assert isinstance(make_denoiser(c, SHAPE), lego.LegoDenoiser)
 
 
 # ---------------------------------------------------------------------------
