@@ -5,7 +5,7 @@ import types
 
 import pytest
 
-from rissole_jax import main
+from rissole_jax import main, stages as stage_registry
 from rissole_jax.defaults import base_config
 from rissole_jax.errors import ConfigError, WorkdirMismatch
 
@@ -26,7 +26,8 @@ def fake_stages(monkeypatch):
     return f"fake_{name}"
 
   stages = {"a": (make("a"), ("data",)), "b": (make("b"), ("model",))}
-  monkeypatch.setattr(main, "STAGES", stages)
+  monkeypatch.setattr(main, "STAGES", stages)             # the runner's imports
+  monkeypatch.setattr(stage_registry, "STAGES", stages)   # stage_records's
   return calls
 
 

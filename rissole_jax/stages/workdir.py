@@ -11,16 +11,14 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import ml_collections as mlc
 
-
 from rissole_jax.errors import DataError, WorkdirMismatch
+from rissole_jax.files import atomic_write_json, read_json
 
 
 def config_sections(config: mlc.ConfigDict, keys) -> dict:
