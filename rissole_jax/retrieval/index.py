@@ -13,7 +13,8 @@ import numpy as np
 
 from rissole_jax.errors import ConfigError, check_choice
 from rissole_jax.retrieval.embedding import Reduction, embed
-from rissole_jax.files import atomic_dir, expect_meta, read_manifest, remove, write_manifest
+from rissole_jax.files import (atomic_dir, atomic_save_npy, expect_meta, read_manifest, remove,
+                               write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -244,17 +245,17 @@ class Index:
       # ScaNN writes a folder; relative paths so it loads after the rename.
       atomic_dir(directory / "scann",
                   lambda d: self._searcher.serialize(str(d), relative_path=True))
-      files = sorted(f"scann/{p.name}" for p in (directory / "scann").iterdir())
+      listed = sorted(f"scann/{p.name}" for p in (directory / "scann").iterdir())
     else:
-      files.atomic_save_npy(directory / "embeddings.npy", self._emb)
-      files = ["embeddings.npy"]
+      atomic_save_npy(directory / "embeddings.npy", self._emb)
+      listed = ["embeddings.npy"]
     reduction = {"kind": "none"}
     if self.reduction is not None:
       reduction = self.reduction.describe()
       if self.reduction.matrix is not None:
-        files.atomic_save_npy(directory / "projection.npy", self.reduction.matrix)
-        files.append("projection.npy")
-    write_manifest(directory / "index.json", files, {
+        atomic_save_npy(directory / "projection.npy", self.reduction.matrix)
+        listed.append("projection.npy")
+    write_manifest(directory / "index.json", listed, {
         **self.meta, "backend": self.backend, "n": self.n, "dim": self.dim,
         "params": self.params, "reduction": reduction})
 

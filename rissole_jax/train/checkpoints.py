@@ -77,10 +77,10 @@ def check_files(step_dir: Path) -> None:
   if not path.exists():
     return
   try:
-    files = json.loads(path.read_text())["files"]
+    recorded = json.loads(path.read_text())["files"]
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"{path} is damaged ({e}).") from None
-  for name, want in files.items():
+  for name, want in recorded.items():
     p = Path(step_dir) / name
     if not p.is_file():
       raise CheckpointError(f"{p} is missing.")
