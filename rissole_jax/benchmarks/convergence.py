@@ -58,20 +58,21 @@ def instrument(config):
 
 def fd_curve(name: str, root: Path, num: int, seed: int, done: set) -> list[dict]:
   """Rows (step, classifier FD, ...) for each kept checkpoint of `root` not in `done`."""
-  from rissole_jax.inference import sampler as smp
+  from rissole_jax.inference import loading
+  from rissole_jax.inference.sampler import Sampler
   from rissole_jax.metrics import memorization
   from rissole_jax.stages import evaluate as ev_stage
-  from rissole_jax.train import checkpoints
-  from rissole_jax.train import diffusion as dif
+  from rissole_jax.store import checkpoints
   root = Path(root)
-  s = smp.Sampler.from_workdir(root)      # checks the stages; holds the final EMA
+  s = Sampler.from_workdir(root)      # checks the stages; holds the final EMA
   clf, f_held, train, held = instrument(s.config)
-  like, _ = dif.abstract_state(s.config, s.model, s.stats["latent_shape"], s.stats["k"], s.mesh)
+  like = loading.abstract_denoiser_params(s.model, s.config, s.stats["latent_shape"],
+                                          s.stats["k"], s.mesh)
   rows = []
   for step in checkpoint_steps(root):
     if step in done:
       continue
-    s.params = checkpoints.restore_final(root / "diffusion", "diffusion", step, like)["ema"]
+    s.params = checkpoints.restore_final(root / "diffusion", "diffusion", step, like, only="ema")
     images = s.sample(num, seed=seed, progress=False)
     m = ev_stage.feature_metrics(f_held, clf.features(images), s.config.evaluate)
     row = {"name": name, "run": str(root), "step": step, "num": num, "seed": seed,

@@ -40,9 +40,9 @@ UPSTREAM = ("vqgan", "encode", "index", "diffusion")
 def flops_of(config, root: Path) -> dict:
   """Network FLOPs of the config's sampler for one sample batch."""
   import jax.numpy as jnp
+  from rissole_jax.inference.loading import load_denoiser
   from rissole_jax.models import lego, unet
-  from rissole_jax.train import diffusion as dif
-  model, params, stats = dif.load_denoiser(config, root)
+  model, params, stats = load_denoiser(config, root)
   B, k = int(config.sample.batch_size), int(stats["k"])
   nb = jnp.zeros((B, k, *stats["latent_shape"]), jnp.float32)
   x, cond = unet.model_inputs(model, nb[:, 0], nb)
@@ -93,22 +93,25 @@ def larger_canvas(config, run: Path, hw, out: Path, num: int = 64) -> dict:
   from rissole_jax.diffusion.schedule import make_schedule
   from rissole_jax.metrics import seams
   from rissole_jax.models import lego
+  from rissole_jax import retrieval
+  from rissole_jax.diffusion.latents import denormalise, normalise
   from rissole_jax.inference import pictures
-  from rissole_jax.inference import sampler as smp
-  from rissole_jax.train import diffusion as dif
-  from rissole_jax.train.vqgan import load_autoencoder
+  from rissole_jax.inference.loading import load_denoiser
+  from rissole_jax.inference.program import latents_fn
+  from rissole_jax.inference.queries import pseudo_queries, query_neighbours
+  from rissole_jax.models.autoencoder import load_autoencoder
   ae = load_autoencoder(config, run / "vqgan")
-  model, params, stats = dif.load_denoiser(config, run)
-  db = dif.load_database(config, run)
+  model, params, stats = load_denoiser(config, run)
+  db = retrieval.load_database(config, run, mmap=True)
   big = lego.for_canvas(model, hw, stats["latent_shape"][:2])
-  queries = smp.pseudo_queries(db.neighbours, num, "uniform", config.seed)
-  latents = dif.normalise(np.asarray(db.latents, np.float32), stats).astype(np.float32)
-  nb = jnp.asarray(latents[smp.query_neighbours(db.neighbours, queries)])
+  queries = pseudo_queries(db.neighbours, num, "uniform", config.seed)
+  latents = normalise(np.asarray(db.latents, np.float32), stats).astype(np.float32)
+  nb = jnp.asarray(latents[query_neighbours(db.neighbours, queries)])
   nb_big = lego.canvas_neighbours(nb, hw)
   schedule = make_schedule(config.diffusion)
-  fn = jax.jit(lambda p, nb, key: smp.latents_fn(big, schedule, config)(p, nb, key))
+  fn = jax.jit(lambda p, nb, key: latents_fn(big, schedule, config)(p, nb, key))
   z = np.asarray(fn(params, nb_big, jax.random.PRNGKey(config.seed + 7)))
-  images = to_uint8(ae.decode(dif.denormalise(z, stats)))
+  images = to_uint8(ae.decode(denormalise(z, stats)))
   # Reference for the seam score: held-out reconstructions, bilinearly scaled
   # to the larger image size (their boundary ratio on the larger grid).
   held = np.asarray(ae.decode(np.asarray(db.heldout_latents[:256], np.float32)))
@@ -158,17 +161,17 @@ def timing(config, run: Path, t_breaks, rounds: int, batch: int = 16) -> list[di
   import time
   import jax
   from rissole_jax.diffusion.schedule import make_schedule
+  from rissole_jax.inference.loading import load_denoiser
+  from rissole_jax.inference.program import latents_fn
   from rissole_jax.models import unet
-  from rissole_jax.inference import sampler as smp
-  from rissole_jax.train import diffusion as dif
-  model, params, stats = dif.load_denoiser(config, run)
+  model, params, stats = load_denoiser(config, run)
   schedule = make_schedule(config.diffusion)
   nb = jax.random.normal(jax.random.PRNGKey(0), (batch, stats["k"], *stats["latent_shape"]))
   fns, flops = {}, {}
   for tb in t_breaks:
     c = config.copy_and_resolve_references()
     c.sample.skip.t_break = float(tb)
-    fns[tb] = jax.jit(lambda p, nb, k, c=c: smp.latents_fn(model, schedule, c)(p, nb, k))
+    fns[tb] = jax.jit(lambda p, nb, k, c=c: latents_fn(model, schedule, c)(p, nb, k))
     jax.block_until_ready(fns[tb](params, nb, jax.random.PRNGKey(1)))   # compile
     x, cond = unet.model_inputs(model, nb[:, 0], nb)
     flops[tb] = lego_flops(model, params, c, x, cond)

@@ -98,10 +98,13 @@ def load_config(spec: str, overrides=()):
 def _latents_fn(model, schedule, config):
   """fn(params, nb, key) -> normalised latents: the sampler without the decode."""
   try:
-    from rissole_jax.inference.sampler import latents_fn
-  except ImportError:  # trees before rissole_jax.inference.sampler (5c3a3a5)
-    from rissole_jax.stages.sample import sample_latents
-    return lambda params, nb, key: sample_latents(model, params, schedule, config, nb, key)
+    from rissole_jax.inference.program import latents_fn
+  except ImportError:  # older trees (compared with --trees): where it was then
+    try:
+      from rissole_jax.inference.sampler import latents_fn
+    except ImportError:  # before rissole_jax.inference.sampler (5c3a3a5)
+      from rissole_jax.stages.sample import sample_latents
+      return lambda params, nb, key: sample_latents(model, params, schedule, config, nb, key)
   return latents_fn(model, schedule, config)
 
 
