@@ -23,12 +23,19 @@ from pathlib import Path
 
 from absl import app, flags
 
-_RUNS = flags.DEFINE_list("runs", [], "NAME=WORKDIR pairs.")
-_OUT = flags.DEFINE_string("out", None, "JSON file for the rows.")
-_NUM = flags.DEFINE_integer("num", 256, "Samples per checkpoint.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (the same for every checkpoint).")
-_PLOT = flags.DEFINE_string("plot", None, "Draw the rows of --out to this PNG.")
-_LOSSES = flags.DEFINE_bool("losses", False, "Add the training-loss panel to the plot.")
+def define_flags() -> None:
+  """This CLI's flags, defined when it runs (not on import: other benchmark
+  modules define flags of the same names, and any set of modules may be
+  imported together)."""
+  flags.DEFINE_list("runs", [], "NAME=WORKDIR pairs.")
+  flags.DEFINE_string("out", None, "JSON file for the rows.")
+  flags.DEFINE_integer("num", 256, "Samples per checkpoint.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed (the same for every checkpoint).")
+  flags.DEFINE_string("plot", None, "Draw the rows of --out to this PNG.")
+  flags.DEFINE_bool("losses", False, "Add the training-loss panel to the plot.")
+
+
+FLAGS = flags.FLAGS
 
 
 def checkpoint_steps(root: Path) -> list[int]:
@@ -127,22 +134,23 @@ def plot(rows: list[dict], out: str, losses: dict[str, Path] | None = None) -> N
 
 def main(argv):
   del argv
-  out = Path(_OUT.value)
+  out = Path(FLAGS.out)
   rows = json.loads(out.read_text())["rows"] if out.exists() else []
-  runs = dict(p.split("=", 1) for p in _RUNS.value)
+  runs = dict(p.split("=", 1) for p in FLAGS.runs)
   for name, root in runs.items():
     done = {r["step"] for r in rows if r["name"] == name}
-    for row in fd_curve(name, Path(root), _NUM.value, _SEED.value, done):
+    for row in fd_curve(name, Path(root), FLAGS.num, FLAGS.seed, done):
       rows.append(row)
       out.parent.mkdir(parents=True, exist_ok=True)
       out.write_text(json.dumps({"rows": rows}, indent=1))
-  if _PLOT.value:
+  if FLAGS.plot:
     runs = runs or {r["name"]: r["run"] for r in rows}
     logs = ({n: Path(r) / "diffusion" / "log.txt" for n, r in runs.items()}
-            if _LOSSES.value else None)
-    plot(rows, _PLOT.value, logs)
+            if FLAGS.losses else None)
+    plot(rows, FLAGS.plot, logs)
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flag_as_required("out")
   app.run(main)

@@ -24,15 +24,22 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file [:variant].")
-_RUN = flags.DEFINE_string("run", None, "Workdir of the trained LEGO model.")
-_OUT = flags.DEFINE_string("out", None, "JSON file for the rows.")
-_TB = flags.DEFINE_list("t_breaks", ["0", "0.2", "0.4", "0.6", "0.8", "1.0"], "t_break values.")
-_CANVAS = flags.DEFINE_list("canvas", [], "Instead of the sweep: sample a larger canvas "
-                            "(latent rows,cols, e.g. 16,16) to --out (a folder).")
-_TIMING = flags.DEFINE_integer("timing", 0, "Instead of the sweep: time the compiled latent "
-                               "sampler for every t_break, interleaved, this many rounds (median).")
-_PLOT = flags.DEFINE_string("plot", None, "Also draw every JSON given here (comma-separated) to this PNG.")
+def define_flags() -> None:
+  """This CLI's flags, defined when it runs (not on import: other benchmark
+  modules define flags of the same names, and any set of modules may be
+  imported together)."""
+  config_flags.DEFINE_config_file("config", None, "Config file [:variant].")
+  flags.DEFINE_string("run", None, "Workdir of the trained LEGO model.")
+  flags.DEFINE_string("out", None, "JSON file for the rows.")
+  flags.DEFINE_list("t_breaks", ["0", "0.2", "0.4", "0.6", "0.8", "1.0"], "t_break values.")
+  flags.DEFINE_list("canvas", [], "Instead of the sweep: sample a larger canvas "
+                    "(latent rows,cols, e.g. 16,16) to --out (a folder).")
+  flags.DEFINE_integer("timing", 0, "Instead of the sweep: time the compiled latent "
+                       "sampler for every t_break, interleaved, this many rounds (median).")
+  flags.DEFINE_string("plot", None, "Also draw every JSON given here (comma-separated) to this PNG.")
+
+
+FLAGS = flags.FLAGS
 
 UPSTREAM = ("vqgan", "encode", "index", "diffusion")
 
@@ -215,25 +222,26 @@ def table(paths) -> str:
 
 def main(argv):
   del argv
-  if _PLOT.value is None and _RUN.value is None and _OUT.value:
-    print(table(_OUT.value.split(",")))
+  if FLAGS.plot is None and FLAGS.run is None and FLAGS.out:
+    print(table(FLAGS.out.split(",")))
     return
-  if _PLOT.value and not _RUN.value:
-    plot(_OUT.value.split(","), _PLOT.value)
+  if FLAGS.plot and not FLAGS.run:
+    plot(FLAGS.out.split(","), FLAGS.plot)
     return
-  config = _CONFIG.value
-  if _TIMING.value:
-    rows = timing(config, Path(_RUN.value), [float(t) for t in _TB.value], _TIMING.value)
-    Path(_OUT.value).write_text(json.dumps({"run": _RUN.value, "rows": rows}, indent=1))
+  config = FLAGS.config
+  if FLAGS.timing:
+    rows = timing(config, Path(FLAGS.run), [float(t) for t in FLAGS.t_breaks], FLAGS.timing)
+    Path(FLAGS.out).write_text(json.dumps({"run": FLAGS.run, "rows": rows}, indent=1))
     return
-  if _CANVAS.value:
-    larger_canvas(config, Path(_RUN.value), tuple(int(v) for v in _CANVAS.value), Path(_OUT.value))
+  if FLAGS.canvas:
+    larger_canvas(config, Path(FLAGS.run), tuple(int(v) for v in FLAGS.canvas), Path(FLAGS.out))
     return
-  out = Path(_OUT.value)
-  sweep(config, Path(_RUN.value), [float(t) for t in _TB.value], out)
-  if _PLOT.value:
-    plot([str(out)], _PLOT.value)
+  out = Path(FLAGS.out)
+  sweep(config, Path(FLAGS.run), [float(t) for t in FLAGS.t_breaks], out)
+  if FLAGS.plot:
+    plot([str(out)], FLAGS.plot)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

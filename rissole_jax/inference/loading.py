@@ -64,10 +64,12 @@ def read_stats(path: Path) -> dict:
   mean and std (float32 arrays), k, latent_shape."""
   from rissole_jax.store import checkpoints
   if not path.exists():
-    raise DataError(f"{path} is missing: the 'diffusion' stage has not run in {path.parent.parent}.")
+    raise DataError(f"{path} is missing: the 'diffusion' stage has not run in "
+                    f"{path.parent.parent}.")
   meta = files.read_json(path)
   try:
-    return {"mean": np.asarray(meta["mean"], np.float32), "std": np.asarray(meta["std"], np.float32),
+    return {"mean": np.asarray(meta["mean"], np.float32),
+            "std": np.asarray(meta["std"], np.float32),
             "k": int(meta["k"]), "latent_shape": tuple(meta["latent_shape"])}
   except (KeyError, TypeError, ValueError) as e:
     raise DataError(f"{path} is damaged ({type(e).__name__}: {e}). "

@@ -150,8 +150,8 @@ def _export_required(fn, specs, platforms: tuple):
       break
   else:
     bad = ",".join(platforms)
-  raise ConfigError(f"export: cannot lower the sampler for platform {bad!r} here: "
-                    f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__}. "
+  why = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+  raise ConfigError(f"export: cannot lower the sampler for platform {bad!r} here: {why}. "
                     "Fix: drop it from --platforms (or leave --platforms out: the platforms "
                     "that lower are kept, the others listed as skipped).") from err
 

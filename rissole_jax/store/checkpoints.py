@@ -100,7 +100,8 @@ def restore_step(mngr: ocp.CheckpointManager, step: int, target, only: str | Non
     raise
   except Exception as e:  # orbax/tensorstore raise many types here; all mean "unreadable".
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    raise CheckpointError(f"{step_dir} cannot be read ({type(e).__name__}: {first[:300]})") from None
+    raise CheckpointError(f"{step_dir} cannot be read "
+                          f"({type(e).__name__}: {first[:300]})") from None
   if only is not None:
     restored = restored[only]
   check_finite(restored, step_dir)
