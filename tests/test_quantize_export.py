@@ -186,13 +186,24 @@ def test_export_refuses_other_jax(parts, tmp_path):
 
 def test_export_platforms_given_must_lower_default_skips(parts, tmp_path, monkeypatch):
   """Platforms asked for are each required (the error names the one that
-  cannot be lowered); none asked for: those that cannot are skipped, listed."""
-  with pytest.raises(ConfigError, match="platform 'nosuch'"):
-    stablehlo.export_stablehlo(parts, tmp_path / "a", platforms=("cpu", "nosuch"),
+  cannot be lowered, and why); none asked for: those that cannot are
+  skipped and listed. A platform this jax cannot lower for is simulated:
+  on a CPU-only jaxlib every known platform lowers."""
+  real = stablehlo.lower
+
+  def lower(fn, specs, platforms):
+    if "tpu" in platforms:
+      raise RuntimeError("tpu: no lowering rule for this op here")
+    return real(fn, specs, platforms)
+  monkeypatch.setattr(stablehlo, "lower", lower)
+  with pytest.raises(ConfigError, match="platform 'tpu' here: tpu: no lowering rule"):
+    stablehlo.export_stablehlo(parts, tmp_path / "a", platforms=("cpu", "tpu"),
                                say=lambda *a: None)
   assert not (tmp_path / "a").exists()
+  with pytest.raises(ConfigError, match="Unknown export platform 'nosuch'"):
+    stablehlo.export_stablehlo(parts, tmp_path / "a", platforms=("cpu", "nosuch"))
   said = []
-  monkeypatch.setattr(stablehlo, "PLATFORMS", ("cpu", "nosuch"))
+  monkeypatch.setattr(stablehlo, "PLATFORMS", ("cpu", "tpu"))
   m = stablehlo.export_stablehlo(parts, tmp_path / "b", say=said.append)
-  assert m["platforms"] == ["cpu"] and list(m["platforms_skipped"]) == ["nosuch"]
-  assert len(said) == 1 and "skipping platform nosuch" in said[0]
+  assert m["platforms"] == ["cpu"] and list(m["platforms_skipped"]) == ["tpu"]
+  assert len(said) == 1 and "skipping platform tpu" in said[0]

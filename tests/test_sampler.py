@@ -335,7 +335,8 @@ def test_int8_sampler_and_stablehlo_export_cli(sampler, workdir, tmp_path, capsy
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["sampler"]["steps"] == 2 and manifest["platforms"] == ["cpu"]
   assert (out / "run.py").exists() and (out / "sampler.stablehlo").exists()
-  # A platform asked for that cannot be lowered: an error naming it, nothing written.
+  # A platform asked for that cannot be: an error naming it, nothing written
+  # (lowering failures: tests/test_quantize_export.py).
   capsys.readouterr()
   assert export.main(["--format", "stablehlo", "--workdir", str(workdir), "--out",
                       str(tmp_path / "bad"), "--platforms", "cpu,nosuch", "--steps", "2"]) == 2

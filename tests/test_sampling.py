@@ -19,7 +19,6 @@ from rissole_jax.models import unet
 from rissole_jax.inference import loading, program, queries
 from rissole_jax.stages import diffusion as diffusion_stage
 from rissole_jax.stages import sample as sample_stage
-from rissole_jax.train import diffusion as dif
 
 SHAPE, K = (8, 8, 4), 3
 

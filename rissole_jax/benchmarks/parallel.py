@@ -180,8 +180,8 @@ def main(argv):
     rows.append(_run_child(entry, rest))
     print(json.dumps(rows[-1]), file=sys.stderr)
   if FLAGS.json:
-    from rissole_jax.stages import workdir
-    workdir.atomic_write_json(FLAGS.json, rows)
+    from rissole_jax import files
+    files.atomic_write_json(FLAGS.json, rows)
   print(markdown(rows))
 
 

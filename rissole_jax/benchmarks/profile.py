@@ -452,11 +452,11 @@ def main(argv):
   text = "\n".join(markdown(r) for r in results)
   print(text)
   if F.out:
-    from rissole_jax.stages import workdir
+    from rissole_jax import files
     if F.out.endswith(".md"):
-      workdir.atomic_write_bytes(F.out, text.encode())
+      files.atomic_write_bytes(F.out, text.encode())
     else:
-      workdir.atomic_write_json(F.out, results)
+      files.atomic_write_json(F.out, results)
 
 
 if __name__ == "__main__":

@@ -344,8 +344,8 @@ def main(argv):
       print(json.dumps(rows))
       return
   if FLAGS.json:
-    from rissole_jax.stages import workdir
-    workdir.atomic_write_json(FLAGS.json, rows)
+    from rissole_jax import files
+    files.atomic_write_json(FLAGS.json, rows)
   print(markdown(rows))
 
 

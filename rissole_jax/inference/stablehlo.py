@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rissole_jax.diffusion import solvers
-from rissole_jax.errors import ConfigError
+from rissole_jax.errors import ConfigError, check_choice
 from rissole_jax.files import atomic_save_npz, atomic_write_bytes, atomic_write_json, sha256_file
 from rissole_jax.inference import export_runner as runner
 from rissole_jax.inference import quantize as qz
@@ -42,6 +42,7 @@ from rissole_jax.inference.program import Settings, nfe, sample_latents, skip_pl
 from rissole_jax.store import codes as codes_lib
 
 PLATFORMS = ("cpu", "cuda", "tpu")   # tried when no platforms are given
+KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")   # jax.export's names
 
 
 # ---------------------------------------------------------------------------
@@ -93,12 +94,19 @@ def export_stablehlo(sampler, out_dir, *, batch_symbolic: bool = True, platforms
   that fails and why); None tries PLATFORMS and drops (and lists as skipped)
   those JAX cannot lower for here."""
   out = Path(out_dir)
+  if platforms is not None:
+    platforms = tuple(platforms)
+    if not platforms:
+      raise ConfigError("export: no platforms given. Fix: name at least one of "
+                        f"{KNOWN_PLATFORMS}, or give none to try {PLATFORMS}.")
+    for p in platforms:   # a typo is refused here: jax.export would lower for any name
+      check_choice("export platform", p, KNOWN_PLATFORMS)
   fn, leaves, treedef, q = build(sampler, quantize)
   latent_shape = tuple(int(v) for v in sampler.stats["latent_shape"])
   k = int(sampler.db.neighbours.shape[1])
   specs = _arg_specs(leaves, latent_shape, k, batch_symbolic, batch)
   if platforms is not None:
-    exported, skipped = _export_required(fn, specs, tuple(platforms)), {}
+    exported, skipped = _export_required(fn, specs, platforms), {}
   else:
     exported, skipped = _export_available(fn, specs, say)
   out.mkdir(parents=True, exist_ok=True)
@@ -132,19 +140,21 @@ def export_stablehlo(sampler, out_dir, *, batch_symbolic: bool = True, platforms
   return manifest
 
 
+def lower(fn, specs, platforms: tuple):
+  """jax.export of `fn` for `platforms` (one program serving all of them)."""
+  return jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
+
+
 def _export_required(fn, specs, platforms: tuple):
   """The program lowered for every one of `platforms`, or ConfigError naming
   the platform that cannot be lowered here and why."""
-  if not platforms:
-    raise ConfigError("export: no platforms given. Fix: name at least one of "
-                      f"{PLATFORMS}, or leave --platforms out to try them all.")
   try:
-    return jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
+    return lower(fn, specs, platforms)
   except Exception as e:  # jax raises many types for a platform it cannot lower for
     err = e
   for p in platforms:   # which one: each alone (only on failure, so no cost otherwise)
     try:
-      jax.export.export(jax.jit(fn), platforms=(p,))(*specs)
+      lower(fn, specs, (p,))
     except Exception as e:  # noqa: BLE001
       err, bad = e, p
       break
@@ -163,7 +173,7 @@ def _export_available(fn, specs, say):
   wanted = list(PLATFORMS)
   while wanted:
     try:
-      exported = jax.export.export(jax.jit(fn), platforms=tuple(wanted))(*specs)
+      exported = lower(fn, specs, tuple(wanted))
       break
     except Exception as e:   # a platform this jax cannot lower for: drop it, say which
       bad = next((p for p in wanted if p != "cpu" and p in str(e).lower()), None)

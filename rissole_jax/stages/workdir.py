@@ -21,6 +21,7 @@ import ml_collections as mlc
 
 
 from rissole_jax.errors import DataError, WorkdirMismatch
+from rissole_jax.files import atomic_write_json, read_json
 
 
 def config_sections(config: mlc.ConfigDict, keys) -> dict:

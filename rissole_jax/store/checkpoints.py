@@ -11,8 +11,9 @@ checks those sums, restores (catching any orbax/tensorstore error) and checks
 that every restored array is finite.
 
 A reader that needs one part of the state (the generator, the EMA denoiser)
-restores that subtree only (`only=`): the other parts are not read, so their
-structure (the optimizer state) need not be known.
+restores that subtree only (`only=`, an orbax partial restore): the other
+parts are not read, so their structure (the optimizer state) need not be
+known.
 """
 from __future__ import annotations
 
@@ -93,33 +94,32 @@ def restore_step(mngr: ocp.CheckpointManager, step: int, target, only: str | Non
   step_dir = Path(mngr.directory) / str(step)
   check_files(step_dir)
   try:
-    if only is not None:
-      target = _only(mngr, step, only, target)
-    restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    if only is None:
+      restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    else:
+      restored = _restore_only(mngr, step, only, target)
   except CheckpointError:
     raise
   except Exception as e:  # orbax/tensorstore raise many types here; all mean "unreadable".
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     raise CheckpointError(f"{step_dir} cannot be read "
                           f"({type(e).__name__}: {first[:300]})") from None
-  if only is not None:
-    restored = restored[only]
   check_finite(restored, step_dir)
   return restored
 
 
-def _only(mngr, step: int, key: str, like):
-  """A restore target of the saved tree's layout: `like` at `key`, orbax's
-  placeholder (not read) everywhere else."""
-  saved = mngr.item_metadata(step)
-  saved = getattr(saved, "tree", saved)
-  if not isinstance(saved, dict) or key not in saved:
-    have = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
-    raise CheckpointError(f"{Path(mngr.directory) / str(step)} holds no {key!r} (it has "
-                          f"{have}): not a checkpoint of this stage.")
-  target = {k: jax.tree.map(lambda _: ocp.PLACEHOLDER, v) for k, v in saved.items() if k != key}
-  target[key] = like
-  return target
+def _restore_only(mngr, step: int, key: str, like):
+  """The subtree `key` of the saved state, restored into `like` (abstract
+  arrays with shardings); nothing else is read."""
+  target = {key: like}
+  args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  restored = mngr.restore(step, args=args)[key]
+  # A key the checkpoint lacks comes back as the abstract target itself.
+  if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(restored)):
+    raise CheckpointError(f"{Path(mngr.directory) / str(step)} holds no {key!r}: not a "
+                          "checkpoint of this stage.")
+  return restored
 
 
 def restore_final(stage_dir: Path, stage: str, step: int | None, like=None,
