@@ -11,14 +11,11 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import ml_collections as mlc
-
 
 from rissole_jax.errors import DataError, WorkdirMismatch
 from rissole_jax.files import atomic_write_json, read_json
