@@ -9,7 +9,7 @@ from rissole_jax.runtime import xla_flags as _xla_flags
 # Before JAX starts a backend (it reads XLA_FLAGS then): see xla_flags.py.
 _xla_flags.apply()
 
-__version__ = "0.1.0"
+from rissole_jax.version import __version__  # noqa: E402
 __all__ = ["Sampler"]
 
 

@@ -30,8 +30,10 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--format", choices=("model", "stablehlo"), default="model")
   p.add_argument("--quantize", choices=("none", "int8_weights", "int8"),
                  help="stablehlo: int8 parameters (default: the config's sample.quantize)")
-  p.add_argument("--platforms", default="cpu,cuda,tpu",
-                 help="stablehlo: platforms to lower for (those JAX cannot are skipped)")
+  p.add_argument("--platforms",
+                 help="stablehlo: platforms to lower for, e.g. cpu,cuda; each one given must "
+                      "lower, or the export fails saying why (default: try cpu, cuda and tpu "
+                      "and skip, naming them, those JAX cannot lower for here)")
   for name, kind in _SETTINGS:
     p.add_argument(f"--{name}", type=kind,
                    help=f"stablehlo: sample.{name} baked into the program (default: the config's)")
@@ -74,8 +76,9 @@ def _stablehlo(s, args) -> int:
     for name, _ in _SETTINGS:
       if getattr(args, name) is not None:
         s.config.sample[name] = getattr(args, name)
-  m = stablehlo.export_stablehlo(s, args.out, quantize=args.quantize,
-                                 platforms=tuple(args.platforms.split(",")))
+  platforms = None if args.platforms is None else tuple(
+      p.strip().lower() for p in args.platforms.split(",") if p.strip())
+  m = stablehlo.export_stablehlo(s, args.out, quantize=args.quantize, platforms=platforms)
   print(f"wrote {args.out}/ (run: python {args.out}/run.py {args.out} --num 8 --out pngs/)")
   print(json.dumps({k: m[k] for k in ("platforms", "quantize", "bytes", "nfe_per_image")}))
   return 0

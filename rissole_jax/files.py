@@ -55,6 +55,15 @@ def atomic_save_npy(path: Path, array) -> None:
   atomic_write_bytes(path, buf.getvalue())
 
 
+def atomic_save_npz(path: Path, **arrays) -> None:
+  """Named arrays as one uncompressed .npz (np.savez), written atomically."""
+  import io
+  import numpy as np
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  atomic_write_bytes(path, buf.getvalue())
+
+
 def json_default(o):
   import numpy as np
   if isinstance(o, (np.integer, np.floating)):

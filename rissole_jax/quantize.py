@@ -15,22 +15,22 @@ from rissole_jax.inference import quantize as qz
 
 def main(argv=None) -> int:
   """python -m rissole_jax.quantize --workdir DIR --out FILE.json [--mode int8_weights|int8]
-  [--config configs/mnist.py] [--num 64]: each layer's solo quantization error, worst first."""
+  [--config FILE] [--num 64]: each layer's solo quantization error, worst first."""
   import argparse
-  import json
-  from rissole_jax.benchmarks.solvers import load_parts
-  from rissole_jax.inference.stablehlo import _load_config
-  from rissole_jax.train import diffusion as dif
-  from rissole_jax.stages.workdir import atomic_write_json
+  from rissole_jax.diffusion.latents import normalise
+  from rissole_jax.files import atomic_write_json
+  from rissole_jax.inference.configs import load_config
+  from rissole_jax.inference.loading import load_workdir
   p = argparse.ArgumentParser(description="Per-layer int8 sensitivity of a trained denoiser.")
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", required=True)
-  p.add_argument("--config", default="configs/mnist.py")
+  p.add_argument("--config", default=None,
+                 help="config FILE[:ARG] (default: the one the workdir was made with)")
   p.add_argument("--mode", default="int8_weights", choices=qz.MODES[1:])
   p.add_argument("--num", type=int, default=64)
   a = p.parse_args(argv)
-  parts = load_parts(_load_config(a.config), a.workdir)
-  lat = dif.normalise(np.asarray(parts.db.latents, np.float32), parts.stats).astype(np.float32)
+  parts = load_workdir(a.workdir, load_config(a.workdir, a.config))
+  lat = normalise(np.asarray(parts.db.latents, np.float32), parts.stats).astype(np.float32)
   calib = qz.calibration_inputs(parts.model, parts.schedule, lat, parts.db.neighbours, a.num)
   sens = qz.layer_sensitivity(parts.model, parts.params, calib, a.mode)
   sizes = {l: int(np.prod(np.shape(qz.get_path(parts.params, l)["kernel"]))) for l in sens}

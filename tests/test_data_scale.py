@@ -149,10 +149,10 @@ def test_incomplete_mixed_and_foreign_shards_are_refused(tmp_path):
   c = config()
   R.index_database(tmp_path / "index", c, enc)
   db = R.load_database(c, tmp_path)
-  from rissole_jax.inference.sampler import Database
-  assert Database.from_retrieval(db, cb).codes is not None
+  from rissole_jax.inference.database import SamplingDatabase
+  assert SamplingDatabase.from_retrieval(db, cb).codes is not None
   with pytest.raises(DataError, match="another codebook.*--only encode,index"):
-    Database.from_retrieval(db, cb + 1.0)
+    SamplingDatabase.from_retrieval(db, cb + 1.0)
 
 
 def test_legacy_float_workdir_is_still_read(tmp_path):

@@ -17,7 +17,7 @@ from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError
 from rissole_jax.models import common, lego, make_denoiser
 from rissole_jax.models import rows as model_rows
-from rissole_jax.inference import sampler as smp
+from rissole_jax.inference import program
 from rissole_jax.train import diffusion as dif
 
 SHAPE, K, B = (8, 8, 4), 3, 2
@@ -211,7 +211,7 @@ def test_every_brick_learns():
 
 def _sampler(c, model, params, nb):
   schedule = make_schedule(c.diffusion)
-  return jax.jit(lambda p, nb, key: smp.latents_fn(model, schedule, c)(p, nb, key))
+  return jax.jit(lambda p, nb, key: program.latents_fn(model, schedule, c)(p, nb, key))
 
 
 @pytest.mark.parametrize("preset", ["pg", "pr"])
@@ -249,7 +249,7 @@ def test_skipping_nothing_is_exact_and_skipping_saves_flops(preset):
       assert np.all(np.isfinite(out)) and not np.array_equal(out, ref)
   # With every step skipped, the compiled sampler (one loop) costs less, per XLA.
   schedule = make_schedule(c.diffusion)
-  cost = lambda cfg: jax.jit(lambda p, nb, k: smp.latents_fn(model, schedule, cfg)(p, nb, k)
+  cost = lambda cfg: jax.jit(lambda p, nb, k: program.latents_fn(model, schedule, cfg)(p, nb, k)
                              ).lower(params, nb, key).compile().cost_analysis()["flops"]
   assert cost(c) < cost(c0)
   # The reduced stack is the skipped bricks' share cheaper.

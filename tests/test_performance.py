@@ -138,7 +138,7 @@ def _record(root, name, sections):
 def test_old_workdir_reads_with_its_first_layout(tmp_path):
   """A workdir whose records predate the knobs (no such keys) reads back with
   the legacy values, whatever today's defaults are; a new record's values win."""
-  from rissole_jax.inference.sampler import workdir_config
+  from rissole_jax.inference.configs import workdir_config
   old = {"model": {"ch": 32, "ch_mult": [1, 2], "variant": "rissole"}}
   _record(tmp_path / "old", "vqgan", {})
   _record(tmp_path / "old", "diffusion", old)

@@ -21,7 +21,7 @@ from rissole_jax.errors import ConfigError, DataError
 from rissole_jax.models import make_denoiser, unet
 from rissole_jax.models import vqgan as vq
 from rissole_jax.train import diffusion as dif
-from rissole_jax.train.vqgan import Autoencoder
+from rissole_jax.models.autoencoder import Autoencoder
 
 SHAPE, K, N = (8, 8, 4), 3, 24
 # Qwix 0.1.8 warns on every op about an nnx alias it still uses.
@@ -149,8 +149,7 @@ def _run(directory, *args, cwd):
 def test_export_runs_standalone_and_matches_in_process(parts, mode, tmp_path):
   out = tmp_path / "exp"
   m = stablehlo.export_stablehlo(parts, out, quantize=mode, platforms=("cpu",), say=lambda *a: None)
-  assert m["batch"] == "symbolic" and m["quantize"] == mode and m["platforms"] == ["CPU"] or \
-      m["platforms"] == ["cpu"]
+  assert m["batch"] == "symbolic" and m["quantize"] == mode and m["platforms"] == ["cpu"]
   assert {"sampler.stablehlo", "params.npz", "database.npz", "run.py", "manifest.json"} <= \
       {f.name for f in out.iterdir()}
   # In process: the same program, the same inputs the runner draws.
@@ -183,3 +182,28 @@ def test_export_refuses_other_jax(parts, tmp_path):
   mpath.write_text(json.dumps({**m, "calling_convention_version": 99}))
   r = _run(out, "--num", "1", "--allow-jax-mismatch", "--out", str(tmp_path / "png"), cwd=tmp_path)
   assert r.returncode == 2 and "calling convention 99" in r.stderr
+
+
+def test_export_platforms_given_must_lower_default_skips(parts, tmp_path, monkeypatch):
+  """Platforms asked for are each required (the error names the one that
+  cannot be lowered, and why); none asked for: those that cannot are
+  skipped and listed. A platform this jax cannot lower for is simulated:
+  on a CPU-only jaxlib every known platform lowers."""
+  real = stablehlo.lower
+
+  def lower(fn, specs, platforms):
+    if "tpu" in platforms:
+      raise RuntimeError("tpu: no lowering rule for this op here")
+    return real(fn, specs, platforms)
+  monkeypatch.setattr(stablehlo, "lower", lower)
+  with pytest.raises(ConfigError, match="platform 'tpu' here: tpu: no lowering rule"):
+    stablehlo.export_stablehlo(parts, tmp_path / "a", platforms=("cpu", "tpu"),
+                               say=lambda *a: None)
+  assert not (tmp_path / "a").exists()
+  with pytest.raises(ConfigError, match="Unknown export platform 'nosuch'"):
+    stablehlo.export_stablehlo(parts, tmp_path / "a", platforms=("cpu", "nosuch"))
+  said = []
+  monkeypatch.setattr(stablehlo, "PLATFORMS", ("cpu", "tpu"))
+  m = stablehlo.export_stablehlo(parts, tmp_path / "b", say=said.append)
+  assert m["platforms"] == ["cpu"] and list(m["platforms_skipped"]) == ["tpu"]
+  assert len(said) == 1 and "skipping platform tpu" in said[0]

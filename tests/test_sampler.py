@@ -151,9 +151,12 @@ def test_with_database_swaps_neighbours_and_caches(sampler, tmp_path, monkeypatc
   again = sampler.with_database(images, progress=False)        # from the cache, not re-encoded
   assert len(encoded) == 1
   np.testing.assert_array_equal(again.db.neighbours, other.db.neighbours)
+  # Same model: the copy runs the program already compiled for it, tracing nothing.
+  sampler.sample(4, seed=0, progress=False)                    # compiled for these settings
+  traces = sum(other.trace_counts.values())
   out = other.sample(4, seed=0, progress=False)
   assert out.shape == (4, 32, 32, 1)
-  assert sum(sampler.trace_counts.values()) == sum(other.trace_counts.values())  # shared code
+  assert sum(other.trace_counts.values()) == traces
   # A folder of images, and what cannot be a database.
   folder = tmp_path / "folder"
   folder.mkdir()
@@ -265,6 +268,21 @@ def test_sample_and_export_clis(workdir, tmp_path, capsys):
     assert flag in help_text
 
 
+def test_sampling_loads_no_training_code(workdir, model_file):
+  """Inference imports and loads only what sampling needs: no train/ module
+  (optimizers, train steps) and no optax, from a workdir or a model file."""
+  code = ("import sys; from rissole_jax import Sampler;"
+          "import rissole_jax.inference.modelfile, rissole_jax.inference.stablehlo;"
+          "import rissole_jax.inference.quantize;"
+          "Sampler.from_workdir(sys.argv[1]); Sampler.load(sys.argv[2]);"
+          "bad = sorted(m for m in sys.modules if m.startswith('rissole_jax.train')"
+          " or m.split('.')[0] == 'optax');"
+          "assert not bad, bad")
+  r = subprocess.run([sys.executable, "-c", code, str(workdir), str(model_file)], cwd=ROOT,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+
+
 def test_eight_devices_make_the_images_of_one(sampler, model_file):
   """The batch is split over the devices JAX finds; each image's noise comes
   from its own key, so the images do not change (float rounding aside)."""
@@ -304,9 +322,9 @@ def test_notebook_runs_top_to_bottom(model_file, tmp_path, monkeypatch):
   assert not [o for c in code for o in c.outputs if o.output_type == "error"]
 
 
-def test_int8_sampler_and_stablehlo_export_cli(sampler, workdir, tmp_path):
+def test_int8_sampler_and_stablehlo_export_cli(sampler, workdir, tmp_path, capsys):
   q = sampler.quantized("int8_weights")
-  assert q.quantize == "int8_weights" and sampler.quantize == "none"
+  assert q.quantization == "int8_weights" and sampler.quantization == "none"
   a = sampler.sample(4, seed=6, progress=False).astype(int)
   b = q.sample(4, seed=6, progress=False).astype(int)
   assert b.shape == a.shape and np.abs(b - a).mean() < 20     # close to float, not equal
@@ -317,3 +335,9 @@ def test_int8_sampler_and_stablehlo_export_cli(sampler, workdir, tmp_path):
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["sampler"]["steps"] == 2 and manifest["platforms"] == ["cpu"]
   assert (out / "run.py").exists() and (out / "sampler.stablehlo").exists()
+  # A platform asked for that cannot be: an error naming it, nothing written
+  # (lowering failures: tests/test_quantize_export.py).
+  capsys.readouterr()
+  assert export.main(["--format", "stablehlo", "--workdir", str(workdir), "--out",
+                      str(tmp_path / "bad"), "--platforms", "cpu,nosuch", "--steps", "2"]) == 2
+  assert "platform 'nosuch'" in capsys.readouterr().err and not (tmp_path / "bad").exists()

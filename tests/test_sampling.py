@@ -16,10 +16,9 @@ from rissole_jax.diffusion import solvers as samplers
 from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError, DataError
 from rissole_jax.models import make_denoiser, unet
-from rissole_jax.inference import sampler as smp
+from rissole_jax.inference import loading, program, queries
 from rissole_jax.stages import diffusion as diffusion_stage
 from rissole_jax.stages import sample as sample_stage
-from rissole_jax.train import diffusion as dif
 
 SHAPE, K = (8, 8, 4), 3
 
@@ -100,40 +99,40 @@ def test_pseudo_queries_exclude_themselves():
   n = 50
   table = np.stack([rng.choice(np.delete(np.arange(n), i), K, replace=False) for i in range(n)])
   for mode in ("uniform", "frequent"):
-    q = smp.pseudo_queries(table, 20, mode, seed=0)
+    q = queries.pseudo_queries(table, 20, mode, seed=0)
     assert len(set(q.tolist())) == 20                       # without replacement
-    ids = smp.query_neighbours(table, q)
+    ids = queries.query_neighbours(table, q)
     assert ids.shape == (20, K) and not np.any(ids == q[:, None])
-    np.testing.assert_array_equal(q, smp.pseudo_queries(table, 20, mode, seed=0))
+    np.testing.assert_array_equal(q, queries.pseudo_queries(table, 20, mode, seed=0))
   # 'frequent' draws only retrieved items, in proportion to how often they are.
   skewed = np.tile(np.array([[1, 2, 3]]), (n, 1))
   skewed[1:4] = [[0, 2, 3], [0, 1, 3], [0, 1, 2]]
-  q = smp.pseudo_queries(skewed, 200, "frequent", seed=1)
+  q = queries.pseudo_queries(skewed, 200, "frequent", seed=1)
   assert set(q.tolist()) <= {0, 1, 2, 3}
   assert np.bincount(q, minlength=4)[1:4].min() > np.bincount(q, minlength=4)[0]
   bad = table.copy()
   bad[7, 0] = 7
   with pytest.raises(DataError, match="own neighbours"):
-    smp.query_neighbours(bad, np.array([3, 7]))
+    queries.query_neighbours(bad, np.array([3, 7]))
   with pytest.raises(ConfigError):
-    smp.pseudo_queries(table, 5, "popular", 0)
+    queries.pseudo_queries(table, 5, "popular", 0)
 
 
 def test_sampling_config_errors():
   c = tiny()
   c.sample.guidance_scale = 2.0
   with pytest.raises(ConfigError, match="cond_dropout"):
-    smp.check_config(c)
+    program.check_config(c)
   c.diffusion.cond_dropout = 0.1
-  smp.check_config(c)
+  program.check_config(c)
   c = tiny("blocks_only")
   c.sample.guidance_scale = 2.0
   with pytest.raises(ConfigError, match="no retrieval"):
-    smp.check_config(c)
+    program.check_config(c)
   c = tiny()
   c.sample.sampler = "euler"
   with pytest.raises(ConfigError, match="sampler"):
-    smp.check_config(c)
+    program.check_config(c)
 
 
 # ---------------------------------------------------------------------------
@@ -167,8 +166,8 @@ def test_sample_fn_shapes_and_block_dependencies(variant, kw, sampler):
   model = make_denoiser(c, SHAPE)
   params = random_params(model)
   stats = {"mean": np.full(4, 0.5, np.float32), "std": np.full(4, 2.0, np.float32)}
-  fn = smp.make_sample_fn(model, make_schedule(c.diffusion), c.diffusion.prediction,
-                         smp.Settings.from_config(c.sample), fake_decode, stats)
+  fn = program.make_sample_fn(model, make_schedule(c.diffusion), c.diffusion.prediction,
+                         program.Settings.from_config(c.sample), fake_decode, stats)
   fn = jax.jit(functools.partial(fn, start=0))
   rng = np.random.default_rng(0)
   nb = jnp.asarray(rng.normal(size=(2, K, *SHAPE)), jnp.float32)
@@ -234,21 +233,21 @@ def test_diffusion_and_sample_stages(tmp_path, monkeypatch):
   assert np.isfinite(m["heldout_loss"])
   ckpts = tmp_path / "diffusion" / "checkpoints"
   assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["2", "4"]
-  _, ema_a, stats = dif.load_denoiser(c, tmp_path)
+  _, ema_a, stats = loading.load_denoiser(c, tmp_path)
   assert stats["k"] == K and np.all(stats["std"] > 0)
 
   # Interrupted after step 2: resuming gives exactly the same weights.
   shutil.rmtree(ckpts / "4")
   diffusion_stage.run(ctx_for(c, tmp_path, "diffusion"))
-  _, ema_b, _ = dif.load_denoiser(c, tmp_path)
+  _, ema_b, _ = loading.load_denoiser(c, tmp_path)
   jax.tree.map(np.testing.assert_array_equal, ema_a, ema_b)
 
-  import rissole_jax.train.vqgan as vqgan
-  monkeypatch.setattr(vqgan, "load_autoencoder", lambda config, d: FakeAutoencoder())
+  from rissole_jax.models import autoencoder
+  monkeypatch.setattr(autoencoder, "load_autoencoder", lambda config, d: FakeAutoencoder())
   c.sample.guidance_scale = 1.5
   from rissole_jax.main import stage_records
   for rec in stage_records(c, tmp_path):   # the upstream stages, as main.run records them
-    if rec.name in smp.NEEDED_STAGES:
+    if rec.name in loading.NEEDED_STAGES:
       rec.start()
       rec.finish({}, 0.0)
   out = sample_stage.run(ctx_for(c, tmp_path, "sample"))
@@ -273,4 +272,4 @@ def test_stage_input_errors(tmp_path):
   with pytest.raises(RissoleError, match="encode"):
     diffusion_stage.run(ctx_for(c, tmp_path, "diffusion"))     # no database yet
   with pytest.raises(DataError, match="'diffusion' stage has not run"):
-    dif.load_denoiser(c, tmp_path)
+    loading.load_denoiser(c, tmp_path)

@@ -116,7 +116,7 @@ def test_per_position_weights_in_the_sampler_and_quantizer():
   """The raster-order sampler (use_prev_block) runs block i with its own
   weights; Qwix quantization refuses per-position weights by name."""
   from rissole_jax.inference import quantize
-  from rissole_jax.inference import sampler
+  from rissole_jax.inference import program
   from rissole_jax.diffusion.schedule import make_schedule
   from rissole_jax.models import mapped
   c = tiny(block_map="vmap", share_weights=False, use_prev_block=True)
@@ -134,7 +134,7 @@ def test_per_position_weights_in_the_sampler_and_quantizer():
   rows = {k: model_rows.unfold(v, 4)[:, 2] for k, v in cond.items()}
   close(m2.apply({"params": p2}, model_rows.unfold(x, 4)[:, 2], t[:2], **rows), whole[:, 2],
         rtol=1e-5, atol=1e-5)
-  z = sampler.latents_fn(model, make_schedule(c.diffusion), c)(params, lat[nbr[:2]],
+  z = program.latents_fn(model, make_schedule(c.diffusion), c)(params, lat[nbr[:2]],
                                                                  jax.random.PRNGKey(0))
   assert z.shape == (2, *SHAPE) and np.all(np.isfinite(np.asarray(z)))
   with pytest.raises(ConfigError, match="share_weights=False"):

@@ -23,12 +23,19 @@ from pathlib import Path
 
 from absl import app, flags
 
-_RUNS = flags.DEFINE_list("runs", [], "NAME=WORKDIR pairs.")
-_OUT = flags.DEFINE_string("out", None, "JSON file for the rows.")
-_NUM = flags.DEFINE_integer("num", 256, "Samples per checkpoint.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (the same for every checkpoint).")
-_PLOT = flags.DEFINE_string("plot", None, "Draw the rows of --out to this PNG.")
-_LOSSES = flags.DEFINE_bool("losses", False, "Add the training-loss panel to the plot.")
+def define_flags() -> None:
+  """This CLI's flags, defined when it runs (not on import: other benchmark
+  modules define flags of the same names, and any set of modules may be
+  imported together)."""
+  flags.DEFINE_list("runs", [], "NAME=WORKDIR pairs.")
+  flags.DEFINE_string("out", None, "JSON file for the rows.")
+  flags.DEFINE_integer("num", 256, "Samples per checkpoint.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed (the same for every checkpoint).")
+  flags.DEFINE_string("plot", None, "Draw the rows of --out to this PNG.")
+  flags.DEFINE_bool("losses", False, "Add the training-loss panel to the plot.")
+
+
+FLAGS = flags.FLAGS
 
 
 def checkpoint_steps(root: Path) -> list[int]:
@@ -58,20 +65,21 @@ def instrument(config):
 
 def fd_curve(name: str, root: Path, num: int, seed: int, done: set) -> list[dict]:
   """Rows (step, classifier FD, ...) for each kept checkpoint of `root` not in `done`."""
-  from rissole_jax.inference import sampler as smp
+  from rissole_jax.inference import loading
+  from rissole_jax.inference.sampler import Sampler
   from rissole_jax.metrics import memorization
   from rissole_jax.stages import evaluate as ev_stage
-  from rissole_jax.train import checkpoints
-  from rissole_jax.train import diffusion as dif
+  from rissole_jax.store import checkpoints
   root = Path(root)
-  s = smp.Sampler.from_workdir(root)      # checks the stages; holds the final EMA
+  s = Sampler.from_workdir(root)      # checks the stages; holds the final EMA
   clf, f_held, train, held = instrument(s.config)
-  like, _ = dif.abstract_state(s.config, s.model, s.stats["latent_shape"], s.stats["k"], s.mesh)
+  like = loading.abstract_denoiser_params(s.model, s.config, s.stats["latent_shape"],
+                                          s.stats["k"], s.mesh)
   rows = []
   for step in checkpoint_steps(root):
     if step in done:
       continue
-    s.params = checkpoints.restore_final(root / "diffusion", "diffusion", step, like)["ema"]
+    s.params = checkpoints.restore_final(root / "diffusion", "diffusion", step, like, only="ema")
     images = s.sample(num, seed=seed, progress=False)
     m = ev_stage.feature_metrics(f_held, clf.features(images), s.config.evaluate)
     row = {"name": name, "run": str(root), "step": step, "num": num, "seed": seed,
@@ -126,22 +134,23 @@ def plot(rows: list[dict], out: str, losses: dict[str, Path] | None = None) -> N
 
 def main(argv):
   del argv
-  out = Path(_OUT.value)
+  out = Path(FLAGS.out)
   rows = json.loads(out.read_text())["rows"] if out.exists() else []
-  runs = dict(p.split("=", 1) for p in _RUNS.value)
+  runs = dict(p.split("=", 1) for p in FLAGS.runs)
   for name, root in runs.items():
     done = {r["step"] for r in rows if r["name"] == name}
-    for row in fd_curve(name, Path(root), _NUM.value, _SEED.value, done):
+    for row in fd_curve(name, Path(root), FLAGS.num, FLAGS.seed, done):
       rows.append(row)
       out.parent.mkdir(parents=True, exist_ok=True)
       out.write_text(json.dumps({"rows": rows}, indent=1))
-  if _PLOT.value:
+  if FLAGS.plot:
     runs = runs or {r["name"]: r["run"] for r in rows}
     logs = ({n: Path(r) / "diffusion" / "log.txt" for n, r in runs.items()}
-            if _LOSSES.value else None)
-    plot(rows, _PLOT.value, logs)
+            if FLAGS.losses else None)
+    plot(rows, FLAGS.plot, logs)
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flag_as_required("out")
   app.run(main)

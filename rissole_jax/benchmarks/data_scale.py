@@ -37,35 +37,39 @@ import numpy as np
 from absl import app, flags
 from rissole_jax import files
 
-flags.DEFINE_list("items", ["20000"], "Database sizes (train items).")
-flags.DEFINE_list("processes", ["1", "2"], "Process counts to run each size with, in this "
-                  "order (repeats allowed, e.g. 1,2,1,2, to interleave on a shared machine).")
-flags.DEFINE_string("latent", "28,28,32", "Latent shape h,w,c.")
-flags.DEFINE_integer("codebook", 512, "Codebook size.")
-flags.DEFINE_integer("k", 10, "Neighbours per item.")
-flags.DEFINE_integer("heldout", 1000, "Held-out queries.")
-flags.DEFINE_integer("shard_rows", 16384, "encode.shard_rows.")
-flags.DEFINE_integer("reduce_dim", 256, "retrieval.reduce_dim.")
-flags.DEFINE_integer("query_batch", 1024, "retrieval.query_batch (also the grid of the "
-                     "processes' shares of the queries).")
-flags.DEFINE_integer("batch", 128, "Train batch for the gather.")
-flags.DEFINE_bool("pin", True, "Pin process p to CPU core p (one core per process, as one "
-                  "host per process on a pod).")
-flags.DEFINE_string("root", None, "Scratch folder (default: a temporary one, removed).")
-flags.DEFINE_string("out", None, "JSON file for the rows.")
-flags.DEFINE_integer("search_rows", 0, "Search only this many rows of each process's share of "
-                     "each split (0: all); the time of the whole share is extrapolated from them.")
-flags.DEFINE_string("index_from", None, "An index folder of an earlier run of the same size "
-                    "(ROOT/n{items}_p{count}/index, kept with --root): copied instead of built.")
-flags.DEFINE_bool("reuse_build", False, "For the second and later process counts of a size, "
-                  "copy the first count's index instead of building it again (the build is "
-                  "process 0's alone: the same work for any count).")
-flags.DEFINE_integer("recall_max_items", 200_000, "Assemble the tables and measure recall "
-                     "against exact search in the full space up to this size.")
-flags.DEFINE_string("real_encode", None, "An encode folder: recall of reduced embeddings.")
-flags.DEFINE_integer("worker", -1, "Internal: run as this process of a run.")
-flags.DEFINE_integer("n", 0, "Internal: the run's size.")
-flags.DEFINE_string("reuse_from", None, "Internal: the index folder to copy instead of building.")
+def define_flags() -> None:
+  """This CLI's flags, defined when it runs (not on import: other benchmark
+  modules define flags of the same names, and any set of modules may be
+  imported together)."""
+  flags.DEFINE_list("items", ["20000"], "Database sizes (train items).")
+  flags.DEFINE_list("processes", ["1", "2"], "Process counts to run each size with, in this "
+                    "order (repeats allowed, e.g. 1,2,1,2, to interleave on a shared machine).")
+  flags.DEFINE_string("latent", "28,28,32", "Latent shape h,w,c.")
+  flags.DEFINE_integer("codebook", 512, "Codebook size.")
+  flags.DEFINE_integer("k", 10, "Neighbours per item.")
+  flags.DEFINE_integer("heldout", 1000, "Held-out queries.")
+  flags.DEFINE_integer("shard_rows", 16384, "encode.shard_rows.")
+  flags.DEFINE_integer("reduce_dim", 256, "retrieval.reduce_dim.")
+  flags.DEFINE_integer("query_batch", 1024, "retrieval.query_batch (also the grid of the "
+                       "processes' shares of the queries).")
+  flags.DEFINE_integer("batch", 128, "Train batch for the gather.")
+  flags.DEFINE_bool("pin", True, "Pin process p to CPU core p (one core per process, as one "
+                    "host per process on a pod).")
+  flags.DEFINE_string("root", None, "Scratch folder (default: a temporary one, removed).")
+  flags.DEFINE_string("out", None, "JSON file for the rows.")
+  flags.DEFINE_integer("search_rows", 0, "Search only this many rows of each process's share of "
+                       "each split (0: all); the time of the whole share is extrapolated from them.")
+  flags.DEFINE_string("index_from", None, "An index folder of an earlier run of the same size "
+                      "(ROOT/n{items}_p{count}/index, kept with --root): copied instead of built.")
+  flags.DEFINE_bool("reuse_build", False, "For the second and later process counts of a size, "
+                    "copy the first count's index instead of building it again (the build is "
+                    "process 0's alone: the same work for any count).")
+  flags.DEFINE_integer("recall_max_items", 200_000, "Assemble the tables and measure recall "
+                       "against exact search in the full space up to this size.")
+  flags.DEFINE_string("real_encode", None, "An encode folder: recall of reduced embeddings.")
+  flags.DEFINE_integer("worker", -1, "Internal: run as this process of a run.")
+  flags.DEFINE_integer("n", 0, "Internal: the run's size.")
+  flags.DEFINE_string("reuse_from", None, "Internal: the index folder to copy instead of building.")
 FLAGS = flags.FLAGS
 
 _CLUSTERS = 1000
@@ -417,4 +421,5 @@ def _cpu_name() -> str:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -20,13 +20,13 @@ that loads the exported directory, draws one image (compiling), then times
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 
@@ -96,7 +96,7 @@ def random_variant(parts, variant: str):
   model = make_denoiser(c, shape)
   x, t, cond = unet.init_inputs(model, shape, int(parts.stats["k"]), 1)
   params = nn.unbox(jax.jit(lambda: model.init(jax.random.PRNGKey(0), x, t, **cond))()["params"])
-  return types.SimpleNamespace(**{**vars(parts), "config": c, "model": model, "params": params})
+  return dataclasses.replace(parts, config=c, model=model, params=params)
 
 
 def run(parts, out: Path, modes, repeats: int, baseline: str | None, say=print) -> dict:
@@ -124,23 +124,24 @@ def run(parts, out: Path, modes, repeats: int, baseline: str | None, say=print) 
 
 
 def main(argv=None) -> int:
-  from rissole_jax.benchmarks.solvers import load_parts
-  from rissole_jax.inference.stablehlo import _load_config
+  from rissole_jax.inference.configs import load_config
+  from rissole_jax.inference.loading import load_workdir
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", required=True)
-  p.add_argument("--config", default="configs/mnist.py")
+  p.add_argument("--config", default=None,
+                 help="config FILE[:ARG] (default: the one the workdir was made with)")
   p.add_argument("--modes", default="none,int8_weights,int8")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--baseline", default=None)
   p.add_argument("--set", action="append", default=[])
   a = p.parse_args(argv)
-  config = _load_config(a.config)
+  config = load_config(a.workdir, a.config)
   for item in a.set:
     key, _, value = item.partition("=")
     old = config.sample[key]
     config.sample[key] = (value.lower() == "true") if isinstance(old, bool) else type(old)(value)
-  run(load_parts(config, a.workdir), Path(a.out), a.modes.split(","), a.repeats, a.baseline)
+  run(load_workdir(a.workdir, config), Path(a.out), a.modes.split(","), a.repeats, a.baseline)
   return 0
 
 

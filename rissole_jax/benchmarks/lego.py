@@ -24,15 +24,22 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file [:variant].")
-_RUN = flags.DEFINE_string("run", None, "Workdir of the trained LEGO model.")
-_OUT = flags.DEFINE_string("out", None, "JSON file for the rows.")
-_TB = flags.DEFINE_list("t_breaks", ["0", "0.2", "0.4", "0.6", "0.8", "1.0"], "t_break values.")
-_CANVAS = flags.DEFINE_list("canvas", [], "Instead of the sweep: sample a larger canvas "
-                            "(latent rows,cols, e.g. 16,16) to --out (a folder).")
-_TIMING = flags.DEFINE_integer("timing", 0, "Instead of the sweep: time the compiled latent "
-                               "sampler for every t_break, interleaved, this many rounds (median).")
-_PLOT = flags.DEFINE_string("plot", None, "Also draw every JSON given here (comma-separated) to this PNG.")
+def define_flags() -> None:
+  """This CLI's flags, defined when it runs (not on import: other benchmark
+  modules define flags of the same names, and any set of modules may be
+  imported together)."""
+  config_flags.DEFINE_config_file("config", None, "Config file [:variant].")
+  flags.DEFINE_string("run", None, "Workdir of the trained LEGO model.")
+  flags.DEFINE_string("out", None, "JSON file for the rows.")
+  flags.DEFINE_list("t_breaks", ["0", "0.2", "0.4", "0.6", "0.8", "1.0"], "t_break values.")
+  flags.DEFINE_list("canvas", [], "Instead of the sweep: sample a larger canvas "
+                    "(latent rows,cols, e.g. 16,16) to --out (a folder).")
+  flags.DEFINE_integer("timing", 0, "Instead of the sweep: time the compiled latent "
+                       "sampler for every t_break, interleaved, this many rounds (median).")
+  flags.DEFINE_string("plot", None, "Also draw every JSON given here (comma-separated) to this PNG.")
+
+
+FLAGS = flags.FLAGS
 
 UPSTREAM = ("vqgan", "encode", "index", "diffusion")
 
@@ -40,9 +47,9 @@ UPSTREAM = ("vqgan", "encode", "index", "diffusion")
 def flops_of(config, root: Path) -> dict:
   """Network FLOPs of the config's sampler for one sample batch."""
   import jax.numpy as jnp
+  from rissole_jax.inference.loading import load_denoiser
   from rissole_jax.models import lego, unet
-  from rissole_jax.train import diffusion as dif
-  model, params, stats = dif.load_denoiser(config, root)
+  model, params, stats = load_denoiser(config, root)
   B, k = int(config.sample.batch_size), int(stats["k"])
   nb = jnp.zeros((B, k, *stats["latent_shape"]), jnp.float32)
   x, cond = unet.model_inputs(model, nb[:, 0], nb)
@@ -93,22 +100,25 @@ def larger_canvas(config, run: Path, hw, out: Path, num: int = 64) -> dict:
   from rissole_jax.diffusion.schedule import make_schedule
   from rissole_jax.metrics import seams
   from rissole_jax.models import lego
+  from rissole_jax import retrieval
+  from rissole_jax.diffusion.latents import denormalise, normalise
   from rissole_jax.inference import pictures
-  from rissole_jax.inference import sampler as smp
-  from rissole_jax.train import diffusion as dif
-  from rissole_jax.train.vqgan import load_autoencoder
+  from rissole_jax.inference.loading import load_denoiser
+  from rissole_jax.inference.program import latents_fn
+  from rissole_jax.inference.queries import pseudo_queries, query_neighbours
+  from rissole_jax.models.autoencoder import load_autoencoder
   ae = load_autoencoder(config, run / "vqgan")
-  model, params, stats = dif.load_denoiser(config, run)
-  db = dif.load_database(config, run)
+  model, params, stats = load_denoiser(config, run)
+  db = retrieval.load_database(config, run, mmap=True)
   big = lego.for_canvas(model, hw, stats["latent_shape"][:2])
-  queries = smp.pseudo_queries(db.neighbours, num, "uniform", config.seed)
-  latents = dif.normalise(np.asarray(db.latents, np.float32), stats).astype(np.float32)
-  nb = jnp.asarray(latents[smp.query_neighbours(db.neighbours, queries)])
+  queries = pseudo_queries(db.neighbours, num, "uniform", config.seed)
+  latents = normalise(np.asarray(db.latents, np.float32), stats).astype(np.float32)
+  nb = jnp.asarray(latents[query_neighbours(db.neighbours, queries)])
   nb_big = lego.canvas_neighbours(nb, hw)
   schedule = make_schedule(config.diffusion)
-  fn = jax.jit(lambda p, nb, key: smp.latents_fn(big, schedule, config)(p, nb, key))
+  fn = jax.jit(lambda p, nb, key: latents_fn(big, schedule, config)(p, nb, key))
   z = np.asarray(fn(params, nb_big, jax.random.PRNGKey(config.seed + 7)))
-  images = to_uint8(ae.decode(dif.denormalise(z, stats)))
+  images = to_uint8(ae.decode(denormalise(z, stats)))
   # Reference for the seam score: held-out reconstructions, bilinearly scaled
   # to the larger image size (their boundary ratio on the larger grid).
   held = np.asarray(ae.decode(np.asarray(db.heldout_latents[:256], np.float32)))
@@ -158,17 +168,17 @@ def timing(config, run: Path, t_breaks, rounds: int, batch: int = 16) -> list[di
   import time
   import jax
   from rissole_jax.diffusion.schedule import make_schedule
+  from rissole_jax.inference.loading import load_denoiser
+  from rissole_jax.inference.program import latents_fn
   from rissole_jax.models import unet
-  from rissole_jax.inference import sampler as smp
-  from rissole_jax.train import diffusion as dif
-  model, params, stats = dif.load_denoiser(config, run)
+  model, params, stats = load_denoiser(config, run)
   schedule = make_schedule(config.diffusion)
   nb = jax.random.normal(jax.random.PRNGKey(0), (batch, stats["k"], *stats["latent_shape"]))
   fns, flops = {}, {}
   for tb in t_breaks:
     c = config.copy_and_resolve_references()
     c.sample.skip.t_break = float(tb)
-    fns[tb] = jax.jit(lambda p, nb, k, c=c: smp.latents_fn(model, schedule, c)(p, nb, k))
+    fns[tb] = jax.jit(lambda p, nb, k, c=c: latents_fn(model, schedule, c)(p, nb, k))
     jax.block_until_ready(fns[tb](params, nb, jax.random.PRNGKey(1)))   # compile
     x, cond = unet.model_inputs(model, nb[:, 0], nb)
     flops[tb] = lego_flops(model, params, c, x, cond)
@@ -212,25 +222,26 @@ def table(paths) -> str:
 
 def main(argv):
   del argv
-  if _PLOT.value is None and _RUN.value is None and _OUT.value:
-    print(table(_OUT.value.split(",")))
+  if FLAGS.plot is None and FLAGS.run is None and FLAGS.out:
+    print(table(FLAGS.out.split(",")))
     return
-  if _PLOT.value and not _RUN.value:
-    plot(_OUT.value.split(","), _PLOT.value)
+  if FLAGS.plot and not FLAGS.run:
+    plot(FLAGS.out.split(","), FLAGS.plot)
     return
-  config = _CONFIG.value
-  if _TIMING.value:
-    rows = timing(config, Path(_RUN.value), [float(t) for t in _TB.value], _TIMING.value)
-    Path(_OUT.value).write_text(json.dumps({"run": _RUN.value, "rows": rows}, indent=1))
+  config = FLAGS.config
+  if FLAGS.timing:
+    rows = timing(config, Path(FLAGS.run), [float(t) for t in FLAGS.t_breaks], FLAGS.timing)
+    Path(FLAGS.out).write_text(json.dumps({"run": FLAGS.run, "rows": rows}, indent=1))
     return
-  if _CANVAS.value:
-    larger_canvas(config, Path(_RUN.value), tuple(int(v) for v in _CANVAS.value), Path(_OUT.value))
+  if FLAGS.canvas:
+    larger_canvas(config, Path(FLAGS.run), tuple(int(v) for v in FLAGS.canvas), Path(FLAGS.out))
     return
-  out = Path(_OUT.value)
-  sweep(config, Path(_RUN.value), [float(t) for t in _TB.value], out)
-  if _PLOT.value:
-    plot([str(out)], _PLOT.value)
+  out = Path(FLAGS.out)
+  sweep(config, Path(FLAGS.run), [float(t) for t in FLAGS.t_breaks], out)
+  if FLAGS.plot:
+    plot([str(out)], FLAGS.plot)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -34,16 +34,23 @@ from ml_collections import config_flags
 from rissole_jax.benchmarks import markdown_table
 from rissole_jax.benchmarks.peaks import peak_tflops as known_peak
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist.py", "Config file [:variant].")
-_MESHES = flags.DEFINE_list("meshes", ["1:1x1", "8:8x1", "8:2x4", "8:1x8"],
-                            "DEVICES:MESH_SHAPE entries (mesh axes from the config).")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after the compile.")
-_DB = flags.DEFINE_integer("database", 4096, "Rows of the synthetic latent database.")
-_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device for MFU "
-                           "(0: from the device kind when known).")
-_JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
-_CHILD = flags.DEFINE_string("_child", None, "internal: DEVICES:MESH of one measurement")
+def define_flags() -> None:
+  """This CLI's flags, defined when it runs (not on import: other benchmark
+  modules define flags of the same names, and any set of modules may be
+  imported together)."""
+  config_flags.DEFINE_config_file("config", "configs/mnist.py", "Config file [:variant].")
+  flags.DEFINE_list("meshes", ["1:1x1", "8:8x1", "8:2x4", "8:1x8"],
+                    "DEVICES:MESH_SHAPE entries (mesh axes from the config).")
+  flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps after the compile.")
+  flags.DEFINE_integer("database", 4096, "Rows of the synthetic latent database.")
+  flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device for MFU "
+                     "(0: from the device kind when known).")
+  flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
+  flags.DEFINE_string("_child", None, "internal: DEVICES:MESH of one measurement")
+
+
+FLAGS = flags.FLAGS
 
 
 def measure(config, devices: int, shape: tuple[int, ...], steps: int, warmup: int,
@@ -161,22 +168,23 @@ def passthrough(args: list[str]) -> list[str]:
 def main(argv):
   # Flags other than --meshes/--json travel to the children unchanged.
   rest = passthrough(sys.argv[1:])
-  if _CHILD.value:
-    devices, shape = _CHILD.value.split(":")
-    row = measure(_CONFIG.value, int(devices), tuple(int(s) for s in shape.split("x")),
-                  _STEPS.value, _WARMUP.value, _DB.value, _PEAK.value)
+  if FLAGS["_child"].value:
+    devices, shape = FLAGS["_child"].value.split(":")
+    row = measure(FLAGS.config, int(devices), tuple(int(s) for s in shape.split("x")),
+                  FLAGS.steps, FLAGS.warmup, FLAGS.database, FLAGS.peak_tflops)
     print(json.dumps(row))
     return
   del argv
   rows = []
-  for entry in _MESHES.value:
+  for entry in FLAGS.meshes:
     rows.append(_run_child(entry, rest))
     print(json.dumps(rows[-1]), file=sys.stderr)
-  if _JSON.value:
-    from rissole_jax.stages import workdir
-    workdir.atomic_write_json(_JSON.value, rows)
+  if FLAGS.json:
+    from rissole_jax import files
+    files.atomic_write_json(FLAGS.json, rows)
   print(markdown(rows))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -362,7 +362,7 @@ def profile_program(p: Program, steps: int, warmup: int, top: int = 10) -> dict:
           "untraced_ms": statistics.median(untraced) * 1e3 if untraced else None,
           "busy_ms": statistics.median(c["busy"] for c in calls) / 1e9,
           "host_share": max(0.0, statistics.median(hosts)) if hosts else None,
-          "xla_gflop": throughput._flops(compiled) / 1e9,
+          "xla_gflop": throughput.xla_flops(compiled) / 1e9,
           "inferred_module_share": inferred_us / op_us,
           "by_module": modules, "by_kind": kinds, "top": top,
           "ops": sorted(listed, key=lambda r: -r["share"])}
@@ -444,23 +444,23 @@ def main(argv):
   del argv
   F = flags.FLAGS
   results = []
-  for spec in throughput._CONFIG.value:
-    config = throughput.load_config(spec, throughput._OVERRIDE.value)
-    results.append(dict(profile(config, F.what, throughput._STEPS.value,
-                                throughput._WARMUP.value, throughput._SAMPLE_BATCH.value,
-                                throughput._DB.value, F.top, throughput._CACHE.value),
+  for spec in F.config:
+    config = throughput.load_config(spec, F.override)
+    results.append(dict(profile(config, F.what, F.steps, F.warmup, F.sample_batch,
+                                F.database, F.top, F.compilation_cache),
                         spec=spec))
   text = "\n".join(markdown(r) for r in results)
   print(text)
   if F.out:
-    from rissole_jax.stages import workdir
+    from rissole_jax import files
     if F.out.endswith(".md"):
-      workdir.atomic_write_bytes(F.out, text.encode())
+      files.atomic_write_bytes(F.out, text.encode())
     else:
-      workdir.atomic_write_json(F.out, results)
+      files.atomic_write_json(F.out, results)
 
 
 if __name__ == "__main__":
+  throughput.define_flags()
   define_flags()
   flags.FLAGS.set_default("steps", 2)   # throughput's defaults are for timing, not tracing
   flags.FLAGS.set_default("warmup", 1)

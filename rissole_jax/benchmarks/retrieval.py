@@ -24,14 +24,21 @@ from ml_collections import config_flags
 
 from rissole_jax import retrieval
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist.py", "Config file [:variant].")
-_SIZES = flags.DEFINE_list("sizes", ["5000", "100000", "1000000"], "Database sizes.")
-_QUERIES = flags.DEFINE_integer("queries", 1000, "Held-out queries per size.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic data.")
-_DATA = flags.DEFINE_list("data", ["10", "32", "1.5", "0.5"],
-                          "Synthetic data: clusters, rank, spread, noise (see `synthetic`).")
-_JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
+def define_flags() -> None:
+  """This CLI's flags, defined when it runs (not on import: other benchmark
+  modules define flags of the same names, and any set of modules may be
+  imported together)."""
+  config_flags.DEFINE_config_file("config", "configs/mnist.py", "Config file [:variant].")
+  flags.DEFINE_list("sizes", ["5000", "100000", "1000000"], "Database sizes.")
+  flags.DEFINE_integer("queries", 1000, "Held-out queries per size.")
+  flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median).")
+  flags.DEFINE_integer("seed", 0, "Seed of the synthetic data.")
+  flags.DEFINE_list("data", ["10", "32", "1.5", "0.5"],
+                    "Synthetic data: clusters, rank, spread, noise (see `synthetic`).")
+  flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
+
+
+FLAGS = flags.FLAGS
 
 
 def latent_shape(config) -> tuple[int, int, int]:
@@ -97,18 +104,18 @@ def bench(config, n: int, queries: int, repeats: int, seed: int, data_spec=()) -
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config = FLAGS.config
   print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
         f"embedding={config.retrieval.embedding}, k={config.retrieval.k}", flush=True)
   rows = []
-  for n in (int(s) for s in _SIZES.value):
-    row = bench(config, n, _QUERIES.value, _REPEATS.value, _SEED.value, _DATA.value)
+  for n in (int(s) for s in FLAGS.sizes):
+    row = bench(config, n, FLAGS.queries, FLAGS.repeats, FLAGS.seed, FLAGS.data)
     row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     rows.append(row)
     print(json.dumps(row), flush=True)
   print(markdown(rows, config.retrieval.k))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
       json.dump(rows, f, indent=2)
 
 
@@ -128,4 +135,5 @@ def markdown(rows, k) -> str:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -22,9 +22,16 @@ from absl import app, flags
 
 from rissole_jax.benchmarks import markdown_table
 
-_SHAPE = flags.DEFINE_multi_string("conv_shape", ["512,4,4,512", "512,8,8,256"],
-                                   "B,H,W,C of the input (C in and out).")
-_CALLS = flags.DEFINE_integer("calls", 3, "Timed calls of each program (median).")
+def define_flags() -> None:
+  """This CLI's flags, defined when it runs (not on import: other benchmark
+  modules define flags of the same names, and any set of modules may be
+  imported together)."""
+  flags.DEFINE_multi_string("conv_shape", ["512,4,4,512", "512,8,8,256"],
+                            "B,H,W,C of the input (C in and out).")
+  flags.DEFINE_integer("calls", 3, "Timed calls of each program (median).")
+
+
+FLAGS = flags.FLAGS
 
 
 def program(shape, matmul: bool, sliced: bool = False):
@@ -72,7 +79,7 @@ def measure(shape, rounds: int) -> dict:
 
 def main(argv):
   del argv
-  rows = [measure(tuple(int(v) for v in s.split(",")), _CALLS.value) for s in _SHAPE.value]
+  rows = [measure(tuple(int(v) for v in s.split(",")), FLAGS.calls) for s in FLAGS.conv_shape]
   print(markdown_table(rows, [("shape", "input B×H×W×C"), ("conv_ms", "convolution ms"),
                               ("matmul_ms", "matmul ms"), ("ratio", "matmul / conv"),
                               ("sliced_ms", "slices + dot ms"),
@@ -80,4 +87,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

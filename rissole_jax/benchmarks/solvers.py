@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import time
-import types
 from pathlib import Path
 
 import jax
@@ -33,50 +32,39 @@ from rissole_jax.files import atomic_write_bytes, atomic_write_json
 
 DEFAULT_SOLVERS = ("ddim:eta=0", "ddim:eta=1", "dpmpp:order=2;spacing=logsnr",
                    "dpmpp:order=2;spacing=time_uniform", "dpmpp:order=3;spacing=logsnr")
-# The issue's target: at most this many network evaluations ...
+# The target: at most this many network evaluations ...
 TARGET_NFE = 20
 # ... within this fraction of the reference's classifier FD.
 TARGET_REL = 0.10
 REFERENCE = ("ddim:eta=1", 100, "none")   # today's default
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist.py", "Config file [:variant].")
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained workdir (read only).")
-_OUT = flags.DEFINE_string("out", "docs/solvers", "Where the JSON, table and plot go.")
-_STEPS = flags.DEFINE_list("steps", ["5", "10", "20", "50", "100"], "Step counts.")
-_SOLVERS = flags.DEFINE_list("solvers", list(DEFAULT_SOLVERS), "Solvers (see the docstring).")
-_QUANT = flags.DEFINE_list("quantize", ["none"], "Quantization modes.")
-_QSTEPS = flags.DEFINE_list("quantize_at", [], "Only these 'solver@steps' get the quantized "
-                            "modes (default: every row).")
-_NUM = flags.DEFINE_integer("num", 256, "Images per row.")
-_BATCH = flags.DEFINE_integer("batch", 128, "Images per sampler call.")
-_INCEPTION = flags.DEFINE_bool("inception", False, "Also Inception FID (slow on a CPU).")
+
+def define_flags() -> None:
+  """This CLI's flags, defined when it runs (not on import: other benchmark
+  modules define --config and --out too, and may be imported with this one)."""
+  config_flags.DEFINE_config_file("config", "configs/mnist.py", "Config file [:variant].")
+  flags.DEFINE_string("workdir", None, "A trained workdir (read only).")
+  flags.DEFINE_string("out", "docs/solvers", "Where the JSON, table and plot go.")
+  flags.DEFINE_list("steps", ["5", "10", "20", "50", "100"], "Step counts.")
+  flags.DEFINE_list("solvers", list(DEFAULT_SOLVERS), "Solvers (see the docstring).")
+  flags.DEFINE_list("quantize", ["none"], "Quantization modes.")
+  flags.DEFINE_list("quantize_at", [], "Only these 'solver@steps' get the quantized "
+                    "modes (default: every row).")
+  flags.DEFINE_integer("num", 256, "Images per row.")
+  flags.DEFINE_integer("batch", 128, "Images per sampler call.")
+  flags.DEFINE_bool("inception", False, "Also Inception FID (slow on a CPU).")
 
 
 # ---------------------------------------------------------------------------
-# The trained parts, as the sampling API holds them.
-
-def load_parts(config, workdir) -> types.SimpleNamespace:
-  """config, model, params (EMA), ae, stats, db, schedule of a trained workdir:
-  the attributes rissole_jax.Sampler has, for code that takes either."""
-  from rissole_jax.diffusion.schedule import make_schedule
-  from rissole_jax.retrieval import load_database
-  from rissole_jax.train import diffusion as dif
-  from rissole_jax.train.vqgan import load_autoencoder
-  root = Path(workdir)
-  ae = load_autoencoder(config, root / "vqgan")
-  model, params, stats = dif.load_denoiser(config, root)
-  db = load_database(config, root)
-  return types.SimpleNamespace(config=config, model=model, params=params, ae=ae, stats=stats,
-                               db=db, schedule=make_schedule(config.diffusion))
-
+# The sampler's program, over a row's settings.
 
 def make_sample_fn(model, schedule, config, decode_fn, stats):
   """fn(params, ae_params, nb, key) -> (latents, images) with config.sample's
-  settings: the Sampler's program (rissole_jax/inference/sampler.py)."""
-  from rissole_jax.inference import sampler as api
-  settings = api.Settings.from_config(config.sample)
-  fn = api.make_sample_fn(model, schedule, config.diffusion.prediction, settings, decode_fn,
-                          stats, api.skip_plan(model, config, settings))
+  settings: the Sampler's program (rissole_jax/inference/program.py)."""
+  from rissole_jax.inference import program
+  settings = program.Settings.from_config(config.sample)
+  fn = program.make_sample_fn(model, schedule, config.diffusion.prediction, settings, decode_fn,
+                              stats, program.skip_plan(model, config, settings))
   return lambda params, ae_params, nb, key: fn(params, ae_params, nb, key, 0)
 
 
@@ -104,8 +92,8 @@ def generate(parts, config, nb_lat, batch: int, key):
   """uint8 images for normalised neighbour latents nb_lat (n, k, h, w, c), and
   (compile seconds, sampling seconds)."""
   from rissole_jax.data.pipeline import to_uint8
-  from rissole_jax.diffusion import solvers as samplers
-  samplers.check_config(config.sample, config.diffusion.timesteps)
+  from rissole_jax.diffusion import solvers
+  solvers.check_config(config.sample, config.diffusion.timesteps)
   from rissole_jax.inference import quantize as qz
   model, params, decode_fn, ae_params = parts.model, parts.params, parts.ae.decode_fn, parts.ae.params
   t0 = time.perf_counter()
@@ -171,8 +159,8 @@ def row_key(spec: str, steps: int, quantize: str) -> str:
 
 
 def nfe(config, model) -> int:
-  from rissole_jax.inference import sampler as api
-  return api.nfe(api.Settings.from_config(config.sample), config, model)
+  from rissole_jax.inference import program
+  return program.nfe(program.Settings.from_config(config.sample), config, model)
 
 
 # ---------------------------------------------------------------------------
@@ -261,17 +249,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def run(config, workdir, out: Path, solvers, steps_list, quant_modes, num: int, batch: int,
         inception: bool = False, quantize_at=(), say=print) -> list[dict]:
-  from rissole_jax.inference import sampler as smp
-  from rissole_jax.train import diffusion as dif
+  from rissole_jax.diffusion.latents import normalise
+  from rissole_jax.inference.loading import load_workdir
+  from rissole_jax.inference.queries import pseudo_queries, query_neighbours
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   path = out / "solvers.json"
   rows = json.loads(path.read_text())["rows"] if path.exists() else []
   done = {row_key(r["solver"], r["steps"], r["quantize"]) for r in rows}
-  parts = load_parts(config, workdir)
-  queries = smp.pseudo_queries(parts.db.neighbours, num, config.sample.pseudo_query, config.seed)
-  nb_ids = smp.query_neighbours(parts.db.neighbours, queries)
-  latents = dif.normalise(np.asarray(parts.db.latents, np.float32), parts.stats).astype(np.float32)
+  parts = load_workdir(workdir, config)
+  queries = pseudo_queries(parts.db.neighbours, num, config.sample.pseudo_query, config.seed)
+  nb_ids = query_neighbours(parts.db.neighbours, queries)
+  latents = normalise(np.asarray(parts.db.latents, np.float32), parts.stats).astype(np.float32)
   nb_lat = latents[nb_ids]
   key = jax.random.PRNGKey(config.seed + 2)   # the sample stage's
   scorer = Scorer(config, inception)
@@ -312,13 +301,14 @@ def _cpu_name() -> str | None:
 
 def main(argv):
   del argv
-  if not _WORKDIR.value:
+  F = flags.FLAGS
+  if not F.workdir:
     raise app.UsageError("--workdir is required (a workdir whose vqgan, encode, index and "
                          "diffusion stages have finished).")
-  run(_CONFIG.value, _WORKDIR.value, Path(_OUT.value), _SOLVERS.value,
-      [int(s) for s in _STEPS.value], _QUANT.value, _NUM.value, _BATCH.value,
-      _INCEPTION.value, tuple(_QSTEPS.value))
+  run(F.config, F.workdir, Path(F.out), F.solvers, [int(s) for s in F.steps], F.quantize,
+      F.num, F.batch, F.inception, tuple(F.quantize_at))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

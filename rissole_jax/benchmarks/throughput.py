@@ -53,24 +53,31 @@ from absl import app, flags
 # No rissole_jax import at module level: with --trees this file runs against
 # other trees' packages (back to 5c3a3a5), which lack newer modules.
 
-_CONFIG = flags.DEFINE_multi_string("config", ["configs/mnist.py"], "Config FILE[:variants].")
-_OVERRIDE = flags.DEFINE_multi_string("override", [], "KEY=VALUE set in every config "
-                                      "(e.g. model.upsample='conv_transpose').")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed calls per program (median reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after the compile.")
-_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 0, "Images per sampling call (0: the "
-                                     "train batch size).")
-_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 20, "DDIM steps of the whole sample "
-                                     "(0: skip it).")
-_DB = flags.DEFINE_integer("database", 2048, "Rows of the synthetic latent database.")
-_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of the device (0: from the "
-                           "device kind when known).")
-_TREES = flags.DEFINE_list("trees", [], "Code trees to compare, interleaved (see above).")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "With --trees: rounds of A B ... runs.")
-_JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
-_CACHE = flags.DEFINE_bool("compilation_cache", False, "Let the persistent compilation cache "
-                           "serve the compiles (compile seconds then mean reading it).")
-_CHILD = flags.DEFINE_bool("_child", False, "internal: measure and print JSON rows")
+def define_flags() -> None:
+  """This CLI's flags, defined when it runs (not on import: other benchmark
+  modules define flags of the same names, and any set of modules may be
+  imported together)."""
+  flags.DEFINE_multi_string("config", ["configs/mnist.py"], "Config FILE[:variants].")
+  flags.DEFINE_multi_string("override", [], "KEY=VALUE set in every config "
+                            "(e.g. model.upsample='conv_transpose').")
+  flags.DEFINE_integer("steps", 10, "Timed calls per program (median reported).")
+  flags.DEFINE_integer("warmup", 2, "Untimed calls after the compile.")
+  flags.DEFINE_integer("sample_batch", 0, "Images per sampling call (0: the "
+                       "train batch size).")
+  flags.DEFINE_integer("sample_steps", 20, "DDIM steps of the whole sample "
+                       "(0: skip it).")
+  flags.DEFINE_integer("database", 2048, "Rows of the synthetic latent database.")
+  flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of the device (0: from the "
+                     "device kind when known).")
+  flags.DEFINE_list("trees", [], "Code trees to compare, interleaved (see above).")
+  flags.DEFINE_integer("rounds", 3, "With --trees: rounds of A B ... runs.")
+  flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
+  flags.DEFINE_bool("compilation_cache", False, "Let the persistent compilation cache "
+                    "serve the compiles (compile seconds then mean reading it).")
+  flags.DEFINE_bool("_child", False, "internal: measure and print JSON rows")
+
+
+FLAGS = flags.FLAGS
 
 PROGRAMS = ("train", "sample_step", "sample_ddim")
 
@@ -98,14 +105,17 @@ def load_config(spec: str, overrides=()):
 def _latents_fn(model, schedule, config):
   """fn(params, nb, key) -> normalised latents: the sampler without the decode."""
   try:
-    from rissole_jax.inference.sampler import latents_fn
-  except ImportError:  # trees before rissole_jax.inference.sampler (5c3a3a5)
-    from rissole_jax.stages.sample import sample_latents
-    return lambda params, nb, key: sample_latents(model, params, schedule, config, nb, key)
+    from rissole_jax.inference.program import latents_fn
+  except ImportError:  # older trees (compared with --trees): where it was then
+    try:
+      from rissole_jax.inference.sampler import latents_fn
+    except ImportError:  # before rissole_jax.inference.sampler (5c3a3a5)
+      from rissole_jax.stages.sample import sample_latents
+      return lambda params, nb, key: sample_latents(model, params, schedule, config, nb, key)
   return latents_fn(model, schedule, config)
 
 
-def _flops(compiled) -> float:
+def xla_flops(compiled) -> float:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float((cost or {}).get("flops", 0.0))
@@ -230,7 +240,7 @@ def _measure(config, steps, warmup, sample_batch, sample_steps, n_db, peak_tflop
     t0 = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    flops = _flops(compiled) if flops is None else flops
+    flops = xla_flops(compiled) if flops is None else flops
     step_s = _time(compiled, args, steps, warmup, donate)
     r = dict(s.base, program=program, batch=images, compile_s=compile_s, step_s=step_s,
              images_per_sec=images / step_s, flops=flops, flops_per_sec=flops / step_s)
@@ -320,24 +330,25 @@ def passthrough(args: list[str]) -> list[str]:
 
 def main(argv):
   del argv
-  if _TREES.value and not _CHILD.value:
-    rows = compare(_TREES.value, _ROUNDS.value, passthrough(sys.argv[1:]))
+  if FLAGS.trees and not FLAGS["_child"].value:
+    rows = compare(FLAGS.trees, FLAGS.rounds, passthrough(sys.argv[1:]))
   else:
     rows = []
-    for spec in _CONFIG.value:
-      config = load_config(spec, _OVERRIDE.value)
-      rows += measure(config, _STEPS.value, _WARMUP.value, _SAMPLE_BATCH.value,
-                      _SAMPLE_STEPS.value, _DB.value, _PEAK.value, _CACHE.value)
+    for spec in FLAGS.config:
+      config = load_config(spec, FLAGS.override)
+      rows += measure(config, FLAGS.steps, FLAGS.warmup, FLAGS.sample_batch, FLAGS.sample_steps,
+                      FLAGS.database, FLAGS.peak_tflops, FLAGS.compilation_cache)
       for r in rows:
         r.setdefault("spec", spec)
-    if _CHILD.value:
+    if FLAGS["_child"].value:
       print(json.dumps(rows))
       return
-  if _JSON.value:
-    from rissole_jax.stages import workdir
-    workdir.atomic_write_json(_JSON.value, rows)
+  if FLAGS.json:
+    from rissole_jax import files
+    files.atomic_write_json(FLAGS.json, rows)
   print(markdown(rows))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -35,12 +35,19 @@ from rissole_jax.models import unet
 from rissole_jax.train import diffusion
 from rissole_jax import files
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Base config [:variant].")
-_VARIANT = flags.DEFINE_multi_string("variant", [], "NAME:KEY=VALUE[,KEY=VALUE...]")
-_ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved rounds (medians over them).")
-_STEPS = flags.DEFINE_integer("steps", 8, "Train steps and sampling steps per timing.")
-_N = flags.DEFINE_integer("database", 2000, "Random database rows.")
-_OUT = flags.DEFINE_string("out", None, "Also write the rows here (JSON).")
+def define_flags() -> None:
+  """This CLI's flags, defined when it runs (not on import: other benchmark
+  modules define flags of the same names, and any set of modules may be
+  imported together)."""
+  config_flags.DEFINE_config_file("config", None, "Base config [:variant].")
+  flags.DEFINE_multi_string("variant", [], "NAME:KEY=VALUE[,KEY=VALUE...]")
+  flags.DEFINE_integer("rounds", 7, "Interleaved rounds (medians over them).")
+  flags.DEFINE_integer("steps", 8, "Train steps and sampling steps per timing.")
+  flags.DEFINE_integer("database", 2000, "Random database rows.")
+  flags.DEFINE_string("out", None, "Also write the rows here (JSON).")
+
+
+FLAGS = flags.FLAGS
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -94,14 +101,14 @@ def setup(config, latents, table):
 
 def main(argv):
   del argv
-  base = _CONFIG.value
-  variants = [parse_variant(v) for v in _VARIANT.value] or [("base", {})]
+  base = FLAGS.config
+  variants = [parse_variant(v) for v in FLAGS.variant] or [("base", {})]
   h, w, c = diffusion.expected_latent_shape(base)
   rng = np.random.default_rng(0)
-  latents = rng.standard_normal((_N.value, h, w, c)).astype(np.float32)
+  latents = rng.standard_normal((FLAGS.database, h, w, c)).astype(np.float32)
   k = base.retrieval.k
-  table = (np.arange(_N.value)[:, None] + 1 + np.arange(k)[None]) % _N.value
-  runs, steps = [], _STEPS.value
+  table = (np.arange(FLAGS.database)[:, None] + 1 + np.arange(k)[None]) % FLAGS.database
+  runs, steps = [], FLAGS.steps
   for name, ov in variants:
     config = benchmark.with_overrides(base, ov)
     train, sample, state, n_params = setup(config, latents, table)
@@ -115,7 +122,7 @@ def main(argv):
                  "sample": sample, "state": state, "train_s": [], "sample_s": [],
                  "first_train_call_s": compile_train, "first_sample_call_s": compile_sample,
                  "batch": config.diffusion.train.batch_size})
-  for _ in range(_ROUNDS.value):
+  for _ in range(FLAGS.rounds):
     for r in runs:
       t0 = time.perf_counter()
       r["state"] = r["train"](r["state"], steps)
@@ -134,7 +141,7 @@ def main(argv):
                  "train_step_ms_all": [round(1e3 * x, 2) for x in r["train_s"]],
                  "sample_step_ms_all": [round(1e3 * x, 2) for x in r["sample_s"]]})
   env = {"cpu": platform.processor() or platform.machine(), "devices": str(jax.devices()),
-         "load": os.getloadavg(), "rounds": _ROUNDS.value, "steps": steps}
+         "load": os.getloadavg(), "rounds": FLAGS.rounds, "steps": steps}
   print(json.dumps(env))
   print("| variant | params | train img/s | sample-step img/s | train ms | sample ms | first train call s |")
   print("|---|---|---|---|---|---|---|")
@@ -142,11 +149,12 @@ def main(argv):
     print(f"| {r['name']} | {r['params']:,} | {r['train_images_per_s']:.1f} | "
           f"{r['sample_step_images_per_s']:.1f} | {r['train_step_ms']:.1f} | "
           f"{r['sample_step_ms']:.1f} | {r['first_train_call_s']:.1f} |")
-  if _OUT.value:
+  if FLAGS.out:
     from rissole_jax.stages import workdir as wd
-    files.atomic_write_json(_OUT.value, {"env": env, "rows": rows})
+    files.atomic_write_json(FLAGS.out, {"env": env, "rows": rows})
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flag_as_required("config")
   app.run(main)

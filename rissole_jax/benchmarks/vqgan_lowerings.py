@@ -33,7 +33,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from absl import app
+from absl import app, flags
 
 # --config, --override and --steps (timed calls of each program) are
 # throughput.py's flags.
@@ -196,15 +196,17 @@ def measure(config, calls: int = 20) -> list[dict]:
 def main(argv):
   del argv
   import os
-  for spec in throughput._CONFIG.value:
-    config = throughput.load_config(spec, throughput._OVERRIDE.value)
+  F = flags.FLAGS
+  for spec in F.config:
+    config = throughput.load_config(spec, F.override)
     load = os.getloadavg()[0]
-    rows = measure(config, throughput._STEPS.value)
+    rows = measure(config, F.steps)
     print(f"{spec}: load average {load:.2f} -> {os.getloadavg()[0]:.2f}, "
-          f"{throughput._STEPS.value} calls each\n")
+          f"{F.steps} calls each\n")
     print(markdown_table(rows, [("part", "part"), ("form", "form"), ("ms", "ms (median)"),
                                 ("ratio", "× stage's"), ("max_rel_diff", "max rel. diff")]))
 
 
 if __name__ == "__main__":
+  throughput.define_flags()
   app.run(main)

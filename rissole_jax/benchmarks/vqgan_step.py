@@ -20,7 +20,7 @@ import statistics
 import time
 from typing import Any
 
-from absl import app
+from absl import app, flags
 
 # --config, --override, --steps and --warmup are throughput.py's flags (one
 # definition each). Importing rissole_jax applies the XLA:CPU flags (or not:
@@ -94,11 +94,12 @@ def measure(config, steps: int = 15, warmup: int = 2) -> dict:
 
 def main(argv):
   del argv
-  for spec in throughput._CONFIG.value:
-    config = throughput.load_config(spec, throughput._OVERRIDE.value)
-    print(json.dumps(dict(measure(config, throughput._STEPS.value, throughput._WARMUP.value),
-                          config=spec)))
+  F = flags.FLAGS
+  for spec in F.config:
+    config = throughput.load_config(spec, F.override)
+    print(json.dumps(dict(measure(config, F.steps, F.warmup), config=spec)))
 
 
 if __name__ == "__main__":
+  throughput.define_flags()
   app.run(main)

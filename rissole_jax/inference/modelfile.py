@@ -21,7 +21,6 @@ and refuses a truncated, altered, incomplete or newer-format file.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import zipfile
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from rissole_jax.errors import DataError
-from rissole_jax.files import atomic_write_bytes
+from rissole_jax.files import atomic_write_bytes, sha256_bytes
 
 FORMAT = "rissole_jax.model"
 VERSION = 1  # bump on any change a version-1 reader would misread
@@ -50,26 +49,28 @@ def _msgpack(params) -> bytes:
   return serialization.msgpack_serialize(jax.tree.map(parallel.to_host, params))
 
 
-def members(sampler) -> dict[str, bytes]:
-  """The file's members (manifest excluded) for a Sampler."""
+def members(parts) -> dict[str, bytes]:
+  """The file's members (manifest excluded) for a Sampler (or inference.loading.Parts)."""
+  from rissole_jax.inference.database import stored_arrays
   from rissole_jax.store import codes as codes_lib
-  db = sampler.db
-  codebook = codes_lib.codebook_of(sampler.ae.params)
-  if codebook is None or db.codes is None:
+  db = parts.db
+  codebook = codes_lib.codebook_of(parts.ae.params)
+  arrays = stored_arrays(db, codebook)
+  if "codes" not in arrays:
     raise DataError("this sampler's autoencoder has no codebook, so its database cannot be "
                     "stored as code indices; a model file needs a VQ-GAN.")
-  stats = {"mean": np.asarray(sampler.stats["mean"]).tolist(),
-           "std": np.asarray(sampler.stats["std"]).tolist(), "k": int(sampler.stats["k"]),
-           "latent_shape": list(sampler.stats["latent_shape"])}
-  info = {"name": db.name, "n": len(db), "code_dtype": str(db.codes.dtype),
+  stats = {"mean": np.asarray(parts.stats["mean"]).tolist(),
+           "std": np.asarray(parts.stats["std"]).tolist(), "k": int(parts.stats["k"]),
+           "latent_shape": list(parts.stats["latent_shape"])}
+  info = {"name": db.name, "n": len(db), "code_dtype": str(arrays["codes"].dtype),
           "codebook_size": len(codebook)}
   return {
-      "config.json": sampler.config.to_json(sort_keys=True).encode(),
+      "config.json": parts.config.to_json(sort_keys=True).encode(),
       "stats.json": json.dumps(stats).encode(),
-      "autoencoder.msgpack": _msgpack(sampler.ae.params),
-      "denoiser.msgpack": _msgpack(sampler.params),
-      "database/codes.npy": _npy(db.codes),
-      "database/neighbours.npy": _npy(np.asarray(db.neighbours, np.int32)),
+      "autoencoder.msgpack": _msgpack(parts.ae.params),
+      "denoiser.msgpack": _msgpack(parts.params),
+      "database/codes.npy": _npy(arrays["codes"]),
+      "database/neighbours.npy": _npy(arrays["neighbours"]),
       "database/labels.npy": _npy(np.asarray(db.labels, np.int32)),
       "database/info.json": json.dumps(info).encode(),
   }
@@ -77,16 +78,16 @@ def members(sampler) -> dict[str, bytes]:
 
 def save(sampler, path) -> dict:
   """Writes the model file atomically; returns {member: bytes} and the total,
-  plus what the database would take as float32 latents (for the ratio)."""
+  plus what the database would take as float32 latents (for the ratio).
+  `sampler`: a Sampler or inference.loading.Parts."""
   import jax
-  import rissole_jax
   from rissole_jax.runtime import parallel
+  from rissole_jax.version import __version__
   path = Path(path)
   parts = members(sampler)
-  manifest = {"format": FORMAT, "version": VERSION, "rissole_jax": rissole_jax.__version__,
+  manifest = {"format": FORMAT, "version": VERSION, "rissole_jax": __version__,
               "jax": jax.__version__, "autoencoder_fingerprint": sampler.ae.fingerprint,
-              "files": {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()}
-                        for n, b in parts.items()}}
+              "files": {n: {"size": len(b), "sha256": sha256_bytes(b)} for n, b in parts.items()}}
   if parallel.process_info()[0] == 0:
     buf = io.BytesIO()   # the members are in memory already; the file is their sum
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
@@ -120,7 +121,7 @@ def read(path) -> tuple[dict, dict[str, bytes]]:
         if name not in names:
           raise DataError(f"{path} is damaged: {name} is missing. {fix}")
         data[name] = z.read(name)
-        if len(data[name]) != info["size"] or hashlib.sha256(data[name]).hexdigest() != info["sha256"]:
+        if len(data[name]) != info["size"] or sha256_bytes(data[name]) != info["sha256"]:
           raise DataError(f"{path} is damaged: {name} differs from its checksum in the "
                           f"manifest. {fix}")
   except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile, ValueError, KeyError) as e:
@@ -141,14 +142,17 @@ def _check_format(manifest: dict, path: Path) -> None:
 
 
 def load(path, mesh=None):
-  """A Sampler from a model file."""
+  """The parts (inference.loading.Parts) of a model file: Sampler.load makes
+  the Sampler."""
   from flax import serialization
   from rissole_jax import defaults
-  from rissole_jax.store import codes as codes_lib
-  from rissole_jax.runtime import parallel
+  from rissole_jax.inference.configs import merge_config
+  from rissole_jax.inference.database import SamplingDatabase
+  from rissole_jax.inference.loading import Parts
   from rissole_jax.models import make_denoiser
-  from rissole_jax.inference.sampler import Database, Sampler, merge_config
-  from rissole_jax.train.vqgan import Autoencoder
+  from rissole_jax.models.autoencoder import Autoencoder
+  from rissole_jax.runtime import parallel
+  from rissole_jax.store import codes as codes_lib
   manifest, data = read(path)
   config = defaults.recorded_base()   # files made before a model key: its first value
   merge_config(config, json.loads(data["config.json"]))
@@ -170,7 +174,6 @@ def load(path, mesh=None):
   params = parallel.put_replicated(serialization.msgpack_restore(data["denoiser.msgpack"]), mesh)
   arr = {a: np.load(io.BytesIO(data[f"database/{a}.npy"]), allow_pickle=False) for a in _ARRAYS}
   info = json.loads(data["database/info.json"])
-  codebook = codes_lib.codebook_of(ae.params)
-  db = Database(codes_lib.from_codes(arr["codes"], codebook), arr["neighbours"], arr["labels"],
-                info["name"], arr["codes"])
-  return Sampler(config, ae, model, params, stats, db, mesh)
+  db = SamplingDatabase.from_codes(arr["codes"], codes_lib.codebook_of(ae.params),
+                                   arr["neighbours"], arr["labels"], info["name"])
+  return Parts(config, ae, model, params, stats, db, mesh)

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rissole_jax.errors import ConfigError, DataError
+from rissole_jax.errors import ConfigError, DataError, check_choice
 
 MODES = ("none", "int8_weights", "int8")
 ALWAYS_FLOAT = (r"(.*/)?time[12]",)
@@ -55,8 +55,7 @@ def _qwix():
 
 
 def check_mode(mode: str) -> None:
-  if mode not in MODES:
-    raise ConfigError(f"Unknown sample.quantize {mode!r}: use one of {MODES}.")
+  check_choice("sample.quantize", mode, MODES)
 
 
 # ---------------------------------------------------------------------------
@@ -68,7 +67,7 @@ def calibration_inputs(model, schedule, latents, neighbours, num: int = 64, batc
   latents (normalised, (N, h, w, c)) with their neighbours' latents
   (neighbours: (N, k) ids), noised at timesteps evenly covering [0, T), in
   batches of `batch` images. Deterministic in `seed`."""
-  from rissole_jax.diffusion import solvers as samplers
+  from rissole_jax.diffusion import solvers
   from rissole_jax.models import unet
   latents = np.asarray(latents, np.float32)
   if len(latents) == 0:
@@ -86,7 +85,7 @@ def calibration_inputs(model, schedule, latents, neighbours, num: int = 64, batc
     x0, cond = unet.model_inputs(model, z0, nb)
     reps = x0.shape[0] // len(sl)                 # blocks per image
     t = jnp.asarray(np.repeat(ts[s:s + batch], reps))
-    noise = samplers.normal(jax.random.PRNGKey(seed * 1000 + b), x0.shape)
+    noise = solvers.normal(jax.random.PRNGKey(seed * 1000 + b), x0.shape)
     out.append((schedule.q_sample(x0, t, noise), t, cond))
   return out
 
@@ -167,7 +166,7 @@ def calibrate(module, params, inputs: list[tuple], rules, method: str | None = N
   for inp in inputs:
     args, cond = _split(inp)
     stats = step(stats, args, cond)
-  return jax.deviceget_path(stats)
+  return jax.device_get(stats)
 
 
 def _split(inp) -> tuple[tuple, dict]:
@@ -305,7 +304,7 @@ def quantize_parts(parts, mode: str, keep_float=None, num_calib: int = 64, seed:
   """The denoiser and decoder of `parts` (config, model, params, ae, stats,
   db, schedule: a rissole_jax.Sampler or the like) in `mode`, calibrated on
   the database's latents and neighbours."""
-  from rissole_jax.train import diffusion as dif
+  from rissole_jax.diffusion.latents import normalise
   check_mode(mode)
   if keep_float is None:
     keep_float = tuple(parts.config.sample.get("quantize_keep_float", ()) or ())
@@ -313,7 +312,7 @@ def quantize_parts(parts, mode: str, keep_float=None, num_calib: int = 64, seed:
     return Quantized(mode, parts.model, parts.params, parts.ae.decode_fn, parts.ae.params)
   calib = dec_calib = None
   if mode == "int8":
-    lat = dif.normalise(np.asarray(parts.db.latents, np.float32), parts.stats).astype(np.float32)
+    lat = normalise(np.asarray(parts.db.latents, np.float32), parts.stats).astype(np.float32)
     calib = calibration_inputs(parts.model, parts.schedule, lat, parts.db.neighbours,
                                num_calib, seed=seed)
     dec_calib = decoder_calibration(parts.db.latents, num_calib, seed=seed)
@@ -343,13 +342,10 @@ def save_params(path, tree) -> None:
   """Leaves of a (quantized) tree, in order, to an .npz (written atomically);
   load_params needs a tree of the same structure (e.g. the abstract one the
   quantizer makes) to put them back."""
-  import io
-  from rissole_jax.files import atomic_write_bytes
+  from rissole_jax.files import atomic_save_npz
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  buf = io.BytesIO()
-  np.savez(buf, **{f"{i:05d}": np.asarray(a) for i, (_, a) in enumerate(leaves)},
-           __paths__=np.array([jax.tree_util.keystr(p) for p, _ in leaves]))
-  atomic_write_bytes(Path(path), buf.getvalue())
+  atomic_save_npz(Path(path), **{f"{i:05d}": np.asarray(a) for i, (_, a) in enumerate(leaves)},
+                  __paths__=np.array([jax.tree_util.keystr(p) for p, _ in leaves]))
 
 
 def load_params(path, like):

@@ -26,21 +26,23 @@ window), and always refuses a calling-convention version its jax cannot read.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rissole_jax import blocks as blk
+from rissole_jax.diffusion import solvers
+from rissole_jax.errors import ConfigError, check_choice
+from rissole_jax.files import atomic_save_npz, atomic_write_bytes, atomic_write_json, sha256_file
 from rissole_jax.inference import export_runner as runner
-from rissole_jax.diffusion import solvers as samplers
-from rissole_jax.errors import ConfigError
-from rissole_jax.inference.sampler import Settings, sample_latents, skip_plan
-from rissole_jax.files import atomic_write_bytes, atomic_write_json
+from rissole_jax.inference import quantize as qz
+from rissole_jax.inference.database import stored_arrays
+from rissole_jax.inference.program import Settings, nfe, sample_latents, skip_plan
+from rissole_jax.store import codes as codes_lib
 
-PLATFORMS = ("cpu", "cuda", "tpu")
+PLATFORMS = ("cpu", "cuda", "tpu")   # tried when no platforms are given
+KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")   # jax.export's names
 
 
 # ---------------------------------------------------------------------------
@@ -64,9 +66,8 @@ def program(config, model, schedule, decode_fn, stats, treedef):
 
 def build(sampler, quantize: str | None = None):
   """(fn, param leaves, treedef, Quantized) for a sampler's parts."""
-  from rissole_jax.inference import quantize as qz
   config = sampler.config
-  samplers.check_config(config.sample, config.diffusion.timesteps)
+  solvers.check_config(config.sample, config.diffusion.timesteps)
   mode = quantize if quantize is not None else config.sample.get("quantize", "none")
   q = qz.quantize_parts(sampler, mode)
   if q.mode == "none":   # the decoder's parameters only: the encoder is not in the sampler
@@ -84,37 +85,35 @@ def _arg_specs(leaves, latent_shape, k: int, batch_symbolic: bool, batch: int):
              jax.ShapeDtypeStruct((b,), jnp.uint32)])
 
 
-def export_stablehlo(sampler, out_dir, *, batch_symbolic: bool = True, platforms=PLATFORMS,
+def export_stablehlo(sampler, out_dir, *, batch_symbolic: bool = True, platforms=None,
                      quantize: str | None = None, batch: int = 8, say=print) -> dict:
   """Writes the exported sampler, its parameters, the database, run.py and
   manifest.json to out_dir; returns the manifest. `sampler`: anything with
   config, model, params, ae, stats, db, schedule (a rissole_jax.Sampler).
-  Platforms JAX cannot lower for here are dropped (and listed as skipped)."""
-  from rissole_jax.inference import quantize as qz
+  platforms: those to lower for, each required (ConfigError naming the one
+  that fails and why); None tries PLATFORMS and drops (and lists as skipped)
+  those JAX cannot lower for here."""
   out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  if platforms is not None:
+    platforms = tuple(platforms)
+    if not platforms:
+      raise ConfigError("export: no platforms given. Fix: name at least one of "
+                        f"{KNOWN_PLATFORMS}, or give none to try {PLATFORMS}.")
+    for p in platforms:   # a typo is refused here: jax.export would lower for any name
+      check_choice("export platform", p, KNOWN_PLATFORMS)
   fn, leaves, treedef, q = build(sampler, quantize)
   latent_shape = tuple(int(v) for v in sampler.stats["latent_shape"])
   k = int(sampler.db.neighbours.shape[1])
   specs = _arg_specs(leaves, latent_shape, k, batch_symbolic, batch)
-  exported, skipped = None, {}
-  wanted = [p for p in platforms]
-  while wanted:
-    try:
-      exported = jax.export.export(jax.jit(fn), platforms=tuple(wanted))(*specs)
-      break
-    except Exception as e:   # a platform this jax cannot lower for: drop it, say which
-      bad = next((p for p in wanted if p != "cpu" and p in str(e).lower()), None)
-      bad = bad or (wanted[-1] if len(wanted) > 1 else None)
-      if bad is None:
-        raise
-      skipped[bad] = str(e).splitlines()[0][:300]
-      wanted.remove(bad)
-      say(f"export: skipping platform {bad}: {skipped[bad]}")
+  if platforms is not None:
+    exported, skipped = _export_required(fn, specs, platforms), {}
+  else:
+    exported, skipped = _export_available(fn, specs, say)
+  out.mkdir(parents=True, exist_ok=True)
   blob = exported.serialize()
   atomic_write_bytes(out / "sampler.stablehlo", bytes(blob))
   qz.save_params(out / "params.npz", [np.asarray(a) for a in leaves])
-  _save_npz(out / "database.npz", **database_arrays(sampler))
+  atomic_save_npz(out / "database.npz", **database_arrays(sampler))
   runner_src = Path(runner.__file__).read_bytes()
   atomic_write_bytes(out / "run.py", runner_src)
   s = sampler.config.sample
@@ -128,70 +127,74 @@ def export_stablehlo(sampler, out_dir, *, batch_symbolic: bool = True, platforms
       "inputs": {"neighbours": ["B", k, *latent_shape], "seeds": ["B"]},
       "output": ["B", *(int(v) for v in _image_shape(sampler))],
       "sampler": {"name": s.sampler, "steps": int(s.steps), "eta": float(s.eta),
-                  "guidance_scale": float(s.guidance_scale), **samplers.options(s)},
-      "nfe_per_image": _nfe(sampler),
+                  "guidance_scale": float(s.guidance_scale), **solvers.options(s)},
+      "nfe_per_image": nfe(Settings.from_config(s), sampler.config, sampler.model),
       "quantize": q.mode, "keep_float": list(q.keep_float),
       "bytes": {"program": len(blob), "denoiser": qz.param_bytes(q.params),
                 "decoder": qz.param_bytes(q.ae_params),
                 "database": int((out / "database.npz").stat().st_size)},
-      "sha256": {n: _sha(out / n) for n in ("sampler.stablehlo", "params.npz", "database.npz")},
+      "sha256": {n: sha256_file(out / n) for n in ("sampler.stablehlo", "params.npz",
+                                                   "database.npz")},
   }
   atomic_write_json(out / "manifest.json", manifest)
   return manifest
 
 
-def database_arrays(sampler) -> dict:
-  """The database as stored beside the program: the neighbour table, and the
-  latents as codebook indices plus the codebook (rissole_jax/store/codes.py: 16x
-  smaller than float32 with a 256-entry codebook), or float32 latents where
-  they are not codebook vectors."""
-  from rissole_jax.store import codes as codes_lib
-  from rissole_jax.errors import DataError
-  out = {"neighbours": np.asarray(sampler.db.neighbours, np.int32)}
-  cb = codes_lib.codebook_of(sampler.ae.params)
-  codes = getattr(sampler.db, "codes", None)
-  if cb is not None and codes is None:
+def lower(fn, specs, platforms: tuple):
+  """jax.export of `fn` for `platforms` (one program serving all of them)."""
+  return jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
+
+
+def _export_required(fn, specs, platforms: tuple):
+  """The program lowered for every one of `platforms`, or ConfigError naming
+  the platform that cannot be lowered here and why."""
+  try:
+    return lower(fn, specs, platforms)
+  except Exception as e:  # jax raises many types for a platform it cannot lower for
+    err = e
+  for p in platforms:   # which one: each alone (only on failure, so no cost otherwise)
     try:
-      codes = codes_lib.to_codes(sampler.db.latents, cb)
-    except DataError:
-      codes = None
-  if codes is not None:
-    return {**out, "codes": codes, "codebook": cb}
-  return {**out, "latents": np.asarray(sampler.db.latents, np.float32)}
+      lower(fn, specs, (p,))
+    except Exception as e:  # noqa: BLE001
+      err, bad = e, p
+      break
+  else:
+    bad = ",".join(platforms)
+  why = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+  raise ConfigError(f"export: cannot lower the sampler for platform {bad!r} here: {why}. "
+                    "Fix: drop it from --platforms (or leave --platforms out: the platforms "
+                    "that lower are kept, the others listed as skipped).") from err
+
+
+def _export_available(fn, specs, say):
+  """(exported, {platform: why skipped}): PLATFORMS, less those JAX cannot
+  lower for here."""
+  exported, skipped = None, {}
+  wanted = list(PLATFORMS)
+  while wanted:
+    try:
+      exported = lower(fn, specs, tuple(wanted))
+      break
+    except Exception as e:   # a platform this jax cannot lower for: drop it, say which
+      bad = next((p for p in wanted if p != "cpu" and p in str(e).lower()), None)
+      bad = bad or (wanted[-1] if len(wanted) > 1 else None)
+      if bad is None:
+        raise
+      skipped[bad] = str(e).splitlines()[0][:300]
+      wanted.remove(bad)
+      say(f"export: skipping platform {bad}: {skipped[bad]}")
+  return exported, skipped
+
+
+def database_arrays(sampler) -> dict:
+  """The database as stored beside the program (database.npz): the neighbour
+  table, and the latents as codebook indices plus the codebook, or float32
+  latents where they are not codebook vectors (inference/database.py)."""
+  cb = codes_lib.codebook_of(sampler.ae.params)
+  arrays = stored_arrays(sampler.db, cb)
+  return {**arrays, "codebook": cb} if "codes" in arrays else arrays
 
 
 def _image_shape(sampler):
   d = sampler.config.data
   return (d.image_size, d.image_size, d.channels)
-
-
-def _nfe(sampler) -> int:
-  s, T = sampler.config.sample, sampler.config.diffusion.timesteps
-  n = samplers.num_steps(s, T) * (1 if s.guidance_scale == 1.0 else 2)
-  return n * (blk.num_blocks(sampler.config.blocks.grid) if sampler.model.prev_block else 1)
-
-
-def _save_npz(path: Path, **arrays) -> None:
-  import io
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  atomic_write_bytes(path, buf.getvalue())
-
-
-def _sha(path: Path) -> str:
-  return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-# ---------------------------------------------------------------------------
-# The CLI is `python -m rissole_jax.export --format stablehlo` (export.py).
-
-def _load_config(spec: str):
-  import importlib.util
-  path, _, arg = spec.partition(":")
-  mod_spec = importlib.util.spec_from_file_location("_rissole_config", path)
-  if mod_spec is None:
-    raise ConfigError(f"--config {path}: no such config file.")
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg)
-

@@ -2,7 +2,8 @@
 the encode and index stages (resuming from its latest checkpoint), writes the
 latent normalisation (latent_stats.json) and reports the loss of the EMA
 weights on the held-out latents. The train step, the train call, the
-database placement and `load_denoiser` are train/diffusion.py's.
+database placement are train/diffusion.py's; reading the trained denoiser
+back (`load_denoiser`) is inference/loading.py's.
 """
 from __future__ import annotations
 

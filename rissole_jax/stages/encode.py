@@ -28,7 +28,7 @@ from rissole_jax.data import HELDOUT, TRAIN, load_source, to_float
 
 def load_autoencoder(config, vqgan_dir):
   """The trained VQ-GAN (imported here so this module imports without it)."""
-  from rissole_jax.train.vqgan import load_autoencoder as load
+  from rissole_jax.models.autoencoder import load_autoencoder as load
   return load(config, vqgan_dir)
 
 
@@ -39,7 +39,7 @@ def local_autoencoder(ae):
   import jax
   if jax.process_count() == 1 or not hasattr(ae, "mesh"):
     return ae
-  from rissole_jax.train.vqgan import Autoencoder
+  from rissole_jax.models.autoencoder import Autoencoder
   mesh = parallel.local_mesh(ae.config.mesh)
   return Autoencoder(ae.config, jax.tree.map(parallel.to_host, ae.params), mesh)
 

@@ -91,7 +91,7 @@ def _reconstructions(ctx, heldout) -> tuple[np.ndarray, str] | None:
   if "vqgan" not in ctx.config.stages or not ctx.dir("vqgan").is_dir():
     return None
   try:
-    from rissole_jax.train.vqgan import load_autoencoder
+    from rissole_jax.models.autoencoder import load_autoencoder
     ae = load_autoencoder(ctx.config, ctx.dir("vqgan"))
   except (ImportError, DataError, FileNotFoundError) as e:
     ctx.log("reconstruction metrics skipped: %s", str(e).splitlines()[0])

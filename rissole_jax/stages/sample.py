@@ -13,7 +13,9 @@ Figure 2: each row a query, its k neighbours, and the generated sample).
 from __future__ import annotations
 
 from rissole_jax.inference import pictures
-from rissole_jax.inference.sampler import Sampler, check_config, query_neighbours
+from rissole_jax.inference.program import check_config
+from rissole_jax.inference.queries import query_neighbours
+from rissole_jax.inference.sampler import Sampler
 from rissole_jax.files import atomic_save_npy
 
 __all__ = ["run", "check_config"]
@@ -46,7 +48,7 @@ def run(ctx) -> dict:
   t = sampler.last_timings
   # The first batch compiles; later ones time the sampler itself.
   from rissole_jax.inference.quantize import param_bytes
-  return {"denoiser_bytes": param_bytes(sampler.params), "decoder_bytes": param_bytes(sampler._decoder[1]),
+  return {"denoiser_bytes": param_bytes(sampler.params), "decoder_bytes": param_bytes(sampler.decoder_params),
           "num": int(len(samples)), "seconds_first_batch": t["seconds_first_batch"],
           "seconds_per_batch": t["seconds_per_batch"], "samples_per_sec": t["samples_per_sec"],
           "nfe_per_sample": t["nfe_per_sample"]}

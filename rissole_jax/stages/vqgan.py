@@ -1,8 +1,8 @@
 """The vqgan stage: trains the VQ-GAN autoencoder (resuming from its latest
 checkpoint), evaluates it on the held-out split (PSNR, codebook usage and
 perplexity, a PNG of reconstructions) and leaves its final checkpoint for the
-later stages (`load_autoencoder` in train/vqgan.py). The train step, its
-builder and the Autoencoder are train/vqgan.py's.
+later stages (`load_autoencoder` in models/autoencoder.py). The train step
+and its builder are train/vqgan.py's.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from rissole_jax.runtime import parallel
 from rissole_jax.data import TrainStream, eval_batches, load_source, to_uint8
 from rissole_jax.models import vqgan as vq
 from rissole_jax.train import checkpoints, guard, loop
-from rissole_jax.train.vqgan import Autoencoder, Trainer, build, check_batch, keys
+from rissole_jax.models.autoencoder import Autoencoder
+from rissole_jax.train.vqgan import Trainer, build, check_batch, keys
 from rissole_jax.files import atomic_write_bytes
 
 

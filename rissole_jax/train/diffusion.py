@@ -1,7 +1,8 @@
 """Diffusion training machinery: the (block) denoiser's train step, its state,
-the latent database's placement and the train call (`make_train_call`), and
-the trained denoiser back from its checkpoint (`load_denoiser`). The diffusion
-stage itself (the training loop, held-out loss) is stages/diffusion.py.
+the latent database's placement and the train call (`make_train_call`). The
+diffusion stage itself (the training loop, held-out loss) is
+stages/diffusion.py; the trained denoiser back from its checkpoint
+(`load_denoiser`) is rissole_jax/inference/loading.py.
 
 One jitted step: gather the batch's latents and its neighbours' latents (on
 the devices by default: code indices gathered from the database held there,
@@ -25,13 +26,13 @@ import optax
 from rissole_jax.runtime import parallel
 from rissole_jax.stages import workdir as wd
 from rissole_jax.diffusion import solvers as samplers
+from rissole_jax.diffusion.latents import denormalise, normalise  # noqa: F401
 from rissole_jax.diffusion.schedule import PREDICTIONS, make_schedule
 from rissole_jax.errors import ConfigError, DataError, check_choice
 from rissole_jax import models
 from rissole_jax.models import rows as model_rows
 from rissole_jax.models.common import uses_retrieval
-from rissole_jax.train import checkpoints, guard, optim
-from rissole_jax import files
+from rissole_jax.train import guard, optim
 
 GATHERS = ("device", "sharded", "host")
 
@@ -78,14 +79,6 @@ def database_stats(rows: np.ndarray, codebook: np.ndarray | None) -> dict:
   mean = counts @ cb / total
   var = np.maximum(counts @ (cb * cb) / total - mean * mean, 0.0)
   return {"mean": mean.astype(np.float32), "std": np.maximum(np.sqrt(var), 1e-6).astype(np.float32)}
-
-
-def normalise(z, stats):
-  return (z - stats["mean"]) / stats["std"]
-
-
-def denormalise(z, stats):
-  return z * stats["std"] + stats["mean"]
 
 
 # ---------------------------------------------------------------------------
@@ -352,33 +345,3 @@ def make_train_call(fns: Parts, gather: str, rows, codebook, table, stream, key,
     return fn(state, key, *parallel.put_batch((db_rows[ids], db_rows[db_nbr[ids]]), mesh, rules),
               db_cb)
   return call, placed
-
-
-# ---------------------------------------------------------------------------
-# For sampling and notebooks: the trained denoiser back from its checkpoint.
-
-def load_denoiser(config, root: Path, mesh=None):
-  """(model, EMA params, stats) of the diffusion stage under `root`; stats holds
-  the latent normalisation (mean, std) and the k and latent shape it trained with."""
-  root = Path(root)
-  sdir = root / "diffusion"
-  path = sdir / "latent_stats.json"
-  if not path.exists():
-    raise DataError(f"{path} is missing: the 'diffusion' stage has not run in {root}.")
-  meta = files.read_json(path)
-  try:
-    latent_shape, k = tuple(meta["latent_shape"]), int(meta["k"])
-    np.asarray(meta["mean"], np.float32), np.asarray(meta["std"], np.float32)
-  except (KeyError, TypeError, ValueError) as e:
-    raise DataError(f"{path} is damaged ({type(e).__name__}: {e}). "
-                    + checkpoints.remake_fix(sdir, "diffusion")) from None
-  stats = {"mean": np.asarray(meta["mean"], np.float32), "std": np.asarray(meta["std"], np.float32),
-           "k": k, "latent_shape": latent_shape}
-  mesh = mesh or parallel.make_mesh(config.mesh)
-  model = models.make_denoiser(config, latent_shape)
-  like, _ = abstract_state(config, model, latent_shape, k, mesh)
-  fix = (f"Fix: run the diffusion stage first (python -m rissole_jax.main --config ... "
-         f"--workdir {root} --only diffusion); it resumes from its last checkpoint.")
-  state = checkpoints.restore_final(sdir, "diffusion", None, like, fix)
-  return model, state["ema"], stats
-
