@@ -11,7 +11,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rissole_jax import parallel  # noqa: E402
+from rissole_jax.runtime import parallel  # noqa: E402
 from rissole_jax.defaults import apply_variants, base_config  # noqa: E402
 from rissole_jax.train import diffusion as dif  # noqa: E402
 

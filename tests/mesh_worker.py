@@ -42,7 +42,8 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import mnist  # noqa: E402
-from rissole_jax import main, parallel  # noqa: E402
+from rissole_jax import main  # noqa: E402
+from rissole_jax.runtime import parallel  # noqa: E402
 from rissole_jax.train import checkpoints  # noqa: E402
 
 UPSTREAM = ("vqgan", "encode", "index")

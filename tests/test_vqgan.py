@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from configs import mnist  # noqa: E402
-from rissole_jax import parallel  # noqa: E402
+from rissole_jax.runtime import parallel  # noqa: E402
 from rissole_jax.stages.context import Context  # noqa: E402
 from rissole_jax.data import ArraySource, TrainStream, to_float  # noqa: E402
 from rissole_jax.errors import ConfigError, DataError  # noqa: E402
