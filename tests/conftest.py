@@ -90,6 +90,12 @@ def start_smoke(shared: Path) -> Path:
   return folder
 
 
+def pytest_collection_modifyitems(items):
+  """The tests on the smoke run go last (a stable sort, the same in every
+  worker): the workers run the others while it trains."""
+  items.sort(key=lambda item: "smoke_workdir" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _smoke_in_background(request, tmp_path_factory):
   if any("smoke_workdir" in getattr(item, "fixturenames", ())
