@@ -41,9 +41,9 @@ ALLOWED = {
     "*._asdict": "namedtuple's public API",
     "*._fields": "namedtuple's public API",
     "*._make": "namedtuple's public API",
-    "sys._getframe": "the only way to read a caller's frame",
-    "os._exit": "ends a process without running atexit handlers (a killed-worker simulation)",
 }
+# (None of another project's private modules or functions is used today; one
+# that must be goes here as "module.attr", e.g. "jax._src", with why.)
 
 
 def private(name: str) -> bool:
@@ -464,7 +464,7 @@ def test_planted_private_uses(tmp_path):
               self._decoder = Decoder()
               self._x = other._x                    # fine: Sampler defines _x
               self._decoder._step()                 # offence: Decoder's
-              sys._getframe(0)                      # allowed, with a reason
+              other._asdict()                       # allowed: namedtuple
               other._replace(a=1)                   # allowed: namedtuple
               self.__dict__                         # dunder
               rissole_jax.lib._helper()             # offence: on the module
