@@ -97,12 +97,23 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _smoke_in_background(request, tmp_path_factory):
-  if any("smoke_workdir" in getattr(item, "fixturenames", ())
-         for item in request.session.items):
-    start_smoke(shared_dir(tmp_path_factory))
+def _start_long_runs(request, tmp_path_factory):
+  """At the session's start, in the background, once per test run: the smoke
+  run, when a collected test needs it, and each collected test module's
+  `start_early(shared, data_dir, names)` (test_parallel's training runs)."""
+  items = request.session.items
+  shared = shared_dir(tmp_path_factory)
+  if any("smoke_workdir" in getattr(item, "fixturenames", ()) for item in items):
+    start_smoke(shared)
+  names = {getattr(item, "originalname", item.name) for item in items}
+  modules = {getattr(item, "module", None) for item in items}
+  threads = [m.start_early(shared, prepared_data(shared), names)
+             for m in modules if hasattr(m, "start_early")]
   yield
-  for proc in _started:    # no orphan: another worker may still be using it
+  for thread in threads:   # no orphans: another worker may still be waiting
+    if thread:
+      thread.join()
+  for proc in _started:
     proc.wait()
 
 
