@@ -59,6 +59,11 @@ def config(shape: str, data_dir: str | None = None):
   # discriminator moments differ by ~5% between meshes (reduction-order noise
   # that Adam amplifies), which would hide real layout bugs behind a loose tolerance.
   c.vqgan.disc_start = 10**6
+  # A smaller VQ-GAN (its step's compile is most of each run): no residual
+  # blocks between resolutions and one discriminator layer. Every layer type
+  # stays (the middle block keeps its residual blocks and attention).
+  c.vqgan.num_res_blocks = 0
+  c.vqgan.disc_layers = 1
   # Only the final checkpoint: each orbax save costs a second or two here.
   c.vqgan.train.ckpt_every = c.vqgan.train.steps
   # Several shards of the database (4,500 digits: 5), so that two processes share them.

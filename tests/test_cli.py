@@ -1,32 +1,42 @@
 """The main job's smoke variant end to end through the real CLI, then the
-runner's behaviour on a finished workdir, and the benchmark runner on it."""
+runner's behaviour on a finished workdir, and the benchmark runner on it.
+
+The CLI run is conftest's smoke run (`smoke_cli`, every stage), made once per
+test run and shared with the other modules: tests that change it work on a copy."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from conftest import smoke_cli
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 STAGES = ("vqgan", "encode", "index", "diffusion", "sample", "evaluate")
 
 
-def _cli(workdir, data_dir, *extra, check=True, env=None):
-  cmd = [sys.executable, "-m", "rissole_jax.main", "--config", "configs/mnist.py:smoke",
-         "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
-         f"--config.evaluate.cache_dir={workdir}/../cache", "--no_progress", *extra]
-  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+def _cli(workdir, data_dir, *extra, check=True, env=None, cache_dir=None):
+  r = subprocess.run(smoke_cli(workdir, data_dir, *extra, cache_dir=cache_dir), cwd=ROOT,
+                     capture_output=True, text=True, timeout=900, env=env)
   if check and r.returncode:
     raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
   return r
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, data_dir):
-  wd = tmp_path_factory.mktemp("cli") / "run"
-  _cli(wd, data_dir)
-  return wd, data_dir
+def smoke_run(smoke_workdir, data_dir):
+  """(workdir, data_dir) of conftest's smoke CLI run: read only."""
+  return smoke_workdir, data_dir
+
+
+def _copy(wd, tmp_path):
+  """A copy of the smoke run to change; its config (evaluate.cache_dir too) is the run's."""
+  dst = tmp_path / "smoke" / "run"
+  shutil.copytree(wd, dst, symlinks=True)
+  return dst
 
 
 def test_every_stage_writes_its_outputs(smoke_run):
@@ -48,13 +58,14 @@ def test_every_stage_writes_its_outputs(smoke_run):
   assert list((wd / "vqgan" / "tensorboard").iterdir())
 
 
-def test_rerun_skips_and_mismatch_is_refused(smoke_run):
-  wd, data_dir = smoke_run
+def test_rerun_skips_and_mismatch_is_refused(smoke_run, tmp_path):
+  smoke, data_dir = smoke_run
+  wd, cache = _copy(smoke, tmp_path), smoke.parent / "cache"
   before = {s: json.loads((wd / s / "stage.json").read_text()) for s in STAGES}
-  r = _cli(wd, data_dir)
+  r = _cli(wd, data_dir, cache_dir=cache)
   assert "skipped" in r.stderr
   assert before == {s: json.loads((wd / s / "stage.json").read_text()) for s in STAGES}
-  r = _cli(wd, data_dir, "--config.sample.num=16", "--only=sample", check=False)
+  r = _cli(wd, data_dir, "--config.sample.num=16", "--only=sample", check=False, cache_dir=cache)
   assert r.returncode == 2 and "sample.num: 8 -> 16" in r.stderr and "--overwrite" in r.stderr
 
 
@@ -71,12 +82,13 @@ def test_bad_grid_is_refused_before_any_work(tmp_path, data_dir):
 
 def test_benchmark_runner_tiny_matrix(smoke_run, tmp_path):
   """Two runs sharing the smoke run's upstream stages; a JSON and a table."""
-  wd, data_dir = smoke_run
+  smoke, data_dir = smoke_run
+  wd = _copy(smoke, tmp_path)       # the benchmark writes into its runs' folders
   from configs.bench import default as bench_default
   from rissole_jax import benchmark
   bench = bench_default.get_config("smoke")
   bench.base.data.data_dir = data_dir
-  bench.base.evaluate.cache_dir = str(wd / ".." / "cache")
+  bench.base.evaluate.cache_dir = str(smoke.parent / "cache")
   bench.runs = [("rissole", {}), ("blocks_only", {"model.variant": "blocks_only"})]
   bench.samplers = ("ddim",)
   out = tmp_path / "bench.json"

@@ -3,8 +3,9 @@ losses, kill -9 mid-training, a full disk. Each fault must end in a clear
 message (a RissoleError; exit status 2 and no traceback from the CLI) or a
 safe recovery that ends with exactly the results of an undisturbed run.
 
-One smoke pipeline (vqgan .. sample) is run in-process once; every scenario
-works on a copy of it, so only the stages a fault touches run again.
+One smoke pipeline (conftest's smoke_workdir, made once per test run) is the
+reference; every scenario works on a copy of it, so only the stages a fault
+touches run again.
 """
 import errno
 import json
@@ -30,6 +31,8 @@ from rissole_jax import files
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("vqgan", "encode", "index", "diffusion", "sample")
+# One worker (--dist loadgroup): the reruns reuse its compiled programs.
+pytestmark = pytest.mark.xdist_group("faults")
 
 
 def _config(data_dir, **changes):

@@ -72,7 +72,7 @@ NOT_ON_DEVICE = {"tensorflow_datasets", "tensorflow", "array_record", "importlib
 
 _TRACE = """
 import json, sys
-from rissole_jax import workdir  # --json
+from rissole_jax.stages import workdir  # --json
 from rissole_jax.benchmarks import throughput
 s = throughput.setup(throughput.load_config("configs/celeba64.py:paper,smoke"), n_db=16)
 for jitted, args in (throughput.train_program(s), throughput.sample_program(s, 2)):

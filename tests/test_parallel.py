@@ -3,8 +3,9 @@ divides parameter bytes; two processes equal one.
 
 Each test runs tests/mesh_worker.py in subprocesses (the device count must be
 forced before jax is imported). To keep the file quick, the training runs
-start together, once per session (see `trained`), and one 8-device process
-trains on both 8-device meshes, one after the other.
+start together, once per test run, as the session starts (`start_early`,
+called by conftest), and one 8-device process trains on both 8-device
+meshes, one after the other.
 """
 import fcntl
 import json
@@ -12,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -99,32 +101,63 @@ def _train_all(root, data_dir, groups) -> dict:
           **{f"{g}_logs": ls for g, ls in logs.items()}}
 
 
+TRAINED_BY = (("eight", "test_mesh_does_not_change_results"),
+              ("two", "test_two_processes_equal_one"),
+              ("twodata", "test_two_processes_encode_and_index_like_one"))
+
+
+def start_early(shared, data_dir, names):
+  """Starts the training runs in a background thread, once per test run (a
+  lock in the folder that the pytest-xdist workers share), when a test that
+  reads them was collected; returns the thread (None if another process
+  started them). conftest calls it as the session starts, so the runs train
+  while the workers run other tests."""
+  groups = {g for g, test in TRAINED_BY if test in names}
+  if not groups:
+    return None
+  root = shared / "mesh_runs"
+  with open(shared / "mesh_runs.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if root.exists():
+      return None
+    root.mkdir()
+
+  def train():
+    try:
+      status = _train_all(root, data_dir, groups)
+    except Exception as e:  # reported by the tests, which would otherwise wait in vain
+      status = {"error": repr(e)}
+    (root / "status.tmp").write_text(json.dumps(status))
+    (root / "status.tmp").rename(root / "status.json")
+  thread = threading.Thread(target=train, name="mesh_runs")
+  thread.start()
+  return thread
+
+
 @pytest.fixture(scope="session")
 def trained(request, tmp_path_factory, data_dir):
-  """(root, status) of the training runs: made once per session, under a lock
-  in the base temporary folder that pytest-xdist workers share, so tests of
-  this file spread over several workers still train once."""
+  """(root, status) of the training runs: made once per test run in the
+  folder that the pytest-xdist workers share (started by `start_early`)."""
+  from conftest import shared_dir
+  shared = shared_dir(tmp_path_factory)
   names = {getattr(item, "originalname", item.name) for item in request.session.items}
-  groups = {g for g, test in (("eight", "test_mesh_does_not_change_results"),
-                              ("two", "test_two_processes_equal_one"),
-                              ("twodata", "test_two_processes_encode_and_index_like_one"))
-            if test in names}
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent
-  root = base / "mesh_runs"
-  with open(base / "mesh_runs.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    status = root / "status.json"
-    if not status.exists():
-      root.mkdir(exist_ok=True)
-      status.write_text(json.dumps(_train_all(root, data_dir, groups)))
-  return root, json.loads(status.read_text())
+  thread = start_early(shared, data_dir, names)    # None: already started
+  root = shared / "mesh_runs"
+  deadline = time.time() + TIMEOUT + 300
+  while not (root / "status.json").exists():
+    if time.time() > deadline:
+      pytest.fail(f"the training runs did not end within {TIMEOUT + 300}s: see {root}")
+    time.sleep(0.5)
+  if thread:
+    thread.join()
+  return root, json.loads((root / "status.json").read_text())
 
 
 def _check(trained, *groups):
   """The root of the runs, once `groups` exited cleanly (else their logs' tails)."""
   root, status = trained
+  if "error" in status:
+    pytest.fail(f"the training runs could not start: {status['error']}")
   for g in ("one", *groups):
     if status.get(g) != [0] * len(status.get(g) or [1]):
       tails = "\n".join(f"--- {log}\n" + "".join(open(log).readlines()[-40:])
@@ -150,6 +183,11 @@ def _assert_params_equal(got, ref, stage):
     np.testing.assert_allclose(got[k], ref[k], rtol=RTOL, atol=ATOL, err_msg=k)
 
 
+# The tests on the training runs wait for them on one worker (--dist loadgroup).
+MESH_RUNS = pytest.mark.xdist_group("mesh_runs")
+
+
+@MESH_RUNS
 @pytest.mark.parametrize("shape", MESHES)
 def test_mesh_does_not_change_results(trained, shape):
   root = _check(trained, "eight")
@@ -163,6 +201,7 @@ def test_mesh_does_not_change_results(trained, shape):
     assert _metrics(wd, stage)["devices"] == 8
 
 
+@MESH_RUNS
 def test_two_processes_equal_one(trained):
   """Two processes, one device each, against the single-process reference:
   same global batch, same parameters."""
@@ -171,6 +210,7 @@ def test_two_processes_equal_one(trained):
   assert _metrics(root / "two", "vqgan")["devices"] == 2
 
 
+@MESH_RUNS
 def test_two_processes_encode_and_index_like_one(trained):
   """Each of 2 processes encodes its own shards (every other one of 5) and
   searches an even share of the rows (train: 0..2048 and 2048..4500): the
