@@ -244,7 +244,7 @@ def base_config() -> mlc.ConfigDict:
   # MNIST 2,500 and 2,500 of the 5,000) | "heldout" (the held-out split is the
   # reference, the training images the pool: on MNIST a reference of only 500).
   ev.reference = "split"
-  ev.reference_size = 2500      # 0: half of all images
+  ev.reference_size = 2500      # at most half of all images; 0: half
   ev.reference_seed = 0         # also picks the capped subsets (max_*_images)
   # Real-data floor: the same metrics for as many real images as samples, not
   # in the reference, over floor_draws draws (seeds floor_seed, +1, ...); cached.

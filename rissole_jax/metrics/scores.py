@@ -19,15 +19,20 @@ replicates, and w = 1 is the plain estimate:
   fd        mean and covariance weighted by w
   kid       w'Kw less the pairs of one vector with itself, over their number
   precision, density   weighted means of per-sample quantities
-  recall, coverage     a ball is hit when any drawn sample falls in it; the
-                       samples' own balls keep the radii of the full set (a
-                       duplicate would otherwise have radius 0)
+  coverage  a real ball is hit when any drawn sample falls in it
+  recall    is the exception: its manifold is the samples' own balls, whose
+            radii a resample with duplicates would shrink to 0, and with the
+            full set's radii kept the intervals came out 35% too narrow
+            (docs/metrics.md, "How good are the intervals"). Its replicates
+            are random halves of the samples (without replacement) with their
+            radii recomputed: for a mean, a half-sample's spread equals the
+            full set's (sigma^2/(n/2) * (1 - 1/2)).
 The reference is fixed (it is part of the instrument), not resampled.
 A resample holds about 63% distinct samples, which moves some metrics (FD up,
-recall and coverage down); `interval` centres the replicates on the plain
-estimate before taking percentiles, so the interval is the estimate's
+coverage down; recall's halves lower); `interval` centres the replicates on the
+plain estimate before taking percentiles, so the interval is the estimate's
 spread, not that shift. Differences between two sets scored at the same n
-(benchmark rows, see `difference_interval`) shift alike.
+(benchmark rows) shift alike.
 """
 from __future__ import annotations
 
@@ -85,7 +90,7 @@ class Reference:
       rng = np.random.default_rng(seed)
       counts = np.concatenate([counts, rng.multinomial(n, np.full(n, 1.0 / n), replicates)])
     out = {"fd": self._fd(f, counts), "kid": self._kid(f, counts)}
-    out.update(self._knn(f, counts))
+    out.update(self._knn(f, counts, seed))
     point = {m: float(out[m][0]) for m in METRICS}
     return point, {m: out[m][1:] for m in METRICS}
 
@@ -127,20 +132,31 @@ class Reference:
     within = (np.einsum("bi,bi->b", counts @ k_ff, counts) - (counts ** 2) @ diag) / pairs
     return self.kernel_mean + within - 2 * (counts @ cross) / n
 
-  def _knn(self, f, counts) -> dict[str, np.ndarray]:
+  def _knn(self, f, counts, seed: int) -> dict[str, np.ndarray]:
     n = len(f)
     d_rf = pairwise_sq_distances(self.features, f)         # (n_ref, n)
+    d_ff = pairwise_sq_distances(f, f)
     k_f = min(self.pr_k, n - 1)
-    radii_f = radii_from_distances(pairwise_sq_distances(f, f), k_f)
+    radii_f = radii_from_distances(d_ff, k_f)
     in_real = (d_rf <= self.radii_pr[:, None]).any(0)      # (n,) sample inside the real manifold
     in_balls = d_rf < self.radii_dc[:, None]               # (n_ref, n) Naeem's strict <
-    near_fake = d_rf <= radii_f[None]                      # (n_ref, n) real inside a sample's ball
-    del d_rf
+    recall = [float((d_rf <= radii_f[None]).any(1).mean())]  # real inside a sample's ball
+    # Recall's replicates: random halves, their k-NN radii recomputed (see the
+    # module docstring: resampling with fixed radii gave intervals 35% too narrow).
+    half = n // 2
+    if len(counts) > 1 and half > k_f:
+      rng = np.random.default_rng([seed, 1])
+      for _ in range(len(counts) - 1):
+        u = np.sort(rng.choice(n, half, replace=False))
+        r = radii_from_distances(d_ff[np.ix_(u, u)], k_f)
+        recall.append(float((d_rf[:, u] <= r[None]).any(1).mean()))
+    else:
+      recall += [np.nan] * (len(counts) - 1)
     return {
         "precision": counts @ in_real / n,
         "density": counts @ in_balls.sum(0) / (self.dc_k * n),
         "coverage": _hit_fraction(in_balls, counts),
-        "recall": _hit_fraction(near_fake, counts),
+        "recall": np.asarray(recall),
     }
 
 

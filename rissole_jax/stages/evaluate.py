@@ -131,18 +131,20 @@ def reference_and_pool(held: np.ndarray, train: np.ndarray, ev) -> tuple[np.ndar
 
   'split': every image of both splits (held-out first, then training) in an
   order fixed by evaluate.reference_seed; the first evaluate.reference_size
-  (0: half) are the reference, the rest the pool the floor is drawn from. On
-  the embedded MNIST: 2,500 and 2,500 of the 5,000 digits, for every run.
+  (at most half; 0: half) are the reference, the rest the pool the floor is
+  drawn from. On the embedded MNIST: 2,500 and 2,500 of the 5,000 digits,
+  for every run.
   'heldout': the held-out split is the reference, the training images the pool."""
   check_choice("evaluate.reference", ev.reference, REFERENCES)
   if ev.reference == "heldout":
     return held, train
   images = np.concatenate([held, train])
   order = np.random.default_rng(ev.reference_seed).permutation(len(images))
-  size = ev.reference_size or len(images) // 2
-  if not 3 <= size <= len(images) - 2:
-    raise ConfigError(f"evaluate.reference_size={ev.reference_size}: the reference needs at "
-                      f"least 3 images and the floor pool 2, of {len(images)} in all.")
+  # At most half: the pool must hold as many real images as there are samples.
+  size = min(ev.reference_size, len(images) // 2) if ev.reference_size > 0 else len(images) // 2
+  if size < 3:
+    raise DataError(f"{len(images)} real images in all: too few for a reference and a floor "
+                    "pool (evaluate.reference='split' needs at least 6).")
   return images[np.sort(order[:size])], images[np.sort(order[size:])]
 
 
