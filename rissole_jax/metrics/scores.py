@@ -89,8 +89,9 @@ class Reference:
     if replicates > 0:
       rng = np.random.default_rng(seed)
       counts = np.concatenate([counts, rng.multinomial(n, np.full(n, 1.0 / n), replicates)])
-    out = {"fd": self._fd(f, counts), "kid": self._kid(f, counts)}
-    out.update(self._knn(f, counts, seed))
+    with _one_blas_thread():
+      out = {"fd": self._fd(f, counts), "kid": self._kid(f, counts)}
+      out.update(self._knn(f, counts, seed))
     point = {m: float(out[m][0]) for m in METRICS}
     return point, {m: out[m][1:] for m in METRICS}
 
@@ -105,9 +106,13 @@ class Reference:
     gram = self.d > min(n, self.n)  # few vectors in many dimensions: n-space route
     if gram:
       g = f @ self.centred.T                               # (n, n_ref)
+    else:  # centred first: no cancellation in f' diag(w) f - n mu mu'
+      m0 = f.mean(0)
+      fc = f - m0
+      fc32 = fc.astype(np.float32)
     for b, (w, mu) in enumerate(zip(counts, mus)):
-      a = np.sqrt(w / (n - 1))[:, None]
       if gram:
+        a = np.sqrt(w / (n - 1))[:, None]
         # sigma_w = A'A with A = sqrt(w/(n-1)) (f - mu): the nonzero eigenvalues
         # of sigma_w sigma_ref are the squared singular values of A centred'.
         m = a * (g - mu @ self.centred.T)
@@ -115,8 +120,9 @@ class Reference:
         small = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
         tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(small), 0, None)).sum()
       else:
-        x = a * (f - mu)
-        s = x.T @ x
+        # sigma_w = (f' diag(w) f - n mu mu') / (n - 1); float32 for the replicates.
+        x = fc if b == 0 else fc32
+        s = (x.T * (w / (n - 1)).astype(x.dtype)) @ x - (n / (n - 1)) * np.outer(mu - m0, mu - m0)
         tr_w = float(np.trace(s))
         inner = self.sqrt_sigma @ s @ self.sqrt_sigma
         tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
@@ -146,10 +152,11 @@ class Reference:
     half = n // 2
     if len(counts) > 1 and half > k_f:
       rng = np.random.default_rng([seed, 1])
+      d_fr, d_ff32 = d_rf.T.astype(np.float32), d_ff.astype(np.float32)  # rows: samples
       for _ in range(len(counts) - 1):
         u = np.sort(rng.choice(n, half, replace=False))
-        r = radii_from_distances(d_ff[np.ix_(u, u)], k_f)
-        recall.append(float((d_rf[:, u] <= r[None]).any(1).mean()))
+        r = radii_from_distances(d_ff32[u][:, u], k_f)
+        recall.append(float((d_fr[u] <= r[:, None]).any(0).mean()))
     else:
       recall += [np.nan] * (len(counts) - 1)
     return {
@@ -158,6 +165,17 @@ class Reference:
         "coverage": _hit_fraction(in_balls, counts),
         "recall": np.asarray(recall),
     }
+
+
+def _one_blas_thread():
+  """BLAS on one thread: the replicates are many small matrix products, and
+  on a busy 2-core machine OpenBLAS's threads made them 15x slower."""
+  try:
+    from threadpoolctl import threadpool_limits
+  except ImportError:
+    import contextlib
+    return contextlib.nullcontext()
+  return threadpool_limits(1, user_api="blas")
 
 
 def _hit_fraction(inside: np.ndarray, counts: np.ndarray) -> np.ndarray:
