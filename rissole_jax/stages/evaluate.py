@@ -165,6 +165,10 @@ def run(ctx) -> dict:
   cfg, ev = ctx.config, ctx.config.evaluate
   mode = inception_mode(ev.inception)
   check_choice("evaluate.reference", ev.reference, REFERENCES)
+  if ev.floor_draws < 1 or ev.bootstrap < 0:
+    raise ConfigError(f"evaluate.floor_draws={ev.floor_draws}, evaluate.bootstrap="
+                      f"{ev.bootstrap}: every metric needs its floor (at least 1 draw; 5 by "
+                      "default) and the bootstrap at least 0 replicates (200 by default).")
   seconds: dict = {}
   cache = frechet.cache_dir(ev.get("cache_dir"))
   # Look the weights up first: "required" without them fails before any work.
