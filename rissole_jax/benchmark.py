@@ -33,6 +33,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rissole_jax import main as main_lib
+from rissole_jax.metrics import scores as scores_lib
 from rissole_jax.stages import workdir as wd
 from rissole_jax import files
 FLAGS = flags.FLAGS
@@ -170,15 +171,14 @@ def compare(rows: list[dict], replicates: dict[str, dict], baseline: str | None 
   """Marks each row against the baseline row (the first unless named), in place.
 
   For every quality metric both rows have, the difference row - baseline gets
-  an interval from the two rows' independent bootstrap replicates
-  (`replicates[name][metric key]`): normal, from the bootstrap standard
-  error of the difference, at a family-wise `level` over the metrics compared
+  an interval from the two rows' bootstrap replicates
+  (`replicates[name][metric key]`, scores.difference_interval): normal, from
+  the bootstrap standard error of the difference, at a family-wise `level` over the metrics compared
   (Bonferroni), so an identical model is called "within noise" at least 95% of
   the time. A difference whose interval excludes 0 is "worse" when the row is
   farther from the real-data floor than the baseline (for FD and KID: higher),
   "better" when nearer. row["vs_baseline"] = {column: {diff, lo, hi, mark}};
   row["verdict"]: baseline | within noise | worse | better | mixed | not compared."""
-  from scipy.stats import norm
   if not rows:
     return
   base = next((r for r in rows if r["name"] == baseline), rows[0]) if baseline else rows[0]
@@ -191,17 +191,15 @@ def compare(rows: list[dict], replicates: dict[str, dict], baseline: str | None 
     reps = replicates.get(row["name"], {})
     cols = [(c, k, low) for c, k, low in QUALITY
             if k in reps and k in base_reps and c in row and c in base
-            and len(reps[k]) > 1 and len(base_reps[k]) > 1]
+            and np.isfinite(reps[k]).sum() > 1 and np.isfinite(base_reps[k]).sum() > 1]
     if not cols:
       row["verdict"] = "not compared"
       continue
-    z = norm.ppf(1 - (1 - level) / (2 * len(cols)))
+    each = 1 - (1 - level) / len(cols)  # Bonferroni: family-wise `level` over the row
     marks = {}
     for col, key, lower_better in cols:
-      m = min(len(reps[key]), len(base_reps[key]))
       diff = float(row[col]) - float(base[col])
-      se = float(np.std(np.asarray(reps[key][:m]) - np.asarray(base_reps[key][:m]), ddof=1))
-      lo, hi = diff - z * se, diff + z * se
+      lo, hi = scores_lib.difference_interval(reps[key], base_reps[key], diff, each)
       mark = "within noise"
       if lo > 0 or hi < 0:
         floor = base.get("floor", {}).get(col)
