@@ -157,8 +157,9 @@ def collect(root: Path, columns=COLUMNS) -> dict:
     if f"{key}_lo" in ev:
       intervals[col] = [ev[f"{key}_lo"], ev[f"{key}_hi"]]
     group, metric = key.split("/")
-    if f"{group}/floor/{metric}/mean" in ev:
-      floors[col] = [ev[f"{group}/floor/{metric}/mean"], ev[f"{group}/floor/{metric}/std"]]
+    if f"{group}/floor/{metric}/mean" in ev:  # [mean, std over draws, s.e. of one real set]
+      floors[col] = [ev[f"{group}/floor/{metric}/mean"], ev[f"{group}/floor/{metric}/std"],
+                     ev.get(f"{group}/floor/{metric}/se", float("nan"))]
   if intervals:
     out["intervals"] = intervals
   if floors:
@@ -301,9 +302,12 @@ def notes(rows: list[dict]) -> list[str]:
     out.append(f"Quality metrics: value [95% bootstrap interval over the {_fmt(n)} samples "
                "scored], all against the same real reference.")
   if floors:
-    out.append("Real-data floor (what as many real images not in the reference score; mean "
-               "± spread over draws): " + ", ".join(
-                   f"{c} {_fmt(m, 3)} ± {_fmt(s, 2)}" for c, (m, s) in floors.items()) + ".")
+    def floor_text(c, f):
+      se = f[2] if len(f) > 2 and f[2] == f[2] else f[1]  # NaN: fall back to the spread
+      return f"{c} {_fmt(f[0], 3)} ± {_fmt(se, 2)}"
+    out.append("Real-data floor (what as many real images not in the reference score: mean "
+               "over draws ± the standard error of one real set): " + ", ".join(
+                   floor_text(c, f) for c, f in floors.items()) + ".")
   base = next((r for r in rows if r.get("verdict") == "baseline"), None)
   if base is None:
     return out

@@ -108,12 +108,16 @@ def test_floor_of_real_vs_real_is_small_and_of_noise_vs_real_large(tmp_path):
     return pool[rows]
 
   key = {"dataset": "toy", "features": "identity"}
-  fl = floor_lib.real_floor(reference, len(pool), features_of, 200, [0, 1, 2], tmp_path, key)
+  fl = floor_lib.real_floor(reference, len(pool), features_of, 200, [0, 1, 2], tmp_path, key,
+                            replicates=50)
   assert set(fl) == set(scores.METRICS) and len(fl["fd"]["draws"]) == 3
+  assert all(fl[m]["se"] > 0 for m in scores.METRICS)
   assert len(calls) == 1  # one call for the union of the draws
-  again = floor_lib.real_floor(reference, len(pool), features_of, 200, [0, 1, 2], tmp_path, key)
+  again = floor_lib.real_floor(reference, len(pool), features_of, 200, [0, 1, 2], tmp_path, key,
+                               replicates=50)
   assert again == fl and len(calls) == 1  # cached
-  floor_lib.real_floor(reference, len(pool), features_of, 200, [0, 1, 3], tmp_path, key)
+  floor_lib.real_floor(reference, len(pool), features_of, 200, [0, 1, 3], tmp_path, key,
+                       replicates=50)
   assert len(calls) == 2  # other seeds: another floor
 
   # New real images from the same distribution score inside the floor's range ...
@@ -165,7 +169,7 @@ def _row(name, reference, feats, seed, fl):
   for m, col in cols.items():
     row[col] = point[m]
     row["intervals"][col] = [summary[f"{m}_lo"], summary[f"{m}_hi"]]
-    row["floor"][col] = [fl[m]["mean"], fl[m]["std"]]
+    row["floor"][col] = [fl[m]["mean"], fl[m]["std"], fl[m]["se"]]
   return row, {f"classifier/{m}": r for m, r in reps.items()}
 
 
@@ -174,7 +178,8 @@ def test_benchmark_marks_a_reseeded_model_within_noise_and_a_worse_one_worse():
   everything = gaussian(1600, 16, 0)
   reference = scores.Reference(everything[:800])
   pool = everything[800:]
-  fl = floor_lib.real_floor(reference, len(pool), lambda rows: pool[rows], 400, [0, 1, 2])
+  fl = floor_lib.real_floor(reference, len(pool), lambda rows: pool[rows], 400, [0, 1, 2],
+                            replicates=50)
   # The "model": a slightly too narrow Gaussian; sampled with two seeds, and damaged.
   rows, reps = [], {}
   for name, feats, seed in (("base", gaussian(400, 16, 11, scale=0.9), 0),

@@ -219,7 +219,7 @@ def run(ctx) -> dict:
     floors["classifier"] = floor_lib.real_floor(
         reference, len(pool), lambda rows: clf.features(pool[rows]), n, seeds, cache,
         {**data_key, "features": "classifier", "classifier": clf.tag, **clf_lib.numerics()},
-        log=ctx.log)
+        log=ctx.log, replicates=ev.bootstrap)
     _with_floor(c, point, floors["classifier"])
   c["heldout_accuracy"] = clf.heldout_accuracy
   if clf.task == "labels":
@@ -248,7 +248,8 @@ def run(ctx) -> dict:
       replicates.update({f"inception/{'fid' if m == 'fd' else m}": r for m, r in ireps.items()})
       floors["inception"] = floor_lib.real_floor(
           ireference, len(pool), lambda rows: _inception(net, pool[rows], ctx, "inception floor"),
-          n_inc, seeds, cache, {**key, **clf_lib.numerics()}, log=ctx.log)
+          n_inc, seeds, cache, {**key, **clf_lib.numerics()}, log=ctx.log,
+          replicates=ev.bootstrap)
       _with_floor(ic, ipoint, floors["inception"])
       metrics["inception"] = {**_renamed(ic), "n_scored": n_inc, "n_reference": len(inc_ref)}
 
