@@ -105,8 +105,8 @@ def gaps(point: dict, intervals: dict, floor: dict, level: float = 0.95) -> dict
   floor mean. The interval combines the model's noise (its interval, as a
   standard error: width / 3.92 at 95%) with the floor's (the bootstrap
   standard error of one floor draw, when known): gap -+ z sqrt(se_m^2 + se_f^2)."""
-  from scipy.stats import norm
-  z = norm.ppf((1 + level) / 2)
+  from statistics import NormalDist
+  z = NormalDist().inv_cdf((1 + level) / 2)
   out = {}
   for m, f in floor.items():
     if m not in point:

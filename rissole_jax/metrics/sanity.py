@@ -95,9 +95,9 @@ def main(argv=None) -> int:
         f"{m[f'classifier/{k}']:.3g} [{m[f'classifier/{k}_lo']:.3g}, {m[f'classifier/{k}_hi']:.3g}]"
         for k in METRICS) + " |")
   m = rows[0][1]
-  print("| real-data floor (mean ± std over draws) | " + " | ".join(
-      f"{m[f'classifier/floor/{k}/mean']:.3g} ± {m[f'classifier/floor/{k}/std']:.2g}"
-      for k in METRICS) + " |")
+  print("| real-data floor: mean ± s.e. of one real set (spread over draws) | " + " | ".join(
+      f"{m[f'classifier/floor/{k}/mean']:.3g} ± {m[f'classifier/floor/{k}/se']:.2g} "
+      f"({m[f'classifier/floor/{k}/std']:.2g})" for k in METRICS) + " |")
   return 0
 
 

@@ -213,13 +213,13 @@ def difference_interval(a: np.ndarray, b: np.ndarray, point: float,
   for, where percentiles are not). Independent resamples when A and B had
   different seeds; the same resamples of paired samples when they shared one
   (see docs/metrics.md, "The benchmark table")."""
-  from scipy.stats import norm
+  from statistics import NormalDist
   m = min(len(a), len(b))
   d = np.asarray(a[:m], np.float64) - np.asarray(b[:m], np.float64)
   d = d[np.isfinite(d)]
   if len(d) < 2:
     return float("nan"), float("nan")
-  half = norm.ppf((1 + level) / 2) * float(np.std(d, ddof=1))
+  half = NormalDist().inv_cdf((1 + level) / 2) * float(np.std(d, ddof=1))
   return float(point - half), float(point + half)
 
 
