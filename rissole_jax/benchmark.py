@@ -136,9 +136,10 @@ def collect(root: Path, columns=COLUMNS) -> dict:
   out = {}
   metrics_by_stage = {}
   for col, stage, keys in columns:
-    try:
-      metrics = metrics_by_stage.setdefault(stage, wd.read_metrics(root / stage))
-    except FileNotFoundError:
+    if stage not in metrics_by_stage:
+      metrics_by_stage[stage] = files.read_json(root / stage / "metrics.json", missing_ok=True)
+    metrics = metrics_by_stage[stage]
+    if metrics is None:
       continue
     for k in keys:
       if k in metrics:
@@ -146,12 +147,12 @@ def collect(root: Path, columns=COLUMNS) -> dict:
         break
   if "train img/s" not in out:  # a diffusion stage made before that key existed
     try:
-      rate = wd.read_metrics(root / "diffusion")["steps_per_sec"]
+      rate = (metrics_by_stage.get("diffusion") or {})["steps_per_sec"]
       cfg = json.loads((root / "diffusion" / "stage.json").read_text())["config"]
       out["train img/s"] = rate * cfg["diffusion"]["train"]["batch_size"]
     except (FileNotFoundError, KeyError):
       pass
-  ev = metrics_by_stage.get("evaluate", {})
+  ev = metrics_by_stage.get("evaluate") or {}
   intervals, floors = {}, {}
   for col, key, _ in QUALITY:
     if f"{key}_lo" in ev:

@@ -204,3 +204,31 @@ def test_benchmark_marks_a_reseeded_model_within_noise_and_a_worse_one_worse():
   rows.append({"name": "old", "FD (classifier)": 1.0})
   benchmark.compare(rows, reps)
   assert rows[-1]["verdict"] == "not compared"
+
+
+def test_benchmark_reads_the_evaluate_stage_files(tmp_path):
+  """collect/load_replicates read what the evaluate stage writes (metrics.json
+  with intervals and floors, bootstrap.npz) and compare marks from them."""
+  from rissole_jax import benchmark, files
+  from rissole_jax.stages.evaluate import save_bootstrap
+  from rissole_jax.stages.workdir import flat_numbers
+  reference = scores.Reference(gaussian(300, 8, 0))
+  pool = gaussian(300, 8, 1)
+  fl = floor_lib.real_floor(reference, len(pool), lambda rows: pool[rows], 150, [0, 1],
+                            replicates=20)
+  for name, feats, seed in (("a", gaussian(150, 8, 2), 0), ("b", gaussian(150, 8, 3, shift=1.0), 1)):
+    point, reps = reference.score(feats, replicates=100, seed=seed)
+    c = scores.summarise(point, reps)
+    c.update(floor_lib.gaps(point, c, fl))
+    c["floor"] = {m: {k: v for k, v in f.items() if k != "draws"} for m, f in fl.items()}
+    stage = tmp_path / name / "evaluate"
+    stage.mkdir(parents=True)
+    files.atomic_write_json(stage / "metrics.json", flat_numbers({"classifier": c,
+                                                                   "n_scored": 150}))
+    save_bootstrap(stage, {f"classifier/{m}": r for m, r in reps.items()}, n=150, seed=seed)
+  rows = [{"name": n, **benchmark.collect(tmp_path / n)} for n in ("a", "b")]
+  assert rows[0]["FD (classifier)"] > 0 and len(rows[0]["intervals"]["FD (classifier)"]) == 2
+  assert rows[0]["floor"]["coverage"][0] == pytest.approx(fl["coverage"]["mean"])
+  benchmark.compare(rows, benchmark.load_replicates(tmp_path, rows))
+  assert rows[1]["verdict"] == "worse"
+  assert "- `b`: worse than `a`" in benchmark.markdown(rows)
