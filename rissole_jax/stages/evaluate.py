@@ -8,7 +8,7 @@ with reconstructions:
                    in a small CNN's features ("classifier FD": quick, NOT
                    comparable with Inception FID), each with a 95% bootstrap
                    interval (_lo, _hi), the real-data floor (floor/<metric>/
-                   mean, std, min, max) and the gap to it (_gap, _gap_lo,
+                   mean, std, min, max, se) and the gap to it (_gap, _gap_lo,
                    _gap_hi); confident fraction, the CNN's accuracy
   inception/*      the same with fid (if the weights are installed; its own n)
   seam_score       cross-block seams (1.0: as invisible as in real images)
@@ -157,7 +157,8 @@ def _scored(ref_feats, fake_feats, ev, seed: int):
 
 def _with_floor(out: dict, point: dict, floor: dict) -> dict:
   out.update(floor_lib.gaps(point, out, floor))
-  out["floor"] = {m: {k: v for k, v in f.items() if k != "draws"} for m, f in floor.items()}
+  out["floor"] = {m: {k: v for k, v in f.items() if k != "draws" and np.isfinite(v)}
+                  for m, f in floor.items()}  # (se is NaN without bootstrap replicates)
   return out
 
 
