@@ -192,9 +192,12 @@ def base_config() -> mlc.ConfigDict:
   s.num = 2000
   s.batch_size = 128
   s.sampler = "ddim"            # ddpm | ddim | dpmpp (DPM-Solver++, multistep)
-  # DDIM / DPM-Solver++ steps (network evaluations). 20: on the default model
-  # DDIM (eta=1) at 20 steps scores classifier FD 24.7 against 25.6 at 100
-  # (docs/RESULTS.md, "Fast and small"), so the main job samples 5x faster.
+  # DDIM / DPM-Solver++ steps (network evaluations). 20: the main job samples
+  # 5x faster than at 100. docs/RESULTS.md ("Fast and small") reported
+  # classifier FD 24.7 at 20 steps against 25.6 at 100, measured with the old
+  # protocol (256 samples, no floor), whose draw-to-draw spread (+-3.5) is
+  # larger than that difference: no measurable difference, not a win. To be
+  # re-measured with the evaluate stage's intervals (issue 23).
   s.steps = 20
   # DPM-Solver++: order 1 (= DDIM with eta=0), 2 or 3 (needs steps >= order + 1).
   s.order = 2
