@@ -98,7 +98,6 @@ def main(argv=None) -> int:
   if not a.out:
     p.error("--out is required (or --synthetic)")
 
-  from ml_collections import config_flags  # noqa: F401  (config files import it)
   import importlib.util
   path, _, variant = a.config.partition(":")
   spec = importlib.util.spec_from_file_location("sanity_config", path)
