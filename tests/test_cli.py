@@ -110,4 +110,6 @@ def test_benchmark_runner_tiny_matrix(smoke_run, tmp_path):
   assert again[1]["peak_rss_mib"] == rows[1]["peak_rss_mib"]
   assert again[1]["FD (classifier)"] == rows[1]["FD (classifier)"]
   table = out.with_suffix(".md").read_text()
-  assert table.count("\n") == 4 and "blocks_only" in table
+  lines = [line for line in table.splitlines() if line.startswith("|")]
+  assert len(lines) == 4 and "blocks_only" in table  # header, rule, two rows; words under it
+  assert "- `blocks_only`:" in table  # its verdict against the baseline row, in words

@@ -317,13 +317,42 @@ def stage_context(tmp_path, inception_mode="off"):
 def test_evaluate_stage_reports_every_metric(tmp_path):
   from rissole_jax.stages import evaluate
   from rissole_jax.stages.workdir import flat_numbers
-  m = flat_numbers(evaluate.run(stage_context(tmp_path)))
-  for key in ("classifier/fd", "classifier/kid", "classifier/precision", "classifier/recall",
-              "seam_score", "memorization/median_ratio", "memorization/near_copy_fraction"):
+  ctx = stage_context(tmp_path)
+  m = flat_numbers(evaluate.run(ctx))
+  for key in ("seam_score", "memorization/median_ratio", "memorization/near_copy_fraction"):
     assert np.isfinite(m[key]), key
+  # Every sample-quality metric: value, 95% interval, real-data floor, gap.
+  for name in ("fd", "kid", "precision", "recall", "density", "coverage"):
+    for key in (name, f"{name}_lo", f"{name}_hi", f"{name}_gap", f"floor/{name}/mean",
+                f"floor/{name}/std"):
+      assert np.isfinite(m[f"classifier/{key}"]), key
+    assert m[f"classifier/{name}_lo"] <= m[f"classifier/{name}"] <= m[f"classifier/{name}_hi"]
+  # 48 images: a reference of 24, a pool of 24, all 12 samples scored.
+  assert (m["n_samples"], m["n_scored"], m["n_reference"], m["n_floor_pool"]) == (12, 12, 24, 24)
+  reps = evaluate.load_bootstrap(ctx.stage_dir)
+  assert len(reps["classifier/fd"]) == ctx.config.evaluate.bootstrap
   assert m["seam_score"] > 1.2  # the samples were made of shuffled blocks
   assert "classifier/confident_fraction" not in m  # no labels: the rotation task
   assert not any(k.startswith("inception/") for k in m)  # switched off
+
+
+def test_reference_and_floor_pool_are_a_fixed_disjoint_split():
+  from rissole_jax.defaults import base_config
+  from rissole_jax.stages.evaluate import reference_and_pool
+  ev = base_config().evaluate
+  ids = np.arange(5000)
+  held, train = ids[:500, None], ids[500:, None]
+  ref, pool = reference_and_pool(held, train, ev)
+  assert (len(ref), len(pool)) == (2500, 2500)
+  assert not set(ref[:, 0]) & set(pool[:, 0]) and len(set(ref[:, 0]) | set(pool[:, 0])) == 5000
+  again, _ = reference_and_pool(held, train, ev)
+  assert np.array_equal(ref, again)  # fixed by evaluate.reference_seed, not config.seed
+  ev.reference = "heldout"
+  ref, pool = reference_and_pool(held, train, ev)
+  assert np.array_equal(ref, held) and np.array_equal(pool, train)
+  ev.reference = "training"
+  with pytest.raises(Exception, match="use one of"):
+    reference_and_pool(held, train, ev)
 
 
 def test_evaluate_stage_with_inception_required_and_no_weights_fails_at_once(tmp_path, monkeypatch):

@@ -30,6 +30,8 @@ def get_config(arg: str = ""):
   names = [a for a in (arg or "").split(",") if a]
   c = mlc.ConfigDict()
   c.base = apply_variants(base_config(), arg)
+  # The row every other row is compared with, beyond the noise (docs/metrics.md).
+  c.baseline = "rissole"
   c.runs = [
       # name, {dotted config key: value}
       ("rissole", {}),

@@ -69,6 +69,7 @@ class Classifier:
   task: str                # "labels" | "rotation"
   heldout_accuracy: float  # on the held-out split, -1 if not measured
   batch_size: int = 256
+  tag: str = ""            # the cache key's hash: identifies the trained network
 
   @functools.cached_property
   def _apply(self):
@@ -175,11 +176,12 @@ def load_or_train(train_images: np.ndarray, train_labels: np.ndarray | None,
       d = serialization.msgpack_restore(path.read_bytes())
       if log:
         log("classifier: cached %s (held-out accuracy %.4f)", path, float(d["accuracy"]))
-      return Classifier(d["params"], int(d["num_classes"]), str(d["task"]), float(d["accuracy"]))
+      return Classifier(d["params"], int(d["num_classes"]), str(d["task"]), float(d["accuracy"]),
+                        tag=tag)
     except Exception:  # damaged or from another version: train again
       pass
   params, num_classes, task, classes = train(train_images, labels, steps, batch_size, seed, log)
-  clf = Classifier(params, num_classes, task, -1.0)
+  clf = Classifier(params, num_classes, task, -1.0, tag=tag)
   if heldout is not None:
     clf.heldout_accuracy = _accuracy(clf, heldout[0], np.asarray(heldout[1]), classes)
   atomic_write_bytes(path, serialization.msgpack_serialize(

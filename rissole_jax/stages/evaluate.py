@@ -1,15 +1,22 @@
 """Stage 'evaluate': the numbers a user picks a model by (see docs/metrics.md).
 
-Reads DIR/sample/samples.npy (uint8 (n, H, W, C)) and compares it with the
-held-out real images, never with reconstructions or training images:
-  classifier/*     Fréchet distance, KID, precision/recall in a small CNN's
-                   features ("classifier FD": quick, NOT comparable with
-                   Inception FID), confident fraction, the CNN's accuracy
-  inception/*      FID, KID, precision/recall (if the weights are installed)
+Reads DIR/sample/samples.npy (uint8 (n, H, W, C)) and compares it with a
+fixed reference of real images (evaluate.reference: by default half of all
+the dataset's images, the other half the pool of the real-data floor), never
+with reconstructions:
+  classifier/*     Fréchet distance, KID, precision/recall, density/coverage
+                   in a small CNN's features ("classifier FD": quick, NOT
+                   comparable with Inception FID), each with a 95% bootstrap
+                   interval (_lo, _hi), the real-data floor (floor/<metric>/
+                   mean, std, min, max, se) and the gap to it (_gap, _gap_lo,
+                   _gap_hi); confident fraction, the CNN's accuracy
+  inception/*      the same with fid (if the weights are installed; its own n)
   seam_score       cross-block seams (1.0: as invisible as in real images)
   memorization/*   nearest-training-image distance ratios
   reconstruction/* the VQ-GAN's reconstructions of the held-out images
                    against the same images: the autoencoder's ceiling
+Also writes DIR/evaluate/bootstrap.npz (every metric's bootstrap replicates,
+read by the benchmark table) and floors.json (every floor draw).
 """
 from __future__ import annotations
 
@@ -20,9 +27,11 @@ import numpy as np
 
 from rissole_jax.stages import workdir as wd
 from rissole_jax.data import HELDOUT, TRAIN, load_all, load_source, to_float, to_uint8
-from rissole_jax.errors import ConfigError, DataError
+from rissole_jax.errors import ConfigError, DataError, check_choice
 from rissole_jax.metrics import classifier as clf_lib
+from rissole_jax.metrics import floor as floor_lib
 from rissole_jax.metrics import frechet, inception, memorization, prdc, seams
+from rissole_jax.metrics import scores as scores_lib
 from rissole_jax import files
 
 CLASSIFIER_SEED = 0  # the classifier is a measuring instrument: one per dataset, not per run
@@ -114,9 +123,53 @@ def _timed(seconds: dict, name: str):
   seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
+REFERENCES = ("split", "heldout")
+
+
+def reference_and_pool(held: np.ndarray, train: np.ndarray, ev) -> tuple[np.ndarray, np.ndarray]:
+  """(reference images, floor pool images), see docs/metrics.md.
+
+  'split': every image of both splits (held-out first, then training) in an
+  order fixed by evaluate.reference_seed; the first evaluate.reference_size
+  (at most half; 0: half) are the reference, the rest the pool the floor is
+  drawn from. On the embedded MNIST: 2,500 and 2,500 of the 5,000 digits,
+  for every run.
+  'heldout': the held-out split is the reference, the training images the pool."""
+  check_choice("evaluate.reference", ev.reference, REFERENCES)
+  if ev.reference == "heldout":
+    return held, train
+  images = np.concatenate([held, train])
+  order = np.random.default_rng(ev.reference_seed).permutation(len(images))
+  # At most half: the pool must hold as many real images as there are samples.
+  size = min(ev.reference_size, len(images) // 2) if ev.reference_size > 0 else len(images) // 2
+  if size < 3:
+    raise DataError(f"{len(images)} real images in all: too few for a reference and a floor "
+                    "pool (evaluate.reference='split' needs at least 6).")
+  return images[np.sort(order[:size])], images[np.sort(order[size:])]
+
+
+def _scored(ref_feats, fake_feats, ev, seed: int):
+  """(point, replicates, metrics dict with intervals) against one reference."""
+  reference = scores_lib.Reference(ref_feats, ev.pr_k, ev.dc_k)
+  point, reps = reference.score(fake_feats, ev.bootstrap, seed)
+  return reference, point, reps, scores_lib.summarise(point, reps)
+
+
+def _with_floor(out: dict, point: dict, floor: dict) -> dict:
+  out.update(floor_lib.gaps(point, out, floor))
+  out["floor"] = {m: {k: v for k, v in f.items() if k != "draws" and np.isfinite(v)}
+                  for m, f in floor.items()}  # (se is NaN without bootstrap replicates)
+  return out
+
+
 def run(ctx) -> dict:
   cfg, ev = ctx.config, ctx.config.evaluate
   mode = inception_mode(ev.inception)
+  check_choice("evaluate.reference", ev.reference, REFERENCES)
+  if ev.floor_draws < 1 or ev.bootstrap < 0:
+    raise ConfigError(f"evaluate.floor_draws={ev.floor_draws}, evaluate.bootstrap="
+                      f"{ev.bootstrap}: every metric needs its floor (at least 1 draw; 5 by "
+                      "default) and the bootstrap at least 0 replicates (200 by default).")
   seconds: dict = {}
   cache = frechet.cache_dir(ev.get("cache_dir"))
   # Look the weights up first: "required" without them fails before any work.
@@ -128,16 +181,30 @@ def run(ctx) -> dict:
   samples = load_samples(ctx.dir("sample"))
   with _timed(seconds, "load_data"):
     train_src, held_src = load_source(cfg.data, TRAIN), load_source(cfg.data, HELDOUT)
-    train, train_labels = load_capped(train_src, ev.max_train_images, cfg.seed)
-    held, held_labels = load_capped(held_src, ev.max_heldout_images, cfg.seed)
+    # Caps by a fixed seed, not config.seed: runs with other seeds share the reference.
+    train, train_labels = load_capped(train_src, ev.max_train_images, ev.reference_seed)
+    held, held_labels = load_capped(held_src, ev.max_heldout_images, ev.reference_seed)
+    ref_images, pool = reference_and_pool(held, train, ev)
   if samples.shape[1:] != held.shape[1:]:
     raise DataError(f"samples are {samples.shape[1:]} images, the held-out split "
                     f"{held.shape[1:]}: the sample stage must produce the dataset's size.")
-  ctx.log("evaluating %d samples against %d held-out images (%d training images)",
-          len(samples), len(held), len(train))
-  metrics: dict = {"n_samples": len(samples), "n_heldout": len(held)}
-  data_key = {"dataset": held_src.name, "split": HELDOUT, "n": len(held),
-              "shape": held.shape[1:], "content": frechet.content_hash(held)}
+  # Every metric is scored at the floor's n: all samples unless the pool is smaller.
+  n = min(len(samples), len(pool))
+  if n < len(samples):
+    ctx.log("WARNING: the floor pool holds %d real images: scoring the first %d of %d samples "
+            "so that the floor has the same n", len(pool), n, len(samples))
+  scored = samples[:n]
+  ctx.log("evaluating %d samples against a reference of %d real images (%s); real-data floor: "
+          "%d draws of %d from a pool of %d", n, len(ref_images), ev.reference, ev.floor_draws,
+          n, len(pool))
+  metrics: dict = {"n_samples": len(samples), "n_scored": n, "n_reference": len(ref_images),
+                   "n_floor_pool": len(pool), "n_heldout": len(held),
+                   "floor_draws": ev.floor_draws, "bootstrap_replicates": ev.bootstrap}
+  seeds = [ev.floor_seed + i for i in range(ev.floor_draws)]
+  data_key = {"dataset": held_src.name, "reference": ev.reference,
+              "reference_images": frechet.content_hash(ref_images),
+              "pool_images": frechet.content_hash(pool)}
+  floors, replicates = {}, {}
 
   # Classifier features: always (seconds on a CPU once the classifier is cached).
   with _timed(seconds, "classifier_train"):
@@ -146,13 +213,20 @@ def run(ctx) -> dict:
                                 ev.classifier_steps, ev.classifier_batch, CLASSIFIER_SEED,
                                 heldout=(held, held_labels), log=ctx.log)
   with _timed(seconds, "classifier_metrics"):
-    f_held, f_samp = clf.features(held), clf.features(samples)
-    c = feature_metrics(f_held, f_samp, ev)
-    c["heldout_accuracy"] = clf.heldout_accuracy
-    if clf.task == "labels":
-      c["confident_fraction"] = float((clf.probs(samples).max(-1) > ev.confidence).mean())
-      c["confident_fraction_real"] = float((clf.probs(held).max(-1) > ev.confidence).mean())
-    metrics["classifier"] = c
+    f_ref, f_samp = clf.features(ref_images), clf.features(scored)
+    reference, point, reps, c = _scored(f_ref, f_samp, ev, cfg.seed)
+    replicates.update({f"classifier/{m}": r for m, r in reps.items()})
+  with _timed(seconds, "classifier_floor"):
+    floors["classifier"] = floor_lib.real_floor(
+        reference, len(pool), lambda rows: clf.features(pool[rows]), n, seeds, cache,
+        {**data_key, "features": "classifier", "classifier": clf.tag, **clf_lib.numerics()},
+        log=ctx.log, replicates=ev.bootstrap)
+    _with_floor(c, point, floors["classifier"])
+  c["heldout_accuracy"] = clf.heldout_accuracy
+  if clf.task == "labels":
+    c["confident_fraction"] = float((clf.probs(scored).max(-1) > ev.confidence).mean())
+    c["confident_fraction_real"] = float((clf.probs(held).max(-1) > ev.confidence).mean())
+  metrics["classifier"] = c
 
   with _timed(seconds, "seams"):
     metrics.update(_seam_metrics(samples, held, cfg.blocks.grid, ctx))
@@ -163,40 +237,105 @@ def run(ctx) -> dict:
   if weights is not None:
     net = inception.InceptionFeatures(weights, ev.inception_batch)
     with _timed(seconds, "inception"):
-      key = {**data_key, "features": "inception_pool3", "weights": net.weights_hash}
-      i_held, _, _ = frechet.cached_features(
-          cache, key, lambda: _inception(net, held, ctx, "inception held-out"))
-      i_samp = _inception(net, samples, ctx, "inception samples")
-      metrics["inception"] = feature_metrics(i_held, i_samp, ev)
-      metrics["inception"]["fid"] = metrics["inception"].pop("fd")
+      # Its own n: on a CPU the network runs at ~2 images/s (docs/metrics.md).
+      n_inc = min(ev.inception_num, n)
+      inc_ref = ref_images[:ev.inception_reference] if ev.inception_reference else ref_images
+      key = {**data_key, "n_reference": len(inc_ref), "features": "inception_pool3",
+             "weights": net.weights_hash}
+      i_ref, _, _ = frechet.cached_features(
+          cache, key, lambda: _inception(net, inc_ref, ctx, "inception reference"))
+      i_samp = _inception(net, scored[:n_inc], ctx, "inception samples")
+      ireference, ipoint, ireps, ic = _scored(i_ref, i_samp, ev, cfg.seed)
+      replicates.update({f"inception/{'fid' if m == 'fd' else m}": r for m, r in ireps.items()})
+      floors["inception"] = floor_lib.real_floor(
+          ireference, len(pool), lambda rows: _inception(net, pool[rows], ctx, "inception floor"),
+          n_inc, seeds, cache, {**key, **clf_lib.numerics()}, log=ctx.log,
+          replicates=ev.bootstrap)
+      _with_floor(ic, ipoint, floors["inception"])
+      metrics["inception"] = {**_renamed(ic), "n_scored": n_inc, "n_reference": len(inc_ref)}
 
   if ev.reconstruction:
     with _timed(seconds, "reconstruction"):
       rec = _reconstructions(ctx, held)
       if rec is not None:
         recon, ae_fp = rec
-        r = {"classifier_fd": frechet.frechet_distance_features(f_held, clf.features(recon)),
+        r = {"classifier_fd": frechet.frechet_distance_features(clf.features(held),
+                                                                clf.features(recon)),
              "seam_score": _seam_metrics(recon, held, cfg.blocks.grid, ctx).get("seam_score"),
              "mse": float(np.mean((to_float(recon) - to_float(held)) ** 2))}
         if net is not None:
-          key = {**data_key, "features": "inception_pool3", "weights": net.weights_hash,
-                 "reconstructed_by": ae_fp}
+          hkey = {"dataset": held_src.name, "split": HELDOUT, "n": len(held),
+                  "shape": held.shape[1:], "content": frechet.content_hash(held),
+                  "features": "inception_pool3", "weights": net.weights_hash}
+          i_held, _, _ = frechet.cached_features(
+              cache, hkey, lambda: _inception(net, held, ctx, "inception held-out"))
           i_rec, _, _ = frechet.cached_features(
-              cache, key, lambda: _inception(net, recon, ctx, "inception reconstructions"))
+              cache, {**hkey, "reconstructed_by": ae_fp},
+              lambda: _inception(net, recon, ctx, "inception reconstructions"))
           r["fid"] = frechet.frechet_distance_features(i_held, i_rec)
         metrics["reconstruction"] = {k: v for k, v in r.items() if v is not None}
 
   metrics["seconds_by_part"] = seconds
+  if ctx.is_main:
+    save_bootstrap(ctx.stage_dir, replicates, n=n, seed=cfg.seed)
+    files.atomic_write_json(ctx.stage_dir / "floors.json", floors)
   _log_summary(ctx, metrics)
   return metrics
 
 
+def _renamed(d: dict) -> dict:
+  """fd -> fid in every key (Inception's Fréchet distance is FID)."""
+  out = {}
+  for k, v in d.items():
+    k2 = "fid" + k[2:] if k.startswith("fd") else k
+    out[k2] = _renamed(v) if isinstance(v, dict) else v
+  return out
+
+
+BOOTSTRAP_FILE = "bootstrap.npz"
+
+
+def save_bootstrap(stage_dir, replicates: dict, n: int, seed: int) -> None:
+  """The bootstrap replicates of every metric ("classifier/fd", ...), for the
+  benchmark's row-to-row differences."""
+  import io
+  buf = io.BytesIO()
+  np.savez(buf, **{k.replace("/", "__"): np.asarray(v, np.float64) for k, v in replicates.items()},
+           _n=np.int64(n), _seed=np.int64(seed))
+  files.atomic_write_bytes(stage_dir / BOOTSTRAP_FILE, buf.getvalue())
+
+
+def load_bootstrap(stage_dir) -> dict[str, np.ndarray]:
+  """{metric key: replicates} saved by the evaluate stage; {} if absent."""
+  path = stage_dir / BOOTSTRAP_FILE
+  if not path.exists():
+    return {}
+  try:
+    with np.load(path) as z:
+      return {k.replace("__", "/"): z[k] for k in z.files if not k.startswith("_")}
+  except (OSError, ValueError):
+    return {}
+
+
 def _log_summary(ctx, m) -> None:
+  def line(name, d, key, fmt="%.3f"):
+    if key not in d:
+      return
+    f = d.get("floor", {}).get(key if key != "fid" else "fid")
+    text = f"{name} {fmt % d[key]}"
+    if f"{key}_lo" in d:
+      text += f" [{fmt % d[key + '_lo']}, {fmt % d[key + '_hi']}]"
+    if f:
+      text += f"; real-data floor {fmt % f['mean']} ± {fmt % f['std']}, gap {fmt % d[key + '_gap']}"
+    ctx.log("%s", text)
   c = m["classifier"]
-  ctx.log("classifier FD (not comparable with Inception FID) %.3f, precision %.3f, "
-          "recall %.3f", c["fd"], c["precision"], c["recall"])
+  ctx.log("%d samples against %d reference images; 95%% bootstrap intervals in brackets",
+          m["n_scored"], m["n_reference"])
+  for key in ("fd", "kid", "precision", "recall", "density", "coverage"):
+    line(f"classifier {key}" + (" (not comparable with Inception FID)" if key == "fd" else ""),
+         c, key, "%.5f" if key == "kid" else "%.3f")
   if "inception" in m:
-    ctx.log("Inception FID %.3f, KID %.5f", m["inception"]["fid"], m["inception"]["kid"])
+    line("Inception FID", m["inception"], "fid")
   if "seam_score" in m:
     ctx.log("seam score %.3f (1.0: as in real images)", m["seam_score"])
   mem = m["memorization"]

@@ -12,6 +12,8 @@ Figure 2: each row a query, its k neighbours, and the generated sample).
 """
 from __future__ import annotations
 
+import time
+
 from rissole_jax.inference import pictures
 from rissole_jax.inference.program import check_config
 from rissole_jax.inference.queries import query_neighbours
@@ -31,8 +33,10 @@ def run(ctx) -> dict:
   ctx.log("sampling %d images (%s, %s, guidance %.2f) from %d pseudo-queries (%s) of a "
           "database of %d", s.num, config.model.variant, s.sampler, s.guidance_scale, s.num,
           s.pseudo_query, len(sampler.db))
+  t0 = time.perf_counter()
   samples, queries = sampler.sample(s.num, seed=config.seed, return_queries=True,
                                     progress=ctx.progress_bars and ctx.is_main)
+  seconds_sampling = time.perf_counter() - t0
 
   # Decoding runs on the whole mesh, so every process takes part; one writes.
   show = min(s.show, s.num)
@@ -49,6 +53,7 @@ def run(ctx) -> dict:
   # The first batch compiles; later ones time the sampler itself.
   from rissole_jax.inference.quantize import param_bytes
   return {"denoiser_bytes": param_bytes(sampler.params), "decoder_bytes": param_bytes(sampler.decoder_params),
-          "num": int(len(samples)), "seconds_first_batch": t["seconds_first_batch"],
+          "num": int(len(samples)), "seconds_sampling": seconds_sampling,
+          "seconds_first_batch": t["seconds_first_batch"],
           "seconds_per_batch": t["seconds_per_batch"], "samples_per_sec": t["samples_per_sec"],
           "nfe_per_sample": t["nfe_per_sample"]}
