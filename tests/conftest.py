@@ -91,8 +91,8 @@ def start_smoke(shared: Path) -> Path:
 
 
 def pytest_collection_modifyitems(items):
-  """The tests on the smoke run go last (a stable sort, the same in every
-  worker): the workers run the others while it trains."""
+  """The tests on the smoke run go last within the run (a stable sort, the
+  same in every worker), so that other tests run while it trains."""
   items.sort(key=lambda item: "smoke_workdir" in getattr(item, "fixturenames", ()))
 
 

@@ -47,10 +47,6 @@ def data(seed=0):
   return z0, nb
 
 
-# The module fixtures are built by one worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("denoiser")
-
-
 @pytest.fixture(scope="module")
 def models():
   """name -> (model, params, jitted apply); the rissole one has two levels

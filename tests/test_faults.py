@@ -31,8 +31,6 @@ from rissole_jax import files
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("vqgan", "encode", "index", "diffusion", "sample")
-# One worker (--dist loadgroup): the reruns reuse its compiled programs.
-pytestmark = pytest.mark.xdist_group("faults")
 
 
 def _config(data_dir, **changes):

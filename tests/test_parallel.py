@@ -183,11 +183,6 @@ def _assert_params_equal(got, ref, stage):
     np.testing.assert_allclose(got[k], ref[k], rtol=RTOL, atol=ATOL, err_msg=k)
 
 
-# The tests on the training runs wait for them on one worker (--dist loadgroup).
-MESH_RUNS = pytest.mark.xdist_group("mesh_runs")
-
-
-@MESH_RUNS
 @pytest.mark.parametrize("shape", MESHES)
 def test_mesh_does_not_change_results(trained, shape):
   root = _check(trained, "eight")
@@ -201,7 +196,6 @@ def test_mesh_does_not_change_results(trained, shape):
     assert _metrics(wd, stage)["devices"] == 8
 
 
-@MESH_RUNS
 def test_two_processes_equal_one(trained):
   """Two processes, one device each, against the single-process reference:
   same global batch, same parameters."""
@@ -210,7 +204,6 @@ def test_two_processes_equal_one(trained):
   assert _metrics(root / "two", "vqgan")["devices"] == 2
 
 
-@MESH_RUNS
 def test_two_processes_encode_and_index_like_one(trained):
   """Each of 2 processes encodes its own shards (every other one of 5) and
   searches an even share of the rows (train: 0..2048 and 2048..4500): the

@@ -25,9 +25,7 @@ from rissole_jax.models.autoencoder import Autoencoder
 
 SHAPE, K, N = (8, 8, 4), 3, 24
 # Qwix 0.1.8 warns on every op about an nnx alias it still uses.
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-              # one worker builds `parts` (--dist loadgroup)
-              pytest.mark.xdist_group("quantize_export")]
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _random_params(model, seed=0):

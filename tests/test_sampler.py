@@ -20,8 +20,6 @@ from rissole_jax.inference import modelfile
 from rissole_jax.errors import ConfigError, DataError
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-# One worker (--dist loadgroup) builds the sampler and model file and compiles its programs.
-pytestmark = pytest.mark.xdist_group("sampler")
 
 
 @pytest.fixture(scope="module")

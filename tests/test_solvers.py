@@ -36,10 +36,6 @@ def exact_output(schedule, x_T):
   return MU + np.sqrt(ab[0]) * SD ** 2 / var(0) * (x0 - np.sqrt(ab[0]) * MU)
 
 
-# The module fixtures are built by one worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("solvers")
-
-
 @pytest.fixture(scope="module")
 def toy():
   s = make_schedule(base_config().diffusion)   # T=1000, linear

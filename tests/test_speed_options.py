@@ -35,10 +35,6 @@ def database(seed=0):
   return jnp.asarray(lat), jnp.asarray(nbr)
 
 
-# The module fixtures are built by one worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("speed_options")
-
-
 @pytest.fixture(scope="module")
 def init_state():
   """The folded tiny model's initial train state (vmap and bfloat16 models
