@@ -187,7 +187,7 @@ def base_config() -> mlc.ConfigDict:
   c.sample = s = mlc.ConfigDict()
   # Samples scored by the evaluate stage. 2,000: at 256 the classifier FD of
   # real images alone varies by +-3.5 between draws, more than most
-  # differences between models (issue 23, docs/metrics.md); at 2,000 the
+  # differences between models (docs/metrics.md); at 2,000 the
   # default model is told from real data. The grid picture shows the first 256.
   s.num = 2000
   s.batch_size = 128
@@ -197,7 +197,7 @@ def base_config() -> mlc.ConfigDict:
   # classifier FD 24.7 at 20 steps against 25.6 at 100, measured with the old
   # protocol (256 samples, no floor), whose draw-to-draw spread (+-3.5) is
   # larger than that difference: no measurable difference, not a win. To be
-  # re-measured with the evaluate stage's intervals (issue 23).
+  # re-measured with the evaluate stage's intervals.
   s.steps = 20
   # DPM-Solver++: order 1 (= DDIM with eta=0), 2 or 3 (needs steps >= order + 1).
   s.order = 2
