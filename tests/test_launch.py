@@ -89,5 +89,7 @@ def test_throughput_imports_only_what_the_device_has():
   out = subprocess.run([sys.executable, "-c", _TRACE], cwd=ROOT, capture_output=True,
                        text=True, check=True).stdout
   modules = set(json.loads(out.strip().splitlines()[-1]))
-  assert {"jax", "flax", "optax", "orbax", "ml_collections", "rissole_jax"} <= modules
+  # The trace saw the programs' imports (the benchmark trains: optax). orbax is
+  # not required: training steps do not read checkpoints.
+  assert {"jax", "flax", "optax", "ml_collections", "rissole_jax"} <= modules
   assert not modules & NOT_ON_DEVICE, modules & NOT_ON_DEVICE
