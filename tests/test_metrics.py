@@ -331,6 +331,8 @@ def test_evaluate_stage_reports_every_metric(tmp_path):
   assert (m["n_samples"], m["n_scored"], m["n_reference"], m["n_floor_pool"]) == (12, 12, 24, 24)
   reps = evaluate.load_bootstrap(ctx.stage_dir)
   assert len(reps["classifier/fd"]) == ctx.config.evaluate.bootstrap
+  # The floor is drawn evaluate.floor_draws (2 here) times from the pool: draws differ.
+  assert ctx.config.evaluate.floor_draws >= 2 and m["classifier/floor/fd/std"] > 0
   assert m["seam_score"] > 1.2  # the samples were made of shuffled blocks
   assert "classifier/confident_fraction" not in m  # no labels: the rotation task
   assert not any(k.startswith("inception/") for k in m)  # switched off
@@ -347,6 +349,14 @@ def test_reference_and_floor_pool_are_a_fixed_disjoint_split():
   assert not set(ref[:, 0]) & set(pool[:, 0]) and len(set(ref[:, 0]) | set(pool[:, 0])) == 5000
   again, _ = reference_and_pool(held, train, ev)
   assert np.array_equal(ref, again)  # fixed by evaluate.reference_seed, not config.seed
+  ev.reference_seed = 1
+  other, _ = reference_and_pool(held, train, ev)
+  assert len(other) == 2500 and not np.array_equal(other, ref)
+  ev.reference_size = 1000   # a smaller reference; the rest is the pool
+  small, pool = reference_and_pool(held, train, ev)
+  assert (len(small), len(pool)) == (1000, 4000)
+  ev.reference_size = 4000   # capped at half: the pool must hold as many as the samples
+  assert len(reference_and_pool(held, train, ev)[0]) == 2500
   ev.reference = "heldout"
   ref, pool = reference_and_pool(held, train, ev)
   assert np.array_equal(ref, held) and np.array_equal(pool, train)

@@ -260,7 +260,6 @@ def assemble_tables_only(idx_dir, c, enc, p):
   from rissole_jax import retrieval
   from rissole_jax.runtime import parallel
   from rissole_jax.store import shards
-  from rissole_jax.stages import workdir as wd
   if p == 0:
     meta = shards.read_meta(enc)
     n, rng, tables = meta["rows"]["train"], np.random.default_rng(0), {}

@@ -150,7 +150,6 @@ def main(argv):
           f"{r['sample_step_images_per_s']:.1f} | {r['train_step_ms']:.1f} | "
           f"{r['sample_step_ms']:.1f} | {r['first_train_call_s']:.1f} |")
   if FLAGS.out:
-    from rissole_jax.stages import workdir as wd
     files.atomic_write_json(FLAGS.out, {"env": env, "rows": rows})
 
 

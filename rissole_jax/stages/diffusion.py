@@ -14,7 +14,6 @@ import numpy as np
 
 from rissole_jax import blocks as blk
 from rissole_jax.runtime import parallel
-from rissole_jax.stages import workdir as wd
 from rissole_jax.data.pipeline import RowCount, TrainStream
 from rissole_jax.models.common import count_params
 from rissole_jax.train import checkpoints, guard, loop
