@@ -32,7 +32,9 @@ import os
 import sys
 
 devices = sys.argv[1]
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+# The parent's flags (the suite's -O0) plus the device count.
+os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                           f"--xla_force_host_platform_device_count={devices}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 

@@ -180,7 +180,7 @@ def test_every_brick_learns():
   c.diffusion.train.lr = 3e-3
   p = dif.parts(c, SHAPE)
   model, schedule = p.model, p.schedule
-  state = dif.init_fn(model, p.tx, SHAPE, K)(jax.random.PRNGKey(0))
+  state = jax.jit(dif.init_fn(model, p.tx, SHAPE, K))(jax.random.PRNGKey(0))
   state = nn.meta.unbox(state)
   z0, nb = data(seed=1)
   z0 = jnp.tile(z0, (2, 1, 1, 1))
@@ -333,7 +333,8 @@ def test_lego_on_the_8_device_mesh_equals_one_device(tmp_path):
   """Forward pass and one train step on a 2x4 (data x fsdp) mesh of 8 host
   devices == on one device (in a subprocess: the device count is fixed at start)."""
   worker = os.path.join(os.path.dirname(__file__), "lego_mesh_worker.py")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  env = {**os.environ, "XLA_FLAGS": (f"{os.environ.get('XLA_FLAGS', '')} "
+                                    "--xla_force_host_platform_device_count=8"),
          "JAX_PLATFORMS": "cpu"}
   # (900 s like the other subprocess tests: 80 s on a quiet 2-core machine,
   # but it timed out at 300 s sharing the CPU with the background runs and a busy machine.)

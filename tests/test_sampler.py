@@ -289,7 +289,8 @@ def test_eight_devices_make_the_images_of_one(sampler, model_file):
   code = ("import numpy as np, sys, jax; from rissole_jax import Sampler;"
           "s = Sampler.load(sys.argv[1]); assert s._shards == 8, s._shards;"
           "np.save(sys.argv[2], s.sample(5, seed=4, progress=False))")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  env = {**os.environ, "XLA_FLAGS": (f"{os.environ.get('XLA_FLAGS', '')} "
+                                    "--xla_force_host_platform_device_count=8"),
          "JAX_PLATFORMS": "cpu"}
   out = model_file.parent / "eight.npy"
   r = subprocess.run([sys.executable, "-c", code, str(model_file), str(out)], cwd=ROOT, env=env,
