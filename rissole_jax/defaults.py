@@ -314,6 +314,12 @@ def smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
   c.model.lego.update(depth=2 if c.model.lego.preset != "u" else 3, width=32, emb_dim=32)
   c.vqgan.ch = 16
   c.vqgan.ch_mult = (1, 2, 2)
+  # No residual blocks, attention or second discriminator layer: compiling the
+  # VQ-GAN step is most of a smoke run, and these cut it to about a quarter.
+  # (tests/test_vqgan.py covers each on its own tiny models.)
+  c.vqgan.num_res_blocks = 0
+  c.vqgan.attn_lowest = False
+  c.vqgan.disc_layers = 1
   c.vqgan.codebook_size = 32
   c.vqgan.disc_ch = 8
   c.vqgan.disc_start = 2
