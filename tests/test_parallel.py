@@ -54,10 +54,8 @@ def _train_all(root, data_dir, groups) -> dict:
   def start(group, devices, jobs, env=None, suffix=""):
     log = root / f"{group}{suffix}.log"
     with open(log, "w") as f:
-      # At a lower priority than the test workers and conftest's smoke run,
-      # which tests wait on sooner (these are read by test_parallel's tests).
       procs.setdefault(group, []).append(subprocess.Popen(
-          ["nice", "-n", "5", sys.executable, WORKER, str(devices), data_dir, *jobs],
+          [sys.executable, WORKER, str(devices), data_dir, *jobs],
           env={**os.environ, **(env or {})}, stdout=f, stderr=subprocess.STDOUT))
     logs.setdefault(group, []).append(str(log))
 
