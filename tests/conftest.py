@@ -100,10 +100,18 @@ def start_smoke(shared: Path) -> Path:
   return folder
 
 
+def _needs_smoke(item) -> bool:
+  return "smoke_workdir" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(items):
-  """The tests on the smoke run go last within the run (a stable sort, the
-  same in every worker), so that other tests run while it trains."""
-  items.sort(key=lambda item: "smoke_workdir" in getattr(item, "fixturenames", ()))
+  """The files with tests on the smoke run go last, and within a file those
+  tests go last (a stable sort, the same in every worker), so that other
+  tests run while it trains. By file: `--dist loadfile` hands out whole files
+  in the order they first appear, so a file that merely starts with a test
+  not on the smoke run would be handed out early and wait for it."""
+  on_smoke = {item.path for item in items if _needs_smoke(item)}
+  items.sort(key=lambda item: (item.path in on_smoke, _needs_smoke(item)))
 
 
 @pytest.fixture(scope="session", autouse=True)
