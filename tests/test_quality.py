@@ -232,3 +232,24 @@ def test_benchmark_reads_the_evaluate_stage_files(tmp_path):
   benchmark.compare(rows, benchmark.load_replicates(tmp_path, rows))
   assert rows[1]["verdict"] == "worse"
   assert "- `b`: worse than `a`" in benchmark.markdown(rows)
+
+
+def test_sampling_bench_rows_reuse_the_baseline_model(tmp_path):
+  """configs/bench/sampling.py: every row differs from the baseline only from
+  the sample stage on, so the runner links the trained stages instead of
+  training again (and every row's override acts: its sample stage differs)."""
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+  from configs.bench import sampling
+  from rissole_jax.benchmark import with_overrides
+  from rissole_jax.stages import stage_records
+  bench = sampling.get_config()
+  fps = lambda overrides: {r.directory.name: r.fingerprint for r in stage_records(
+      with_overrides(bench.base, dict(overrides)), tmp_path)}
+  base = fps({})
+  assert bench.runs[0] == (bench.baseline, {})
+  for name, overrides in bench.runs[1:]:
+    row = fps(overrides)
+    assert all(row[s] == base[s] for s in ("vqgan", "encode", "index", "diffusion")), name
+    assert row["sample"] != base["sample"], name
