@@ -113,6 +113,26 @@ def test_calibration_is_deterministic(parts):
   jax.tree.map(lambda u, v: np.testing.assert_array_equal(np.asarray(u), np.asarray(v)), qa, qb)
 
 
+def test_int8_calibrates_through_the_small_map_matmul(parts):
+  # The default model's lowest level is a 2x2 map, whose convs run as one
+  # matmul (models/layers.py); int8 must quantize those layers too.
+  from rissole_jax.models import layers
+  p, keep = parts, layers.MATMUL_CONV_MAX_PIXELS
+  layers.MATMUL_CONV_MAX_PIXELS = 16         # this model's 4x4 blocks
+  layers.tap_index.cache_clear()
+  try:
+    calib = _calib(p, 4)
+    qm, qp = qz.quantize_denoiser(p.model, p.params, "int8", calib)
+    x, t, cond = calib[0]
+    ref = jax.jit(lambda x, t, c: p.model.apply({"params": p.params}, x, t, **c))(x, t, cond)
+    out = jax.jit(lambda x, t, c: qm.apply({"params": qp}, x, t, **c))(x, t, cond)
+  finally:
+    layers.MATMUL_CONV_MAX_PIXELS = keep
+    layers.tap_index.cache_clear()
+  assert _rel(out, ref) < 0.02, _rel(out, ref)
+  assert qz.dtype_bytes(qp)["int8"] == qz.dtype_bytes(qz.quantize_kernels(p.params))["int8"]
+
+
 def test_quantization_refusals(parts):
   p = parts
   with pytest.raises(ConfigError, match="calibration data"):

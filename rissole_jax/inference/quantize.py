@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rissole_jax.errors import ConfigError, DataError, check_choice
+from rissole_jax.models import layers
 
 MODES = ("none", "int8_weights", "int8")
 ALWAYS_FLOAT = (r"(.*/)?time[12]",)
@@ -153,15 +154,17 @@ def calibrate(module, params, inputs: list[tuple], rules, method: str | None = N
   qt = qwix.quantize_model(module, qwix.QtProvider(rules), **({"methods": (method,)} if method else {}))
   kw = {"method": method} if method else {}
   args0, cond0 = _split(inputs[0])
-  init = jax.eval_shape(lambda: qt.init(jax.random.PRNGKey(0), *args0, **cond0, **kw))
+  with layers.plain_convs():
+    init = jax.eval_shape(lambda: qt.init(jax.random.PRNGKey(0), *args0, **cond0, **kw))
   stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), init.get("quant_stats", {}))
 
   # Eager, not jitted: Qwix's QT convolution updates its statistics inside a
   # custom_vjp, which leaks tracers under jit. A few batches of one forward
   # pass each, so seconds.
   def step(stats, args, cond):
-    _, upd = qt.apply({"params": params, "quant_stats": stats}, *args, **cond,
-                      mutable=["quant_stats"], **kw)
+    with layers.plain_convs():
+      _, upd = qt.apply({"params": params, "quant_stats": stats}, *args, **cond,
+                        mutable=["quant_stats"], **kw)
     return upd["quant_stats"]
   for inp in inputs:
     args, cond = _split(inp)
@@ -186,7 +189,9 @@ def ptq(module, params, inputs, keep_float=(), method: str | None = None, only=N
       **({"methods": (method,)} if method else {}))
   args0, cond0 = _split(inputs[0])
   kw = {"method": method} if method else {}
-  abstract = jax.eval_shape(lambda: qm.init(jax.random.PRNGKey(0), *args0, **cond0, **kw))["params"]
+  with layers.plain_convs():
+    abstract = jax.eval_shape(lambda: qm.init(jax.random.PRNGKey(0), *args0, **cond0, **kw))
+  abstract = abstract["params"]
   qp = qwix.quantize_params(_unbox(params), abstract, stats, allow_extra_params=True)
   return qm, qp
 
@@ -232,7 +237,8 @@ class _Module:
 
   def apply(self, variables, *args, **kwargs):
     kwargs.pop("train", None)
-    return self.qmodule.apply(variables, *args, **kwargs)
+    with layers.plain_convs():
+      return self.qmodule.apply(variables, *args, **kwargs)
 
 
 def decoder_keys(ae_params) -> list[str]:
@@ -280,7 +286,8 @@ def quantize_decoder(ae, mode: str, calib_latents=None, keep_float=()):
   qm, qp = ptq(module, params, calib_latents, keep_float, method="decode")
 
   def decode_q(p, z):
-    return jnp.clip(qm.apply({"params": p}, z, method="decode"), -1, 1)
+    with layers.plain_convs():
+      return jnp.clip(qm.apply({"params": p}, z, method="decode"), -1, 1)
   return decode_q, qp
 
 

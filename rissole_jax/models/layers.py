@@ -32,14 +32,30 @@ MATMUL_CONV_MAX_PIXELS = 4
 _BATCHED_KERNELS = contextvars.ContextVar("batched_kernels", default=False)
 
 
+# Set while Qwix traces a network (inference/quantize.py): it recognises a
+# kernel only as the direct operand of a conv or dot, so the small-map
+# matmul, whose matrix is gathered from the kernel, would leave that layer
+# unquantized with a weight it cannot calibrate.
+_PLAIN_CONVS = contextvars.ContextVar("plain_convs", default=False)
+
+
 @contextlib.contextmanager
-def batched_kernels(on: bool = True):
-  """Within this context, convolutions are written as slices + one dot."""
-  token = _BATCHED_KERNELS.set(on)
+def _setting(var: contextvars.ContextVar, on: bool):
+  token = var.set(on)
   try:
     yield
   finally:
-    _BATCHED_KERNELS.reset(token)
+    var.reset(token)
+
+
+def batched_kernels(on: bool = True):
+  """Within this context, convolutions are written as slices + one dot."""
+  return _setting(_BATCHED_KERNELS, on)
+
+
+def plain_convs(on: bool = True):
+  """Within this context, every convolution is lax.conv_general_dilated."""
+  return _setting(_PLAIN_CONVS, on)
 
 
 def conv(features: int, kernel: int = 3, stride: int = 1, name: str | None = None,
@@ -62,7 +78,7 @@ def small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
            and all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
            and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
            and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1))
-  if not plain or rhs.shape[0] * rhs.shape[1] == 1:
+  if not plain or _PLAIN_CONVS.get() or rhs.shape[0] * rhs.shape[1] == 1:
     return conv()
   B, H, W, _ = lhs.shape
   pads = (jax.lax.padtype_to_pads((H, W), rhs.shape[:2], window_strides, padding)
