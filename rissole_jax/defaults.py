@@ -269,7 +269,7 @@ def base_config() -> mlc.ConfigDict:
   # reference (0: all), its floor drawn at the same n.
   ev.inception_num = 256
   ev.inception_reference = 500
-  # KID over subsets (benchmarks' feature_metrics and `python -m rissole_jax.fid`;
+  # KID over subsets (the convergence benchmark; `python -m rissole_jax.fid` has its own;
   # the evaluate stage uses the whole sets).
   ev.kid_subsets = 100
   ev.kid_subset_size = 1000     # capped by the smaller set

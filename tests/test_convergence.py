@@ -1,4 +1,6 @@
-"""The convergence benchmark: classifier FD per kept diffusion checkpoint."""
+"""Benchmarks that diagnose a trained workdir: classifier FD per kept diffusion
+checkpoint (convergence), where the variety goes (variety), and the protocol
+both score with."""
 import json
 
 import numpy as np
@@ -20,3 +22,40 @@ def test_fd_per_checkpoint(smoke_workdir, tmp_path):
   convergence.plot(rows, str(out), {"smoke": smoke_workdir / "diffusion" / "log.txt"})
   assert out.stat().st_size > 0
   json.dumps(rows)                # rows are plain JSON
+
+
+def test_the_protocol_scores_as_the_evaluate_stage(smoke_workdir):
+  from rissole_jax.inference.configs import workdir_config
+  from rissole_jax.metrics.protocol import Protocol
+  config = workdir_config(smoke_workdir)
+  stage = json.loads((smoke_workdir / "evaluate" / "metrics.json").read_text())   # flat
+  samples = np.load(smoke_workdir / "sample" / "samples.npy")
+  m, _ = Protocol(config).score(samples, config.seed)
+  for key in ("fd", "fd_lo", "recall", "precision", "fd_gap"):
+    np.testing.assert_allclose(m[key], stage[f"classifier/{key}"], rtol=1e-6, err_msg=key)
+  assert m["floor"]["fd"]["mean"] == stage["classifier/floor/fd/mean"]
+
+
+def test_variety_diagnosis_runs_and_resumes(smoke_workdir, tmp_path, monkeypatch):
+  from rissole_jax.benchmarks import variety
+  out = tmp_path / "v.json"
+  r = variety.run(smoke_workdir, 8, 0, variety.PARTS, out, log=lambda *a: None)
+  assert set(variety.PARTS) <= set(r) and json.loads(out.read_text())["meta"]["num"] == 8
+  for part in variety.PARTS:
+    assert np.isfinite(r[part]["fd"]) and "fd_lo" in r[part] and "floor_recall" in r[part]
+  assert 1 <= r["samples"]["distinct_queries"] <= 8
+  assert r["oracle"]["real_to_nearest_neighbour"] > 0     # never the image itself
+  # A rerun skips the parts already in --out: it samples nothing.
+  from rissole_jax.inference.sampler import Sampler
+  monkeypatch.setattr(Sampler, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+  assert variety.run(smoke_workdir, 8, 0, variety.PARTS, out, log=lambda *a: None)["oracle"] \
+      == r["oracle"]
+
+
+def test_variety_measures():
+  from rissole_jax.benchmarks import variety
+  b = variety.class_balance(np.array([0, 0, 1]), np.array([0, 1, 1]), 2)
+  assert b["histogram"] == [0.6667, 0.3333] and np.isclose(b["tv_distance"], 1 / 3)
+  nb = np.array([[[0., 0.], [2., 0.]]])               # one x, k = 2 neighbours
+  d = variety.neighbour_distances(np.array([[0., 0.]]), nb, scale=2.0)
+  assert d == {"to_nearest_neighbour": 0.0, "to_neighbour_mean": 0.5, "neighbour_spread": 0.5}

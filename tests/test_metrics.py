@@ -340,7 +340,7 @@ def test_evaluate_stage_reports_every_metric(tmp_path):
 
 def test_reference_and_floor_pool_are_a_fixed_disjoint_split():
   from rissole_jax.defaults import base_config
-  from rissole_jax.stages.evaluate import reference_and_pool
+  from rissole_jax.metrics.protocol import reference_and_pool
   ev = base_config().evaluate
   ids = np.arange(5000)
   held, train = ids[:500, None], ids[500:, None]

@@ -9,7 +9,8 @@ with e.g. --config.diffusion.train.ckpt_every=200
 --config.diffusion.train.keep_checkpoints=7). For every kept checkpoint the
 EMA denoiser samples `num` images with the workdir's own sampling settings
 (the Sampler, same seed for every checkpoint) and the evaluate stage's
-classifier scores them against the held-out split: classifier FD per step,
+classifier scores them against its reference (metrics/protocol.py; with the
+real-data floor's FD at that n): classifier FD, KID, precision, recall per step,
 with the memorisation figures (median nearest-training-image distance
 ratio, near-copy fraction), since fast convergence can also mean copying.
 Rows already in --out are kept, so an interrupted run resumes. `--losses`
@@ -44,23 +45,9 @@ def checkpoint_steps(root: Path) -> list[int]:
 
 
 def instrument(config):
-  """(classifier, held-out classifier features, training images, held-out
-  images) as the evaluate stage makes them."""
-  from rissole_jax.data import HELDOUT, TRAIN, load_source
-  from rissole_jax.metrics import classifier as clf_lib
-  from rissole_jax.metrics import frechet
-  from rissole_jax.stages import evaluate as ev_stage
-  ev = config.evaluate
-  train, train_labels = ev_stage.load_capped(load_source(config.data, TRAIN),
-                                             ev.max_train_images, config.seed)
-  held, held_labels = ev_stage.load_capped(load_source(config.data, HELDOUT),
-                                           ev.max_heldout_images, config.seed)
-  labelled = bool((train_labels >= 0).all())
-  clf = clf_lib.load_or_train(train, train_labels if labelled else None,
-                              frechet.cache_dir(ev.get("cache_dir")), ev.classifier_steps,
-                              ev.classifier_batch, ev_stage.CLASSIFIER_SEED,
-                              heldout=(held, held_labels))
-  return clf, clf.features(held), train, held
+  """The evaluate stage's protocol (metrics/protocol.py) for this config."""
+  from rissole_jax.metrics.protocol import Protocol
+  return Protocol(config)
 
 
 def fd_curve(name: str, root: Path, num: int, seed: int, done: set) -> list[dict]:
@@ -72,7 +59,8 @@ def fd_curve(name: str, root: Path, num: int, seed: int, done: set) -> list[dict
   from rissole_jax.store import checkpoints
   root = Path(root)
   s = Sampler.from_workdir(root)      # checks the stages; holds the final EMA
-  clf, f_held, train, held = instrument(s.config)
+  proto = instrument(s.config)
+  f_ref = proto.clf.features(proto.reference_images)
   like = loading.abstract_denoiser_params(s.model, s.config, s.stats["latent_shape"],
                                           s.stats["k"], s.mesh)
   rows = []
@@ -81,16 +69,20 @@ def fd_curve(name: str, root: Path, num: int, seed: int, done: set) -> list[dict
       continue
     s.params = checkpoints.restore_final(root / "diffusion", "diffusion", step, like, only="ema")
     images = s.sample(num, seed=seed, progress=False)
-    m = ev_stage.feature_metrics(f_held, clf.features(images), s.config.evaluate)
+    n = proto.scored_n(len(images))
+    m = ev_stage.feature_metrics(f_ref, proto.clf.features(images[:n]), s.config.evaluate)
     row = {"name": name, "run": str(root), "step": step, "num": num, "seed": seed,
            "sampler": s.config.sample.sampler, "steps": int(s.config.sample.steps),
-           "classifier_fd": m["fd"], "precision": m["precision"], "recall": m["recall"]}
+           "n_scored": n, "floor_fd": proto.floor(n)["fd"]["mean"],
+           "classifier_fd": m["fd"], "kid": m["kid"], "precision": m["precision"],
+           "recall": m["recall"]}
     # Fast convergence could also mean copying the neighbours: say how close
     # the samples sit to their nearest training images.
-    mem = memorization.memorization_metrics(images, train, held, s.config.evaluate.near_copy)
+    mem = memorization.memorization_metrics(images, proto.train, proto.held,
+                                            s.config.evaluate.near_copy)
     row.update(memorisation_ratio=mem["median_ratio"], near_copies=mem["near_copy_fraction"])
-    if clf.task == "labels":
-      row["confident"] = float((clf.probs(images).max(-1) > s.config.evaluate.confidence).mean())
+    if proto.clf.task == "labels":
+      row["confident"] = float((proto.clf.probs(images).max(-1) > s.config.evaluate.confidence).mean())
     print(json.dumps(row), flush=True)
     rows.append(row)
   return rows

@@ -8,7 +8,8 @@ trained workdir, read only.
 
 For each solver, step count and quantization mode it samples --num images from
 the same pseudo-queries and starting keys as the sample stage, scores them
-against the held-out images (classifier FD; Inception FID with --inception),
+with the evaluate stage's protocol (classifier FD, precision, recall with
+95% intervals and the real-data floor; Inception FID with --inception),
 and times the sampler after compiling it (images/s on all cores). Rows are
 saved to OUT/solvers.json after each one, so an interrupted run resumes;
 OUT/solvers.md (a table) and OUT/solvers.png (FD against network
@@ -122,35 +123,32 @@ def generate(parts, config, nb_lat, batch: int, key):
 
 
 class Scorer:
-  """Classifier FD (and Inception FID) of images against the held-out split."""
+  """A row's quality with the evaluate stage's protocol (metrics/protocol.py):
+  classifier FD, precision and recall against the fixed reference, with
+  their 95% intervals and the real-data floor at the row's n; Inception FID
+  against the same reference with --inception."""
 
   def __init__(self, config, inception: bool):
-    from rissole_jax.data import HELDOUT, TRAIN, load_source
-    from rissole_jax.metrics import classifier as clf_lib
-    from rissole_jax.metrics import frechet
-    from rissole_jax.stages.evaluate import CLASSIFIER_SEED, load_capped
-    ev = config.evaluate
-    train, train_y = load_capped(load_source(config.data, TRAIN), ev.max_train_images, config.seed)
-    self.held, held_y = load_capped(load_source(config.data, HELDOUT), ev.max_heldout_images,
-                                    config.seed)
-    labelled = bool((train_y >= 0).all())
-    self.clf = clf_lib.load_or_train(train, train_y if labelled else None,
-                                     frechet.cache_dir(ev.get("cache_dir")), ev.classifier_steps,
-                                     ev.classifier_batch, CLASSIFIER_SEED,
-                                     heldout=(self.held, held_y))
-    self.f_held = self.clf.features(self.held)
+    from rissole_jax.metrics.protocol import Protocol
+    self.protocol = Protocol(config)
+    self.seed = int(config.seed)
     self.net = None
     if inception:
       from rissole_jax.metrics import inception as inc
+      ev = config.evaluate
       self.net = inc.InceptionFeatures(inc.find_weights(ev.get("inception_weights")),
                                        ev.inception_batch)
-      self.i_held = self.net(self.held)
+      self.i_ref = self.net(self.protocol.reference_images)
 
   def __call__(self, images) -> dict:
     from rissole_jax.metrics import frechet
-    out = {"classifier_fd": frechet.frechet_distance_features(self.f_held, self.clf.features(images))}
+    m, _ = self.protocol.score(images, self.seed)
+    out = {"n_scored": self.protocol.scored_n(len(images))}
+    for key in ("fd", "precision", "recall"):
+      out.update({f"classifier_{key}{s}": m[key + s] for s in ("", "_lo", "_hi") if key + s in m})
+      out[f"floor_{key}"] = m["floor"][key]["mean"]
     if self.net is not None:
-      out["inception_fid"] = frechet.frechet_distance_features(self.i_held, self.net(images))
+      out["inception_fid"] = frechet.frechet_distance_features(self.i_ref, self.net(images))
     return out
 
 
@@ -188,14 +186,14 @@ def meets_target(rows: list[dict]) -> list[dict]:
 def markdown(rows: list[dict], meta: dict) -> str:
   ref = reference_fd(rows)
   has_fid = any("inception_fid" in r for r in rows)
-  head = ["solver", "steps", "NFE", "quantize", "classifier FD"]
+  head = ["solver", "steps", "NFE", "quantize", "classifier FD [95%]", "recall [95%]"]
   head += ["vs DDIM-100 η=1"] if ref else []
   head += ["Inception FID"] if has_fid else []
   head += ["images/s", "compile s", "denoiser MB", "decoder MB"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in sorted(rows, key=lambda r: (r["quantize"], r["solver"], r["steps"])):
     cells = [r["solver"].replace("|", "/"), str(r["steps"]), str(r["nfe"]), r["quantize"],
-             f"{r['classifier_fd']:.3f}"]
+             _with_interval(r, "classifier_fd"), _with_interval(r, "classifier_recall")]
     if ref:
       cells.append(f"{100 * (r['classifier_fd'] / ref - 1):+.1f}%")
     if has_fid:
@@ -209,9 +207,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{int(100 * TARGET_REL)}% of DDIM-100 η=1 = {ref:.3f}): "
              + (", ".join(f"{r['solver']} @ {r['steps']}" for r in ok) or "none") + "\n"
              if ref else "")
-  info = (f"\n{meta.get('num')} images per row, batch {meta.get('batch')}, "
+  floors = next((r for r in rows if "floor_fd" in r), None)
+  info = ((f"\nReal-data floor at this n: classifier FD {floors['floor_fd']:.3f}, recall "
+           f"{floors['floor_recall']:.3f}.\n" if floors else "")
+          + f"\n{meta.get('num')} images per row, batch {meta.get('batch')}, "
           f"{meta.get('devices')} ({meta.get('cpu')}).\n")
   return "\n".join(lines) + "\n" + verdict + info
+
+
+def _with_interval(r: dict, key: str) -> str:
+  if key not in r:
+    return ""
+  if f"{key}_lo" not in r:
+    return f"{r[key]:.3f}"
+  return f"{r[key]:.3f} [{r[key + '_lo']:.3f}, {r[key + '_hi']:.3f}]"
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -112,17 +112,18 @@ def main(argv=None) -> int:
     c.evaluate.cache_dir = a.cache_dir
 
   from rissole_jax.data import HELDOUT, TRAIN, load_source
+  from rissole_jax.metrics import protocol
   from rissole_jax.stages import evaluate
   from rissole_jax.stages.context import Context
   from rissole_jax.stages.workdir import flat_numbers
   ev = c.evaluate
-  train, train_y = evaluate.load_capped(load_source(c.data, TRAIN), ev.max_train_images,
+  train, train_y = protocol.load_capped(load_source(c.data, TRAIN), ev.max_train_images,
                                         ev.reference_seed)
-  held, held_y = evaluate.load_capped(load_source(c.data, HELDOUT), ev.max_heldout_images,
+  held, held_y = protocol.load_capped(load_source(c.data, HELDOUT), ev.max_heldout_images,
                                       ev.reference_seed)
   # The same split as the stage's, applied to row ids to carry the labels along.
   ids = np.arange(len(held) + len(train))
-  _, pool_ids = evaluate.reference_and_pool(ids[:len(held), None], ids[len(held):, None], ev)
+  _, pool_ids = protocol.reference_and_pool(ids[:len(held), None], ids[len(held):, None], ev)
   images, labels = np.concatenate([held, train]), np.concatenate([held_y, train_y])
   pool, pool_y = images[pool_ids[:, 0]], labels[pool_ids[:, 0]]
   n = min(c.sample.num, len(pool))

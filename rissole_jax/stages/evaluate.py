@@ -26,15 +26,14 @@ import time
 import numpy as np
 
 from rissole_jax.stages import workdir as wd
-from rissole_jax.data import HELDOUT, TRAIN, load_all, load_source, to_float, to_uint8
+from rissole_jax.data import HELDOUT, to_float, to_uint8
 from rissole_jax.errors import ConfigError, DataError, check_choice
 from rissole_jax.metrics import classifier as clf_lib
 from rissole_jax.metrics import floor as floor_lib
+from rissole_jax.metrics.protocol import REFERENCES, Protocol, with_floor
 from rissole_jax.metrics import frechet, inception, memorization, prdc, seams
 from rissole_jax.metrics import scores as scores_lib
 from rissole_jax import files
-
-CLASSIFIER_SEED = 0  # the classifier is a measuring instrument: one per dataset, not per run
 
 
 def inception_mode(value) -> str:
@@ -64,15 +63,6 @@ def load_samples(sample_dir) -> np.ndarray:
   if x.dtype != np.uint8 or x.ndim != 4:
     raise DataError(f"{path} must hold uint8 images (n, H, W, C); got {x.dtype} {x.shape}.")
   return x
-
-
-def load_capped(source, cap: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """The whole source, or a fixed random subset of `cap` rows if it is larger."""
-  if cap <= 0 or len(source) <= cap:
-    return load_all(source)
-  rows = np.sort(np.random.default_rng(seed).choice(len(source), cap, replace=False))
-  parts = [source.get(rows[s:s + 512]) for s in range(0, cap, 512)]
-  return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def feature_metrics(real: np.ndarray, fake: np.ndarray, ev) -> dict:
@@ -123,55 +113,15 @@ def _timed(seconds: dict, name: str):
   seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
-REFERENCES = ("split", "heldout")
-
-
-def reference_and_pool(held: np.ndarray, train: np.ndarray, ev) -> tuple[np.ndarray, np.ndarray]:
-  """(reference images, floor pool images), see docs/metrics.md.
-
-  'split': every image of both splits (held-out first, then training) in an
-  order fixed by evaluate.reference_seed; the first evaluate.reference_size
-  (at most half; 0: half) are the reference, the rest the pool the floor is
-  drawn from. On the embedded MNIST: 2,500 and 2,500 of the 5,000 digits,
-  for every run.
-  'heldout': the held-out split is the reference, the training images the pool."""
-  check_choice("evaluate.reference", ev.reference, REFERENCES)
-  if ev.reference == "heldout":
-    return held, train
-  images = np.concatenate([held, train])
-  order = np.random.default_rng(ev.reference_seed).permutation(len(images))
-  # At most half: the pool must hold as many real images as there are samples.
-  size = min(ev.reference_size, len(images) // 2) if ev.reference_size > 0 else len(images) // 2
-  if size < 3:
-    raise DataError(f"{len(images)} real images in all: too few for a reference and a floor "
-                    "pool (evaluate.reference='split' needs at least 6).")
-  return images[np.sort(order[:size])], images[np.sort(order[size:])]
-
-
-def _scored(ref_feats, fake_feats, ev, seed: int):
-  """(point, replicates, metrics dict with intervals) against one reference."""
-  reference = scores_lib.Reference(ref_feats, ev.pr_k, ev.dc_k)
-  point, reps = reference.score(fake_feats, ev.bootstrap, seed)
-  return reference, point, reps, scores_lib.summarise(point, reps)
-
-
-def _with_floor(out: dict, point: dict, floor: dict) -> dict:
-  out.update(floor_lib.gaps(point, out, floor))
-  out["floor"] = {m: {k: v for k, v in f.items() if k != "draws" and np.isfinite(v)}
-                  for m, f in floor.items()}  # (se is NaN without bootstrap replicates)
-  return out
-
-
 def run(ctx) -> dict:
   cfg, ev = ctx.config, ctx.config.evaluate
   mode = inception_mode(ev.inception)
-  check_choice("evaluate.reference", ev.reference, REFERENCES)
+  check_choice("evaluate.reference", ev.reference, REFERENCES)   # before any work
   if ev.floor_draws < 1 or ev.bootstrap < 0:
     raise ConfigError(f"evaluate.floor_draws={ev.floor_draws}, evaluate.bootstrap="
                       f"{ev.bootstrap}: every metric needs its floor (at least 1 draw; 5 by "
                       "default) and the bootstrap at least 0 replicates (200 by default).")
   seconds: dict = {}
-  cache = frechet.cache_dir(ev.get("cache_dir"))
   # Look the weights up first: "required" without them fails before any work.
   weights = None
   if mode != "off":
@@ -180,16 +130,12 @@ def run(ctx) -> dict:
       ctx.log("Inception FID skipped: weights not installed (%s)", inception.INSTALL_HINT)
   samples = load_samples(ctx.dir("sample"))
   with _timed(seconds, "load_data"):
-    train_src, held_src = load_source(cfg.data, TRAIN), load_source(cfg.data, HELDOUT)
-    # Caps by a fixed seed, not config.seed: runs with other seeds share the reference.
-    train, train_labels = load_capped(train_src, ev.max_train_images, ev.reference_seed)
-    held, held_labels = load_capped(held_src, ev.max_heldout_images, ev.reference_seed)
-    ref_images, pool = reference_and_pool(held, train, ev)
+    proto = Protocol(cfg, log=ctx.log)
+    held, ref_images, pool, train = proto.held, proto.reference_images, proto.pool, proto.train
   if samples.shape[1:] != held.shape[1:]:
     raise DataError(f"samples are {samples.shape[1:]} images, the held-out split "
                     f"{held.shape[1:]}: the sample stage must produce the dataset's size.")
-  # Every metric is scored at the floor's n: all samples unless the pool is smaller.
-  n = min(len(samples), len(pool))
+  n = proto.scored_n(len(samples))
   if n < len(samples):
     ctx.log("WARNING: the floor pool holds %d real images: scoring the first %d of %d samples "
             "so that the floor has the same n", len(pool), n, len(samples))
@@ -200,28 +146,15 @@ def run(ctx) -> dict:
   metrics: dict = {"n_samples": len(samples), "n_scored": n, "n_reference": len(ref_images),
                    "n_floor_pool": len(pool), "n_heldout": len(held),
                    "floor_draws": ev.floor_draws, "bootstrap_replicates": ev.bootstrap}
-  seeds = [ev.floor_seed + i for i in range(ev.floor_draws)]
-  data_key = {"dataset": held_src.name, "reference": ev.reference,
-              "reference_images": frechet.content_hash(ref_images),
-              "pool_images": frechet.content_hash(pool)}
   floors, replicates = {}, {}
 
   # Classifier features: always (seconds on a CPU once the classifier is cached).
   with _timed(seconds, "classifier_train"):
-    labelled = (train_labels >= 0).all()
-    clf = clf_lib.load_or_train(train, train_labels if labelled else None, cache,
-                                ev.classifier_steps, ev.classifier_batch, CLASSIFIER_SEED,
-                                heldout=(held, held_labels), log=ctx.log)
+    clf = proto.clf
   with _timed(seconds, "classifier_metrics"):
-    f_ref, f_samp = clf.features(ref_images), clf.features(scored)
-    reference, point, reps, c = _scored(f_ref, f_samp, ev, cfg.seed)
+    c, reps = proto.score(scored, cfg.seed)
     replicates.update({f"classifier/{m}": r for m, r in reps.items()})
-  with _timed(seconds, "classifier_floor"):
-    floors["classifier"] = floor_lib.real_floor(
-        reference, len(pool), lambda rows: clf.features(pool[rows]), n, seeds, cache,
-        {**data_key, "features": "classifier", "classifier": clf.tag, **clf_lib.numerics()},
-        log=ctx.log, replicates=ev.bootstrap)
-    _with_floor(c, point, floors["classifier"])
+  floors["classifier"] = proto.floor(n)   # (cached by the score above)
   c["heldout_accuracy"] = clf.heldout_accuracy
   if clf.task == "labels":
     c["confident_fraction"] = float((clf.probs(scored).max(-1) > ev.confidence).mean())
@@ -240,18 +173,20 @@ def run(ctx) -> dict:
       # Its own n: on a CPU the network runs at ~2 images/s (docs/metrics.md).
       n_inc = min(ev.inception_num, n)
       inc_ref = ref_images[:ev.inception_reference] if ev.inception_reference else ref_images
-      key = {**data_key, "n_reference": len(inc_ref), "features": "inception_pool3",
+      key = {**proto.data_key, "n_reference": len(inc_ref), "features": "inception_pool3",
              "weights": net.weights_hash}
       i_ref, _, _ = frechet.cached_features(
-          cache, key, lambda: _inception(net, inc_ref, ctx, "inception reference"))
+          proto.cache, key, lambda: _inception(net, inc_ref, ctx, "inception reference"))
       i_samp = _inception(net, scored[:n_inc], ctx, "inception samples")
-      ireference, ipoint, ireps, ic = _scored(i_ref, i_samp, ev, cfg.seed)
+      ireference = scores_lib.Reference(i_ref, ev.pr_k, ev.dc_k)
+      ipoint, ireps = ireference.score(i_samp, ev.bootstrap, cfg.seed)
+      ic = scores_lib.summarise(ipoint, ireps)
       replicates.update({f"inception/{'fid' if m == 'fd' else m}": r for m, r in ireps.items()})
       floors["inception"] = floor_lib.real_floor(
           ireference, len(pool), lambda rows: _inception(net, pool[rows], ctx, "inception floor"),
-          n_inc, seeds, cache, {**key, **clf_lib.numerics()}, log=ctx.log,
+          n_inc, proto.seeds, proto.cache, {**key, **clf_lib.numerics()}, log=ctx.log,
           replicates=ev.bootstrap)
-      _with_floor(ic, ipoint, floors["inception"])
+      with_floor(ic, ipoint, floors["inception"])
       metrics["inception"] = {**_renamed(ic), "n_scored": n_inc, "n_reference": len(inc_ref)}
 
   if ev.reconstruction:
@@ -264,13 +199,13 @@ def run(ctx) -> dict:
              "seam_score": _seam_metrics(recon, held, cfg.blocks.grid, ctx).get("seam_score"),
              "mse": float(np.mean((to_float(recon) - to_float(held)) ** 2))}
         if net is not None:
-          hkey = {"dataset": held_src.name, "split": HELDOUT, "n": len(held),
+          hkey = {"dataset": proto.data_key["dataset"], "split": HELDOUT, "n": len(held),
                   "shape": held.shape[1:], "content": frechet.content_hash(held),
                   "features": "inception_pool3", "weights": net.weights_hash}
           i_held, _, _ = frechet.cached_features(
-              cache, hkey, lambda: _inception(net, held, ctx, "inception held-out"))
+              proto.cache, hkey, lambda: _inception(net, held, ctx, "inception held-out"))
           i_rec, _, _ = frechet.cached_features(
-              cache, {**hkey, "reconstructed_by": ae_fp},
+              proto.cache, {**hkey, "reconstructed_by": ae_fp},
               lambda: _inception(net, recon, ctx, "inception reconstructions"))
           r["fid"] = frechet.frechet_distance_features(i_held, i_rec)
         metrics["reconstruction"] = {k: v for k, v in r.items() if v is not None}
