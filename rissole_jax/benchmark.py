@@ -229,10 +229,13 @@ def benchmark(bench, out: Path, only=()) -> list[dict]:
     if (runs_dir / name).is_dir():
       register_done(with_overrides(bench.base, dict(overrides)), runs_dir / name, done)
   for name, overrides in bench.runs:
-    if only and name not in only:
-      continue
     config = with_overrides(bench.base, dict(overrides))
     root = runs_dir / name
+    # A run left out of `only` is still a row of the table if an earlier
+    # invocation finished it: the JSON and table always hold every finished run.
+    asked = not only or name in only
+    if not asked and not (root.is_dir() and main_lib.stage_records(config, root)[-1].is_done()):
+      continue
     row = {"name": name, "overrides": {k: list(v) if isinstance(v, tuple) else v
                                        for k, v in dict(overrides).items()}}
     row.update(run_linked(config, root, done))
@@ -244,7 +247,7 @@ def benchmark(bench, out: Path, only=()) -> list[dict]:
       sconf.sample.update(sampler=sampler, batch_size=bench.timing_batch,
                           num=bench.timing_batch * (bench.timing_batches + 1))
       sroot = runs_dir / f"{name}.{sampler}"
-      if sampler in bench.samplers:
+      if sampler in bench.samplers and asked:
         run_linked(sconf, sroot, done)
       elif not (sroot.is_dir() and main_lib.stage_records(sconf, sroot)[-1].is_done()):
         continue
