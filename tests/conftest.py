@@ -107,9 +107,9 @@ def _needs_smoke(item) -> bool:
 def pytest_collection_modifyitems(items):
   """The files with tests on the smoke run go last, and within a file those
   tests go last (a stable sort, the same in every worker), so that other
-  tests run while it trains. By file: `--dist loadfile` hands out whole files
-  in the order they first appear, so a file that merely starts with a test
-  not on the smoke run would be handed out early and wait for it."""
+  tests run while it trains: `--dist worksteal` gives each worker a
+  contiguous half of this order, so the smoke tests come at the end of the
+  second worker's half and are what an idle first worker steals."""
   on_smoke = {item.path for item in items if _needs_smoke(item)}
   items.sort(key=lambda item: (item.path in on_smoke, _needs_smoke(item)))
 
