@@ -253,3 +253,24 @@ def test_sampling_bench_rows_reuse_the_baseline_model(tmp_path):
     row = fps(overrides)
     assert all(row[s] == base[s] for s in ("vqgan", "encode", "index", "diffusion")), name
     assert row["sample"] != base["sample"], name
+
+
+def test_variety_bench_rows_share_what_they_can(tmp_path):
+  """configs/bench/variety.py: every row reuses the baseline's VQ-GAN, latents
+  and index; the guided rows reuse the `dropout` row's denoiser; every
+  override acts (each row's last stage differs from every other row's)."""
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+  from configs.bench import variety
+  from rissole_jax.benchmark import with_overrides
+  from rissole_jax.stages import stage_records
+  bench = variety.get_config()
+  fps = {name: {r.directory.name: r.fingerprint for r in stage_records(
+      with_overrides(bench.base, dict(o)), tmp_path)} for name, o in bench.runs}
+  base = fps[bench.baseline]
+  for name, row in fps.items():
+    assert all(row[s] == base[s] for s in ("vqgan", "encode", "index")), name
+    if name.startswith("dropout_g"):
+      assert row["diffusion"] == fps["dropout"]["diffusion"], name
+  assert len({row["sample"] for row in fps.values()}) == len(fps)
