@@ -31,7 +31,8 @@ def base_config() -> mlc.ConfigDict:
   # ---- VQ-GAN ------------------------------------------------------------
   # Sized for the MNIST default on a 2-core CPU (f=4, latent 8x8x4): ~0.55M
   # generator parameters; held-out PSNR 25.8 dB, all 256 codes used, after 900
-  # steps of 32 images (~5-6 min on a shared 2-core CPU).
+  # steps of 32 images (5 min on a 2-core AVX2 CPU; README gives the main
+  # job's figures and the command).
   c.vqgan = v = mlc.ConfigDict()
   v.ch = 16                     # base channels
   v.ch_mult = (1, 2, 4)         # channel multiplier per resolution; f = 2**(len-1)
@@ -154,7 +155,7 @@ def base_config() -> mlc.ConfigDict:
   f.prediction = "eps"          # eps | x0 | v
   f.cond_dropout = 0.0          # drop the retrieval condition (for guidance)
   f.train = t = mlc.ConfigDict()
-  t.steps = 1200                # ~8-10 min on a 2-core CPU for the MNIST default
+  t.steps = 1200                # 3 min on a 2-core AVX2 CPU for the MNIST default (README)
   t.batch_size = 64             # images; each gives n_blocks denoiser examples
   t.lr = 4e-4
   t.warmup_steps = 100
@@ -192,12 +193,11 @@ def base_config() -> mlc.ConfigDict:
   s.num = 2000
   s.batch_size = 128
   s.sampler = "ddim"            # ddpm | ddim | dpmpp (DPM-Solver++, multistep)
-  # DDIM / DPM-Solver++ steps (network evaluations). 20: the main job samples
-  # 5x faster than at 100. docs/RESULTS.md ("Fast and small") reported
-  # classifier FD 24.7 at 20 steps against 25.6 at 100, measured with the old
-  # protocol (256 samples, no floor), whose draw-to-draw spread (+-3.5) is
-  # larger than that difference: no measurable difference, not a win. To be
-  # re-measured with the evaluate stage's intervals.
+  # DDIM / DPM-Solver++ steps (network evaluations). 20: 5x faster than 100
+  # with no measurable difference in quality (configs/bench/sampling.py,
+  # docs/RESULTS.md "Sampling the default model each way": FD 9.2 [7.9, 11.0]
+  # at 20 steps, 9.5 [8.1, 11.4] at 100). 10 steps scored better on one seed
+  # (FD 7.6), a gain of the size of a reseed: not yet a default.
   s.steps = 20
   # DPM-Solver++: order 1 (= DDIM with eta=0), 2 or 3 (needs steps >= order + 1).
   s.order = 2
@@ -217,9 +217,9 @@ def base_config() -> mlc.ConfigDict:
   # Module-path regexes (e.g. "conv_in", "up0_res0/skip") kept in float when
   # quantizing; rissole_jax.inference.quantize.layer_sensitivity ranks the candidates.
   s.quantize_keep_float = ()
-  # DDIM eta: 1 is ancestral (DDPM-like) on the shorter schedule. A briefly
-  # trained eps-predictor's x0 estimates near t=T are too noisy for the
-  # deterministic eta=0 path (its samples come out several times too large).
+  # DDIM eta: 1 is ancestral (DDPM-like) on the shorter schedule. On the
+  # default model every deterministic sampler fails (eta=0 at 20 steps:
+  # classifier FD 82 against 9.2; docs/RESULTS.md, issue 26 has the why).
   s.eta = 1.0
   s.guidance_scale = 1.0        # 1: no guidance (needs cond_dropout > 0 otherwise)
   s.pseudo_query = "uniform"    # uniform | frequent
