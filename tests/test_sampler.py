@@ -112,6 +112,56 @@ def test_variations_never_retrieve_the_query_and_follow_its_neighbours(sampler):
   np.testing.assert_array_equal(v.reshape(direct.shape), direct)
 
 
+def test_block_masks_of_every_form_and_refusals():
+  from rissole_jax.errors import ConfigError
+  from rissole_jax.inference import editing
+  m = lambda keep, grid=(2, 2): editing.block_mask(keep, grid, 32).tolist()
+  assert m("top") == [[True, True], [False, False]]
+  assert m("bottom", (3, 2)) == [[False, False], [False, False], [True, True]]   # half rounds down
+  assert m("left") == [[True, False], [True, False]] and m("right") == [[False, True], [False, True]]
+  assert m(np.array([[1, 0], [0, 0]])) == [[True, False], [False, False]]
+  pixels = np.zeros((32, 32), bool)
+  pixels[:16, :16] = True                         # the top-left block, all of it
+  pixels[16:, 16:24] = True                       # half of the bottom-right block: kept
+  pixels[16:20, :16] = True                       # a quarter of the bottom-left: not kept
+  assert m(pixels) == [[True, False], [False, True]]
+  for bad, match in (("middle", "Unknown keep"), (np.ones((2, 2)), "nothing is left"),
+                     (np.zeros((2, 2)), "plain sampling"), (np.ones((3, 3)), "shape"),
+                     (np.full((2, 2), 2), "bool")):
+    with pytest.raises(ConfigError, match=match):
+      editing.block_mask(bad, (2, 2), 32)
+  with pytest.raises(ConfigError, match="nothing is left"):
+    editing.block_mask("top", (1, 2), 32)           # one row: "top" is all of it
+
+
+def test_masked_neighbours_see_only_the_kept_blocks():
+  from rissole_jax.inference import editing
+  rng = np.random.default_rng(0)
+  db = rng.normal(size=(20, 4, 4, 2)).astype(np.float32)
+  q = db[[3]].copy()
+  q[:, 2:] = 100.0                                # the missing (bottom) half: anything
+  mask = np.array([[True, True], [False, False]])
+  assert editing.masked_neighbours(db, q, mask, 3)[0, 0] == 3
+  assert 3 not in editing.masked_neighbours(db, q, mask, 3, exclude=[[3]])[0]
+
+
+def test_inpaint_keeps_the_user_blocks_exactly(sampler):
+  from rissole_jax.inference import editing
+  images = train_images(sampler, np.arange(2))
+  out, z = sampler.inpaint(images, "top", num_per_image=3, seed=0, progress=False,
+                           return_latents=True)
+  assert out.shape == (2, 3, 32, 32, 1) and out.dtype == np.uint8 and z.shape[:2] == (2, 3)
+  mask = editing.block_mask("top", sampler.config.blocks.grid, 32)
+  lm = editing.latent_mask(mask, z.shape[2:4])
+  own = sampler.encode_images(images)
+  for i in range(2):
+    for j in range(3):
+      np.testing.assert_array_equal(z[i, j][lm], own[i][lm])     # kept: the user's latents
+  assert not np.array_equal(z[0, 0][~lm], z[0, 1][~lm])          # completions differ
+  # (Pixels: the decoder's middle attention mixes every position, so the kept
+  # region's pixels are near, not equal to, the reconstruction's.)
+
+
 def test_user_images_of_any_mode_and_size(sampler, tmp_path):
   rng = np.random.default_rng(0)
   grey = rng.integers(0, 255, (50, 40), np.uint8)

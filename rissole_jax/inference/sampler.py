@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rissole_jax.data.pipeline import local_slice, to_float, to_uint8
@@ -136,9 +137,12 @@ class Sampler:
 
   def generate(self, neighbour_ids: np.ndarray, *, seed: int = 0, settings: Settings | None = None,
                batch_size: int | None = None, progress: bool = True,
-               desc: str = "sample") -> np.ndarray:
+               desc: str = "sample", keep=None, return_latents: bool = False):
     """One image per row of database ids (num, k): image i denoised with those
-    neighbours and noise from fold_in(PRNGKey(seed), i). uint8 (num, H, W, C)."""
+    neighbours and noise from fold_in(PRNGKey(seed), i). uint8 (num, H, W, C).
+    keep: (latents (num, h, w, c), bool (h, w)): where the mask is True, image
+    i's latent is replaced by latents[i] before decoding (inpainting).
+    With return_latents, also the latents decoded (num, h, w, c)."""
     settings = settings or self.settings()
     ids = np.asarray(neighbour_ids, np.int64)
     num = len(ids)
@@ -151,6 +155,10 @@ class Sampler:
     key = parallel.put_replicated(jax.random.PRNGKey(seed), self.mesh)
     lat = self._normalised()
     out = np.empty((num, *self.image_shape), np.uint8)
+    z_out = np.empty((num, *self.stats["latent_shape"]), np.float32) if return_latents else None
+    if keep is not None:
+      kept, where = np.asarray(keep[0], np.float32), np.asarray(keep[1], bool)[..., None]
+      merge_decode = self._merge_decode()
     times = []
     from tqdm.auto import tqdm
     bar = tqdm(total=num, desc=desc, dynamic_ncols=True, leave=False,
@@ -161,12 +169,17 @@ class Sampler:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk), 0)])  # static shape
         nb = parallel.put_batch(lat[chunk][sl], self.mesh, self._rules)
         t0 = time.perf_counter()
-        _, img = fn(self.params, self.decoder_params, nb, key,
+        z, img = fn(self.params, self.decoder_params, nb, key,
                     parallel.put_replicated(np.int32(start), self.mesh))
+        if keep is not None:   # the user's blocks, exactly, then one decode of the whole latent
+          rows = np.arange(start, start + bs).clip(max=num - 1)
+          z, img = merge_decode(self.decoder_params, z, kept[rows], where)
         img = parallel.to_host(img)
         times.append(time.perf_counter() - t0)
         m = min(bs, num - start)
         out[start:start + m] = to_uint8(img[:m])
+        if z_out is not None:
+          z_out[start:start + m] = parallel.to_host(z)[:m]
         bar.update(m)
     finally:
       bar.close()
@@ -175,7 +188,18 @@ class Sampler:
                          "seconds_per_batch": float(np.median(steady)),
                          "samples_per_sec": bs / float(np.median(steady)),
                          "nfe_per_sample": nfe(settings, self.config, self.model)}
-    return out
+    return (out, z_out) if return_latents else out
+
+  def _merge_decode(self):
+    """jit(fn(decoder params, sampled z, kept z, where) -> (z, images))."""
+    if "merge_decode" not in self._fns:
+      decode = self.decode_fn
+
+      def fn(ae_params, z, kept, where):
+        z = jnp.where(where, kept, z)
+        return z, decode(ae_params, z)
+      self._fns["merge_decode"] = jax.jit(fn)
+    return self._fns["merge_decode"]
 
   def _normalised(self) -> np.ndarray:
     if self._db_norm is None:
@@ -261,6 +285,44 @@ class Sampler:
     out = self.generate(np.repeat(ids, num_per_image, 0), seed=seed, settings=settings,
                         desc="variations", **kw)
     return out.reshape(len(ids), num_per_image, *out.shape[1:])
+
+  def inpaint(self, images, keep, num_per_image: int = 4, *, seed: int = 0,
+              return_latents: bool = False, **kw):
+    """Completions of each image from the blocks `keep` says to keep
+    (inference/editing.block_mask: "top", "bottom", "left", "right", a bool
+    (gh, gw) block mask, or an (H, W) pixel mask rounded to blocks). The
+    kept blocks choose the neighbours (a distance over the kept blocks only,
+    never the image itself); each missing block is generated from those
+    neighbours' blocks at its position; the kept blocks' latents are the
+    user's encoded image, exactly. uint8 (len(images), num_per_image, H, W, C)
+    (and the latents with return_latents). Keyword arguments as for `sample`.
+
+    In a model that denoises every block on its own (the default), the kept
+    blocks reach the others through retrieval alone. Models that couple
+    blocks (prev_block, LEGO bricks over the whole canvas) are completed the
+    same way: the kept blocks do not follow the trajectory (RePaint-style)."""
+    from rissole_jax.inference import editing
+    if num_per_image < 1:
+      raise ConfigError(f"num_per_image={num_per_image}: ask for at least one.")
+    if not unet.uses_retrieval(self.model.variant):
+      raise ConfigError(f"inpainting needs a model that retrieves (variant "
+                        f"{self.model.variant!r} does not): the kept blocks reach the rest "
+                        "through the neighbours they select. Fix: use a rissole, full or rdm model.")
+    mask = editing.block_mask(keep, self.config.blocks.grid, self.config.data.image_size)
+    z = self.encode_images(images)
+    exclude = [np.flatnonzero(m) for m in self._copies_of(z)]
+    ids = editing.masked_neighbours(self.db.latents, z, mask, int(self.stats["k"]), exclude)
+    settings = self.settings(**{k: kw.pop(k, None) for k in
+                                ("sampler", "steps", "eta", "guidance", "order", "spacing",
+                                 "t_break")})
+    rep = lambda a: np.repeat(a, num_per_image, 0)
+    lm = editing.latent_mask(mask, z.shape[1:3])
+    out = self.generate(rep(ids), seed=seed, settings=settings, desc="inpaint",
+                        keep=(rep(z), lm), return_latents=return_latents, **kw)
+    shape = (len(z), num_per_image)
+    if return_latents:
+      return out[0].reshape(*shape, *out[0].shape[1:]), out[1].reshape(*shape, *z.shape[1:])
+    return out.reshape(*shape, *out.shape[1:])
 
   # -- another database ------------------------------------------------------------
 

@@ -1,0 +1,38 @@
+"""Screening the levers of the samples' variety (issue 24; the diagnosis is
+`python -m rissole_jax.benchmarks.variety`, docs/RESULTS.md "Where the
+variety goes"): the default main job against rows that change one lever.
+
+  python -m rissole_jax.benchmark --config configs/bench/variety.py \
+      --out runs/variety.json --config.base.evaluate.inception=off
+
+Link the main job's workdir as `<out>.d/rissole` (the baseline row is the main
+job). The condition-dropout rows share one trained denoiser (the runner links
+it): `dropout` samples it unguided, the `dropout_g*` rows with classifier-free
+guidance below 1 (towards the unconditional model: more variety) and above
+1 (less). `steps2400` trains twice as long (the loss still falls at 1,200).
+Each row trains at most one denoiser; the VQ-GAN, latents and index are the
+baseline's.
+"""
+import ml_collections as mlc
+
+from rissole_jax.defaults import apply_variants, base_config
+
+DROPOUT = {"diffusion.cond_dropout": 0.1}
+
+
+def get_config(arg: str = ""):
+  c = mlc.ConfigDict()
+  c.base = apply_variants(base_config(), arg)
+  c.baseline = "rissole"
+  c.runs = [
+      ("rissole", {}),
+      ("dropout", DROPOUT),
+      ("dropout_g0.5", {**DROPOUT, "sample.guidance_scale": 0.5}),
+      ("dropout_g0.8", {**DROPOUT, "sample.guidance_scale": 0.8}),
+      ("dropout_g1.5", {**DROPOUT, "sample.guidance_scale": 1.5}),
+      ("steps2400", {"diffusion.train.steps": 2400}),
+  ]
+  c.samplers = ()      # quality rows: no separate timing runs
+  c.timing_batch = 32
+  c.timing_batches = 1
+  return c
