@@ -4,9 +4,12 @@
   python -m rissole_jax.sample --model FILE --num 64 --out OUT --sampler ddim --steps 50
   python -m rissole_jax.sample --model FILE --variations me.png cat.jpg --num 8 --out OUT
   python -m rissole_jax.sample --model FILE --database folder:~/photos --out OUT
+  python -m rissole_jax.sample --model FILE --inpaint digit.png --keep top --num 8 --out OUT
 
 Writes one PNG per image (OUT/sample_00000.png, or OUT/variation_III_JJ.png
-for variations of input III) and a grid (OUT/grid.png), and prints where.
+for variations of input III, OUT/inpaint_III_JJ.png for completions) and a
+grid (OUT/grid.png; for inpainting each row is input | mask | completions),
+and prints where.
 Settings left out come from the model's config.
 """
 from __future__ import annotations
@@ -48,10 +51,42 @@ def parse(argv=None) -> argparse.Namespace:
                       "dataset name (mnist_embedded, celeb_a, ...); encoded once and cached")
   p.add_argument("--variations", nargs="+", metavar="IMG",
                  help="image files to make variations of ('more like this')")
+  p.add_argument("--inpaint", nargs="+", metavar="IMG",
+                 help="image files to complete: the blocks --keep names are kept, the rest "
+                      "generated (--num completions each)")
+  p.add_argument("--keep", default="top",
+                 help="with --inpaint: top, bottom, left or right (half the block grid), or a "
+                      "mask image of the input's size (white: kept; rounded to blocks)")
   p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
   from rissole_jax.runtime import cache
   cache.add_flag(p)
   return p.parse_args(argv)
+
+
+SHORTHANDS = ("top", "bottom", "left", "right")
+
+
+def _mask_file(path: str, size: int) -> np.ndarray:
+  """A mask image -> bool (size, size): white (>= 128 after greyscale) is kept."""
+  from PIL import Image
+  from rissole_jax.errors import ConfigError
+  if not Path(path).is_file():
+    raise ConfigError(f"--keep {path!r}: not one of {SHORTHANDS} and not a mask image file.")
+  with Image.open(path) as im:
+    return np.asarray(im.convert("L").resize((size, size), Image.NEAREST)) >= 128
+
+
+def _with_inputs(s, inputs, keep, images) -> np.ndarray:
+  """Rows of input | mask (kept blocks white) | completions, for the grid."""
+  from rissole_jax.data.images import to_model_images
+  from rissole_jax.inference import editing
+  size, ch = s.image_shape[0], s.image_shape[2]
+  originals = to_model_images(inputs, size, ch)
+  m = editing.block_mask(keep, s.config.blocks.grid, size)
+  pix = np.repeat(np.repeat(m, size // m.shape[0], 0), size // m.shape[1], 1)
+  mask = np.broadcast_to((pix * 255).astype(np.uint8)[..., None], (size, size, ch))
+  rows = [np.stack([o, mask, *row]) for o, row in zip(originals, images)]
+  return np.stack(rows)
 
 
 def main(argv=None) -> int:
@@ -73,7 +108,15 @@ def main(argv=None) -> int:
               order=args.order, spacing=args.spacing,
               guidance=args.guidance, t_break=args.t_break, batch_size=args.batch_size,
               progress=not args.no_progress)
-    if args.variations:
+    if args.variations and args.inpaint:
+      raise RissoleError("--variations and --inpaint: give one of them.")
+    if args.inpaint:
+      keep = args.keep if args.keep in SHORTHANDS else _mask_file(args.keep, s.image_shape[0])
+      images = s.inpaint(args.inpaint, keep, num_per_image=args.num, **kw)
+      names = [f"inpaint_{i:03d}_{j:02d}.png" for i in range(images.shape[0])
+               for j in range(images.shape[1])]
+      shown = _with_inputs(s, args.inpaint, keep, images)
+    elif args.variations:
       images = s.variations(args.variations, num_per_image=args.num, **kw)
       names = [f"variation_{i:03d}_{j:02d}.png" for i in range(images.shape[0])
                for j in range(images.shape[1])]
@@ -83,7 +126,7 @@ def main(argv=None) -> int:
   except RissoleError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  grid = s.grid(images)
+  grid = s.grid(shown if args.inpaint else images)
   flat = images.reshape(-1, *images.shape[-3:])
   for name, image in zip(names, flat):
     pictures.save_png(out / name, image)

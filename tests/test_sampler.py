@@ -309,12 +309,25 @@ def test_sample_and_export_clis(workdir, tmp_path, capsys):
   assert sample.main(["--workdir", str(workdir), "--variations", str(tmp_path / "me.png"),
                       "--num", "2", "--out", str(tmp_path / "var"), "--no_progress"]) == 0
   assert (tmp_path / "var" / "variation_000_01.png").exists()
+  # Inpainting: a mask image (white: kept) or a shorthand; the grid shows
+  # input | mask | completions per row.
+  mask = np.zeros((32, 32), np.uint8)
+  mask[:, :16] = 255
+  Image.fromarray(mask).save(tmp_path / "mask.png")
+  assert sample.main(["--workdir", str(workdir), "--inpaint", str(tmp_path / "me.png"),
+                      "--keep", str(tmp_path / "mask.png"), "--num", "2", "--steps", "2",
+                      "--out", str(tmp_path / "inp"), "--no_progress"]) == 0
+  assert (tmp_path / "inp" / "inpaint_000_01.png").exists()
+  assert Image.open(tmp_path / "inp" / "grid.png").size[0] > 4 * 32     # 4 columns and padding
+  assert sample.main(["--workdir", str(workdir), "--inpaint", str(tmp_path / "me.png"),
+                      "--keep", "middle", "--out", str(tmp_path / "x")]) == 2
+  assert "not a mask image" in capsys.readouterr().err
   assert sample.main(["--workdir", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
   assert "is not a folder" in capsys.readouterr().err
   help_text = subprocess.run([sys.executable, "-m", "rissole_jax.sample", "--help"], cwd=ROOT,
                              capture_output=True, text=True, timeout=60).stdout
   for flag in ("--workdir", "--model", "--num", "--seed", "--sampler", "--steps", "--eta",
-               "--guidance", "--database", "--variations"):
+               "--guidance", "--database", "--variations", "--inpaint", "--keep"):
     assert flag in help_text
 
 
