@@ -36,8 +36,6 @@ def get_config(arg: str = ""):
       ("dpmpp2_10", {"sample.sampler": "dpmpp", "sample.order": 2, "sample.eta": 0.0,
                      "sample.steps": 10}),
       ("int8_weights", {"sample.quantize": "int8_weights"}),
-      # Fails on the default model at commit 6d5c292 (a tracer leak in Qwix's
-      # PTQ init, inference/quantize.ptq): last, so the rows above are saved.
       ("int8", {"sample.quantize": "int8"}),
   ]
   # Sampler throughput is the solvers and deploy benchmarks' business; these
