@@ -30,6 +30,8 @@ def get_config(arg: str = ""):
       ("dropout_g0.5", {**DROPOUT, "sample.guidance_scale": 0.5}),
       ("dropout_g0.8", {**DROPOUT, "sample.guidance_scale": 0.8}),
       ("dropout_g1.5", {**DROPOUT, "sample.guidance_scale": 1.5}),
+      ("dropout_g2", {**DROPOUT, "sample.guidance_scale": 2.0}),
+      ("dropout_g3", {**DROPOUT, "sample.guidance_scale": 3.0}),
       ("steps2400", {"diffusion.train.steps": 2400}),
   ]
   c.samplers = ()      # quality rows: no separate timing runs
