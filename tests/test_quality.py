@@ -273,4 +273,5 @@ def test_variety_bench_rows_share_what_they_can(tmp_path):
     assert all(row[s] == base[s] for s in ("vqgan", "encode", "index")), name
     if name.startswith("dropout_g"):
       assert row["diffusion"] == fps["dropout"]["diffusion"], name
+  assert fps["pp_dropout_g1.5"]["diffusion"] == fps["pp_dropout"]["diffusion"]
   assert len({row["sample"] for row in fps.values()}) == len(fps)

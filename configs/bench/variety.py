@@ -9,7 +9,8 @@ Link the main job's workdir as `<out>.d/rissole` (the baseline row is the main
 job). The condition-dropout rows share one trained denoiser (the runner links
 it): `dropout` samples it unguided, the `dropout_g*` rows with classifier-free
 guidance below 1 (towards the unconditional model: more variety) and above
-1 (less). `steps2400` trains twice as long (the loss still falls at 1,200).
+1 (less). `steps2400` trains twice as long (the loss still falls at 1,200);
+the `pp_` rows add per-position weights (the matrix's other recall lever).
 Each row trains at most one denoiser; the VQ-GAN, latents and index are the
 baseline's.
 """
@@ -18,6 +19,7 @@ import ml_collections as mlc
 from rissole_jax.defaults import apply_variants, base_config
 
 DROPOUT = {"diffusion.cond_dropout": 0.1}
+PER_POSITION = {"model.block_map": "vmap", "model.share_weights": False}
 
 
 def get_config(arg: str = ""):
@@ -33,6 +35,9 @@ def get_config(arg: str = ""):
       ("dropout_g2", {**DROPOUT, "sample.guidance_scale": 2.0}),
       ("dropout_g3", {**DROPOUT, "sample.guidance_scale": 3.0}),
       ("steps2400", {"diffusion.train.steps": 2400}),
+      # The two recall levers together: per-position weights and guidance 1.5.
+      ("pp_dropout", {**PER_POSITION, **DROPOUT}),
+      ("pp_dropout_g1.5", {**PER_POSITION, **DROPOUT, "sample.guidance_scale": 1.5}),
   ]
   c.samplers = ()      # quality rows: no separate timing runs
   c.timing_batch = 32
