@@ -116,6 +116,25 @@ def test_seam_score_is_one_on_real_images_and_grows_with_shuffled_blocks():
   assert seams.seam_score(seams.shuffle_blocks(other, (4, 4)), real, (4, 4)) > 2.0
 
 
+def test_mask_seam_score_counts_only_where_kept_meets_generated():
+  real, other = smooth_images(200, seed=0), smooth_images(200, seed=1)
+  top = np.array([[True, True], [False, False]])
+  assert seams.mask_seam_score(other, real, (2, 2), top) == pytest.approx(1.0, abs=0.1)
+  # Bottom blocks swapped between images: a seam at the kept/generated line...
+  pasted = other.copy()
+  pasted[:, 16:] = other[::-1, 16:]
+  assert seams.mask_seam_score(pasted, real, (2, 2), top) > 2.0
+  # ... which a left/right mask (its boundary is the vertical line) does not see.
+  left = np.array([[True, False], [True, False]])
+  assert seams.mask_seam_score(pasted, real, (2, 2), left) == pytest.approx(1.0, abs=0.1)
+  # A checkerboard mask makes every block boundary a kept/generated one.
+  checker = np.array([[True, False], [False, True]])
+  assert seams.mask_boundary_ratio(pasted, (2, 2), checker) == pytest.approx(
+      seams.boundary_ratio(pasted, (2, 2)), rel=1e-5)
+  with pytest.raises(ValueError, match="no boundary"):
+    seams.mask_boundary_ratio(real, (2, 2), np.ones((2, 2), bool))
+
+
 def test_seam_score_rejects_grids_without_seams_or_that_do_not_divide():
   x = smooth_images(4)
   with pytest.raises(ValueError):

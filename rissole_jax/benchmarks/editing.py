@@ -16,7 +16,11 @@ digits are completed once each (seed 0) and scored:
                          mixes positions), against missing_pixel_error over
                          the generated ones;
   distinct_completions   the share of pixels that differ between two
-                         completions of the same digit (seeds 0 and 1).
+                         completions of the same digit (seeds 0 and 1);
+  mask_seam_score        metrics/seams.mask_seam_score: the seam where kept
+                         meets generated blocks, over the real digits' at the
+                         same line (1.0: as in real data), and the same for
+                         the plain reconstructions (the decoder's own share).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ def run(workdir, num: int, keeps, seed: int = 0, picture=None) -> dict:
   from rissole_jax.data import to_float, to_uint8
   from rissole_jax.inference import editing
   from rissole_jax.inference.sampler import Sampler
+  from rissole_jax.metrics import seams
   from rissole_jax.metrics.protocol import Protocol
   s = Sampler.from_workdir(workdir)
   proto = Protocol(s.config)
@@ -54,6 +59,11 @@ def run(workdir, num: int, keeps, seed: int = 0, picture=None) -> dict:
         "kept_pixel_error": float(err[:, pix].mean()),
         "missing_pixel_error": float(err[:, ~pix].mean()),
         "distinct_completions": float((a[:64] != b).mean()),
+        # Seams where kept meets generated, against the real digits' at the
+        # same line (1.0: as in real data); the reconstructions' for scale.
+        "mask_seam_score": seams.mask_seam_score(a, held, s.config.blocks.grid, mask),
+        "mask_seam_score_reconstruction": seams.mask_seam_score(recon, held,
+                                                                s.config.blocks.grid, mask),
     }
     grids.append((keep, a[:8]))
   if picture:

@@ -48,6 +48,44 @@ def seam_score(samples: np.ndarray, real: np.ndarray, grid) -> float:
   return boundary_ratio(samples, grid) / boundary_ratio(real, grid)
 
 
+def mask_boundary_ratio(images: np.ndarray, grid, mask: np.ndarray) -> float:
+  """The raw ratio with only the block boundaries between a kept and a
+  generated block (mask: bool (gh, gw), True where kept) counted as
+  "across"; "inside" is every pair within a block, as in boundary_ratio."""
+  x = np.asarray(images, np.float32)
+  if x.ndim == 3:
+    x = x[..., None]
+  bh, bw = _pixel_blocks(x.shape, grid)
+  mask = np.asarray(mask, bool)
+  if mask.shape != tuple(grid):
+    raise ValueError(f"mask {mask.shape} is not the {tuple(grid)} grid")
+  H, W = x.shape[1], x.shape[2]
+  across = inside = 0.0
+  n_across = n_inside = 0
+  for axis, block, other in ((1, bh, np.arange(W) // bw), (2, bw, np.arange(H) // bh)):
+    diff = np.abs(np.diff(x, axis=axis))
+    pairs = np.arange(1, x.shape[axis])
+    boundary = (pairs % block) == 0
+    before, after = pairs // block - 1, np.minimum(pairs // block, mask.shape[axis - 1] - 1)
+    m = mask if axis == 1 else mask.T      # rows along `axis`, columns along the other
+    flip = boundary[:, None] & (m[before][:, other] != m[after][:, other])   # (pairs, other)
+    keep = ~boundary
+    d = diff if axis == 1 else np.swapaxes(diff, 1, 2)
+    across += d[:, flip].sum()
+    n_across += int(flip.sum()) * d.shape[0] * d.shape[-1]
+    inside += d[:, keep].sum()
+    n_inside += d[:, keep].size
+  if n_across == 0:
+    raise ValueError("the mask has no boundary between kept and generated blocks")
+  return float((across / n_across) / max(inside / max(n_inside, 1), 1e-12))
+
+
+def mask_seam_score(completions: np.ndarray, originals: np.ndarray, grid, mask) -> float:
+  """Seams where kept meets generated: the completions' mask_boundary_ratio
+  over the original (real) images' at the same boundary (1.0: as in real data)."""
+  return mask_boundary_ratio(completions, grid, mask) / mask_boundary_ratio(originals, grid, mask)
+
+
 def shuffle_blocks(images: np.ndarray, grid, seed: int = 0) -> np.ndarray:
   """Each block position filled from a different random image: seams by design
   (the test case, and a calibration point for the score)."""
