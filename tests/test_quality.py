@@ -275,3 +275,25 @@ def test_variety_bench_rows_share_what_they_can(tmp_path):
       assert row["diffusion"] == fps["dropout"]["diffusion"], name
   assert fps["pp_dropout_g1.5"]["diffusion"] == fps["pp_dropout"]["diffusion"]
   assert len({row["sample"] for row in fps.values()}) == len(fps)
+
+
+@pytest.mark.parametrize("preset", ["pg", "pr"])
+def test_lego_skip_bench_rows_reuse_the_trained_lego_model(tmp_path, preset):
+  """configs/bench/lego_skip.py: every row is the LEGO model of the bench
+  matrix's rissole_lego_<preset> row with only t_break changed."""
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+  from configs.bench import default, lego_skip
+  from rissole_jax.benchmark import with_overrides
+  from rissole_jax.stages import stage_records
+  bench, matrix = lego_skip.get_config(preset), default.get_config()
+  fps = lambda base, o: {r.directory.name: r.fingerprint for r in stage_records(
+      with_overrides(base, dict(o)), tmp_path)}
+  lego_row = dict(matrix.runs)[f"rissole_lego_{preset}"]
+  trained = fps(matrix.base, lego_row)
+  rows = {name: fps(bench.base, o) for name, o in bench.runs}
+  assert rows["t0"] == {k: v for k, v in trained.items()}
+  for name, row in rows.items():
+    assert all(row[s] == trained[s] for s in ("vqgan", "encode", "index", "diffusion")), name
+  assert len({row["sample"] for row in rows.values()}) == len(rows)
