@@ -59,3 +59,13 @@ def test_variety_measures():
   nb = np.array([[[0., 0.], [2., 0.]]])               # one x, k = 2 neighbours
   d = variety.neighbour_distances(np.array([[0., 0.]]), nb, scale=2.0)
   assert d == {"to_nearest_neighbour": 0.0, "to_neighbour_mean": 0.5, "neighbour_spread": 0.5}
+
+
+def test_editing_benchmark_runs_on_the_smoke_model(smoke_workdir, tmp_path):
+  from rissole_jax.benchmarks import editing
+  r = editing.run(smoke_workdir, 4, ["top"], picture=tmp_path / "p.png")
+  assert r["num"] == 4 and 0 <= r["baseline_agreement"] <= 1
+  t = r["top"]
+  assert 0 <= t["label_agreement"] <= 1 and 0 < t["distinct_completions"] <= 1
+  assert np.isfinite(t["mask_seam_score"]) and t["kept_pixel_error"] >= 0
+  assert (tmp_path / "p.png").stat().st_size > 0
