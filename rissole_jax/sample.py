@@ -63,13 +63,11 @@ def parse(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-SHORTHANDS = ("top", "bottom", "left", "right")
-
-
 def _mask_file(path: str, size: int) -> np.ndarray:
   """A mask image -> bool (size, size): white (>= 128 after greyscale) is kept."""
   from PIL import Image
   from rissole_jax.errors import ConfigError
+  from rissole_jax.inference.editing import SHORTHANDS
   if not Path(path).is_file():
     raise ConfigError(f"--keep {path!r}: not one of {SHORTHANDS} and not a mask image file.")
   with Image.open(path) as im:
@@ -82,8 +80,7 @@ def _with_inputs(s, inputs, keep, images) -> np.ndarray:
   from rissole_jax.inference import editing
   size, ch = s.image_shape[0], s.image_shape[2]
   originals = to_model_images(inputs, size, ch)
-  m = editing.block_mask(keep, s.config.blocks.grid, size)
-  pix = np.repeat(np.repeat(m, size // m.shape[0], 0), size // m.shape[1], 1)
+  pix = editing.latent_mask(editing.block_mask(keep, s.config.blocks.grid, size), (size, size))
   mask = np.broadcast_to((pix * 255).astype(np.uint8)[..., None], (size, size, ch))
   rows = [np.stack([o, mask, *row]) for o, row in zip(originals, images)]
   return np.stack(rows)
@@ -111,6 +108,7 @@ def main(argv=None) -> int:
     if args.variations and args.inpaint:
       raise RissoleError("--variations and --inpaint: give one of them.")
     if args.inpaint:
+      from rissole_jax.inference.editing import SHORTHANDS
       keep = args.keep if args.keep in SHORTHANDS else _mask_file(args.keep, s.image_shape[0])
       images = s.inpaint(args.inpaint, keep, num_per_image=args.num, **kw)
       names = [f"inpaint_{i:03d}_{j:02d}.png" for i in range(images.shape[0])

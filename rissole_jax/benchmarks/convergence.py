@@ -61,6 +61,8 @@ def fd_curve(name: str, root: Path, num: int, seed: int, done: set) -> list[dict
   s = Sampler.from_workdir(root)      # checks the stages; holds the final EMA
   proto = instrument(s.config)
   f_ref = proto.clf.features(proto.reference_images)
+  n = proto.scored_n(num)
+  floor_fd = proto.floor(n)["fd"]["mean"]
   like = loading.abstract_denoiser_params(s.model, s.config, s.stats["latent_shape"],
                                           s.stats["k"], s.mesh)
   rows = []
@@ -69,11 +71,10 @@ def fd_curve(name: str, root: Path, num: int, seed: int, done: set) -> list[dict
       continue
     s.params = checkpoints.restore_final(root / "diffusion", "diffusion", step, like, only="ema")
     images = s.sample(num, seed=seed, progress=False)
-    n = proto.scored_n(len(images))
     m = ev_stage.feature_metrics(f_ref, proto.clf.features(images[:n]), s.config.evaluate)
     row = {"name": name, "run": str(root), "step": step, "num": num, "seed": seed,
            "sampler": s.config.sample.sampler, "steps": int(s.config.sample.steps),
-           "n_scored": n, "floor_fd": proto.floor(n)["fd"]["mean"],
+           "n_scored": n, "floor_fd": floor_fd,
            "classifier_fd": m["fd"], "kid": m["kid"], "precision": m["precision"],
            "recall": m["recall"]}
     # Fast convergence could also mean copying the neighbours: say how close

@@ -51,8 +51,7 @@ def run(workdir, num: int, keeps, seed: int = 0, picture=None) -> dict:
     a = s.inpaint(held, keep, num_per_image=1, seed=seed, progress=False)[:, 0]
     b = s.inpaint(held[:64], keep, num_per_image=1, seed=seed + 1, progress=False)[:, 0]
     mask = editing.block_mask(keep, s.config.blocks.grid, held.shape[1])
-    pix = np.repeat(np.repeat(mask, held.shape[1] // mask.shape[0], 0),
-                    held.shape[2] // mask.shape[1], 1)
+    pix = editing.latent_mask(mask, held.shape[1:3])     # the block mask over the pixels
     err = np.abs(a.astype(np.float32) - recon.astype(np.float32))[..., 0]
     out[keep] = {
         "label_agreement": float((clf.probs(a).argmax(-1) == labels).mean()),

@@ -62,7 +62,7 @@ def block_mask(keep, grid, image_size: int) -> np.ndarray:
 
 
 def latent_mask(mask: np.ndarray, latent_shape) -> np.ndarray:
-  """The block mask spread over the latent (h, w): bool (h, w)."""
+  """The block mask spread over a latent (or image) of (h, w): bool (h, w)."""
   gh, gw = mask.shape
   h, w = int(latent_shape[0]), int(latent_shape[1])
   return np.repeat(np.repeat(mask, h // gh, 0), w // gw, 1)

@@ -149,7 +149,7 @@ class Sampler:
     if num == 0:
       return np.zeros((0, *self.image_shape), np.uint8)
     bs = self._batch_size(settings, num, batch_size or self.config.sample.batch_size)
-    fn = self._compiled(settings)
+    fn = self._compiled(settings, decode=keep is None)
     pidx, pcount = parallel.process_info()
     sl = local_slice(bs, pidx, pcount)
     key = parallel.put_replicated(jax.random.PRNGKey(seed), self.mesh)
@@ -219,21 +219,26 @@ class Sampler:
     compiled = [b for (s, b) in self.trace_counts if s == settings and want <= b <= cap]
     return min(compiled) if compiled else want
 
-  def _compiled(self, settings: Settings):
-    """The jitted sampler for `settings` (jit keeps one executable per batch size)."""
-    if settings not in self._fns:
+  def _compiled(self, settings: Settings, decode: bool = True):
+    """The jitted sampler for `settings` (jit keeps one executable per batch
+    size); decode=False: the same program returning the latents twice, not
+    decoded (inpainting merges the kept blocks first, then decodes once)."""
+    key = settings if decode else (settings, "latents")
+    if key not in self._fns:
       fn = make_sample_fn(self.model, self.schedule, self.config.diffusion.prediction, settings,
-                          self.decode_fn, self.stats, skip_plan(self.model, self.config, settings))
+                          self.decode_fn if decode else (lambda _, z: z), self.stats,
+                          skip_plan(self.model, self.config, settings))
 
       def counted(params, ae_params, nb, key, start):
-        self.trace_counts[(settings, nb.shape[0])] += 1  # runs once per trace
+        if decode:   # trace_counts: the sampling program's traces
+          self.trace_counts[(settings, nb.shape[0])] += 1  # runs once per trace
         return fn(params, ae_params, nb, key, start)
 
       repl = parallel.replicated(self.mesh)
       bsh = lambda nd: parallel.batch_sharding(self.mesh, self._rules, nd)
-      self._fns[settings] = jax.jit(counted, in_shardings=(None, repl, bsh(5), repl, repl),
-                                    out_shardings=(bsh(4), bsh(4)))
-    return self._fns[settings]
+      self._fns[key] = jax.jit(counted, in_shardings=(None, repl, bsh(5), repl, repl),
+                               out_shardings=(bsh(4), bsh(4)))
+    return self._fns[key]
 
   # -- user images ---------------------------------------------------------------
 

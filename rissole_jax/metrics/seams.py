@@ -66,7 +66,7 @@ def mask_boundary_ratio(images: np.ndarray, grid, mask: np.ndarray) -> float:
     diff = np.abs(np.diff(x, axis=axis))
     pairs = np.arange(1, x.shape[axis])
     boundary = (pairs % block) == 0
-    before, after = pairs // block - 1, np.minimum(pairs // block, mask.shape[axis - 1] - 1)
+    before, after = pairs // block - 1, pairs // block   # the blocks a boundary pair joins
     m = mask if axis == 1 else mask.T      # rows along `axis`, columns along the other
     flip = boundary[:, None] & (m[before][:, other] != m[after][:, other])   # (pairs, other)
     keep = ~boundary
