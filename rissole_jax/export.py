@@ -1,6 +1,6 @@
 """Writes a trained model for use elsewhere.
 
-  python -m rissole_jax.export --workdir DIR --out FILE
+  python -m rissole_jax.export --workdir DIR --out FILE [--weights int8]
       one file with everything sampling needs (rissole_jax/inference/modelfile.py); load
       it with Sampler.load(FILE) or python -m rissole_jax.sample --model FILE
   python -m rissole_jax.export --format stablehlo --workdir DIR --out EXPORT_DIR
@@ -28,6 +28,10 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--out", required=True,
                  help="the model file (e.g. mnist.rissole), or the export folder for stablehlo")
   p.add_argument("--format", choices=("model", "stablehlo"), default="model")
+  p.add_argument("--weights", choices=("float32", "int8"), default="float32",
+                 help="model file: how the weights are stored; int8 keeps every conv/dense "
+                      "kernel as int8 with a float32 scale per output channel (a quarter of "
+                      "the bytes, read back as float32; docs/pretrained.md measures the cost)")
   p.add_argument("--quantize", choices=("none", "int8_weights", "int8"),
                  help="stablehlo: int8 parameters (default: the config's sample.quantize)")
   p.add_argument("--platforms",
@@ -54,7 +58,7 @@ def main(argv=None) -> int:
     s = Sampler.from_workdir(args.workdir) if args.workdir else Sampler.load(args.model)
     if args.format == "stablehlo":
       return _stablehlo(s, args)
-    sizes = s.save(args.out)
+    sizes = s.save(args.out, weights=args.weights)
   except RissoleError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -25,7 +25,9 @@ NEEDED_STAGES = ("vqgan", "encode", "index", "diffusion")
 class Parts:
   """What sampling needs: the config, the autoencoder, the denoiser (model and
   EMA params), the latent statistics, the database and the device mesh.
-  stats: mean and std (latent normalisation), k, latent_shape."""
+  stats: mean and std (latent normalisation), k, latent_shape. manifest: a
+  model file's manifest (format, weights, fingerprints, provenance), if it
+  came from one."""
   config: Any
   ae: Any
   model: Any
@@ -33,6 +35,7 @@ class Parts:
   stats: dict
   db: SamplingDatabase
   mesh: Any = None
+  manifest: dict | None = None
 
   @property
   def schedule(self):

@@ -345,6 +345,38 @@ def dtype_bytes(tree) -> dict:
   return out
 
 
+# int8 storage for the model file: a kernel becomes {INT8_VALUES: int8,
+# INT8_SCALE: float32 per output channel} (Qwix's symmetric channelwise
+# rounding); reading it back needs only numpy.
+INT8_VALUES, INT8_SCALE = "int8_values", "int8_scale"
+
+
+def kernels_to_int8(params):
+  """params (nested dicts of arrays) with every conv/dense kernel stored as
+  int8 values and a float32 scale per output channel; everything else
+  (biases, norms, the codebook) as it was."""
+  qwix = _qwix()
+
+  def one(path, leaf):
+    leaf = np.asarray(leaf)
+    if getattr(path[-1], "key", None) != "kernel" or leaf.ndim < 2:
+      return leaf
+    q = qwix.quantize(jnp.asarray(leaf, jnp.float32), jnp.int8, channelwise_axes=(leaf.ndim - 1,))
+    return {INT8_VALUES: np.asarray(q.qvalue, np.int8),
+            INT8_SCALE: np.asarray(q.scale, np.float32)}
+  return jax.tree_util.tree_map_with_path(one, _unbox(params))
+
+
+def kernels_from_int8(tree):
+  """The float32 params of a kernels_to_int8 tree (values times scale)."""
+  if isinstance(tree, dict):
+    if set(tree) == {INT8_VALUES, INT8_SCALE}:
+      return (np.asarray(tree[INT8_VALUES], np.float32) *
+              np.asarray(tree[INT8_SCALE], np.float32))
+    return {k: kernels_from_int8(v) for k, v in tree.items()}
+  return tree
+
+
 def save_params(path, tree) -> None:
   """Leaves of a (quantized) tree, in order, to an .npz (written atomically);
   load_params needs a tree of the same structure (e.g. the abstract one the

@@ -64,6 +64,7 @@ class Sampler:
     self.trace_counts: collections.Counter = collections.Counter()  # (settings, batch) -> traces
     self.last_timings: dict = {}
     self._db_norm = None
+    self.manifest = None         # a model file's manifest (provenance), if loaded from one
     self.quantization = "none"   # quantized(): 'int8_weights' or 'int8'
     # The decoder the program runs and its params: the autoencoder's, int8 once quantized.
     self.decode_fn, self.decoder_params = ae.decode_fn, ae.params
@@ -78,8 +79,10 @@ class Sampler:
 
   @classmethod
   def from_parts(cls, parts: loading.Parts) -> "Sampler":
-    return cls(parts.config, parts.ae, parts.model, parts.params, parts.stats, parts.db,
-               parts.mesh)
+    out = cls(parts.config, parts.ae, parts.model, parts.params, parts.stats, parts.db,
+              parts.mesh)
+    out.manifest = parts.manifest
+    return out
 
   @classmethod
   def from_workdir(cls, path, config=None, mesh=None) -> "Sampler":
@@ -94,10 +97,19 @@ class Sampler:
     from rissole_jax.inference import modelfile
     return cls.from_parts(modelfile.load(path, mesh))
 
-  def save(self, path) -> dict:
-    """Writes everything sampling needs into one file; returns its parts' sizes."""
+  @classmethod
+  def pretrained(cls, name: str = "mnist", mesh=None) -> "Sampler":
+    """A model shipped inside the package (rissole_jax/pretrained: "mnist" is
+    the default main job's model); its provenance is in `.manifest`."""
+    from rissole_jax import pretrained
+    return cls.load(pretrained.path(name), mesh)
+
+  def save(self, path, weights: str = "float32", provenance: dict | None = None) -> dict:
+    """Writes everything sampling needs into one file; returns its parts' sizes.
+    weights="int8": every conv/dense kernel stored as int8 (a quarter of the
+    bytes; read back as float32). See inference/modelfile.py."""
     from rissole_jax.inference import modelfile
-    return modelfile.save(self, path)
+    return modelfile.save(self, path, weights, provenance)
 
   def __repr__(self) -> str:
     return (f"Sampler({self.model.variant}, {unet.count_params(self.params):,} denoiser "
