@@ -9,6 +9,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["rissole_jax", "rissole_jax.*"]),
+    # The shipped pretrained model (rissole_jax/pretrained: Sampler.pretrained("mnist")).
+    package_data={"rissole_jax.pretrained": ["*.rissole"]},
     python_requires=">=3.10",
     # Lower bounds are the versions tested here (Python 3.11, Linux x86_64, CPU).
     install_requires=[

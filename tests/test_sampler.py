@@ -9,7 +9,9 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -162,6 +164,31 @@ def test_inpaint_keeps_the_user_blocks_exactly(sampler):
   # region's pixels are near, not equal to, the reconstruction's.)
 
 
+def test_outpaint_places_the_image_and_fills_the_canvas(sampler):
+  from rissole_jax.inference import editing
+  image = train_images(sampler, [1])[0]
+  out, z = sampler.outpaint(image, canvas=(3, 3), at=(1, 0), num_per_image=2, seed=0,
+                            progress=False, return_latents=True)
+  own = sampler.encode_images([image])[0]
+  h, w = own.shape[:2]
+  bh = h // 2
+  assert out.shape == (2, 48, 48, 1) and z.shape == (2, 3 * bh, 3 * bh, own.shape[-1])
+  for j in range(2):
+    np.testing.assert_array_equal(z[j, bh:bh + h, :w], own)      # the original, where asked
+  assert not np.array_equal(z[0, :bh], z[1, :bh])                  # outpaintings differ
+  for canvas, at, match in (((1, 2), (0, 0), "smaller than"), ((3, 3), (2, 0), "does not fit"),
+                            ((2, 2), (0, 0), "nothing to generate")):
+    with pytest.raises(ConfigError, match=match):
+      sampler.outpaint(image, canvas=canvas, at=at)
+  # The fill order: the window with the most known blocks first, then the
+  # nearest to the image, then row-major; every window keeps >= 1 block.
+  known = np.zeros((3, 4), bool)
+  known[1:3, 1:3] = True
+  assert editing.next_window(known, (2, 2), (1, 1)) == (0, 1)      # 2 known, nearest
+  known[:, :] = True
+  assert editing.next_window(known, (2, 2), (1, 1)) is None
+
+
 def test_user_images_of_any_mode_and_size(sampler, tmp_path):
   rng = np.random.default_rng(0)
   grey = rng.integers(0, 255, (50, 40), np.uint8)
@@ -245,6 +272,45 @@ def test_model_file_round_trip(sampler, model_file):
   np.testing.assert_array_equal(loaded.retrieve(z), sampler.retrieve(z))  # rebuilt index
 
 
+def test_model_file_int8_weights_and_version_1(sampler, workdir, model_file, tmp_path):
+  from flax import serialization
+  from rissole_jax.inference import quantize
+  sizes = sampler.save(tmp_path / "q.rissole", weights="int8")
+  float_sizes = {n: i["size"] for n, i in modelfile.read(model_file)[0]["files"].items()}
+  assert sizes["denoiser.msgpack"] < 0.4 * float_sizes["denoiser.msgpack"]
+  manifest, data = modelfile.read(tmp_path / "q.rissole")
+  assert manifest["version"] == modelfile.VERSION and manifest["weights"] == "int8"
+  assert manifest["model_fingerprint"] == modelfile.model_fingerprint(sampler.config)
+  assert manifest["model_fingerprint"] == json.loads(
+      (Path(workdir) / "diffusion" / "stage.json").read_text())["fingerprint"]
+  stored = serialization.msgpack_restore(data["denoiser.msgpack"])
+  loaded = Sampler.load(tmp_path / "q.rissole")
+  flat = lambda t: {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v)
+                    for p, v in jax.tree_util.tree_leaves_with_path(t)}
+  want, got, raw = flat(sampler.params), flat(loaded.params), flat(stored)
+  assert want.keys() == got.keys()
+  for name, a in want.items():
+    if name.endswith("kernel") and a.ndim >= 2:    # int8 in the file, float32 when read
+      assert raw[name + "/" + quantize.INT8_VALUES].dtype == np.int8
+      scale = raw[name + "/" + quantize.INT8_SCALE]
+      assert np.all(np.abs(got[name] - a) <= scale / 2 + 1e-7) and got[name].dtype == np.float32
+    else:
+      np.testing.assert_array_equal(got[name], a)
+  assert loaded.ae.fingerprint == manifest["autoencoder_fingerprint"] != sampler.ae.fingerprint
+  with pytest.raises(DataError, match="quantized for computing"):
+    sampler.quantized("int8_weights").save(tmp_path / "x.rissole")
+
+  def version_1(m):   # what format 1 wrote: float weights, no weights/fingerprint/provenance
+    man = json.loads(m["manifest.json"])
+    for key in ("weights", "model_fingerprint", "provenance"):
+      man.pop(key)
+    m["manifest.json"] = json.dumps({**man, "version": 1}).encode()
+  _rewrite(model_file, tmp_path / "v1.rissole", version_1)
+  v1 = Sampler.load(tmp_path / "v1.rissole")
+  for name, a in flat(v1.params).items():
+    np.testing.assert_array_equal(a, want[name])
+
+
 def _rewrite(src, dst, change):
   with zipfile.ZipFile(src) as z:
     members = {n: z.read(n) for n in z.namelist()}
@@ -324,10 +390,38 @@ def test_sample_and_export_clis(workdir, tmp_path, capsys):
   assert "not a mask image" in capsys.readouterr().err
   assert sample.main(["--workdir", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
   assert "is not a folder" in capsys.readouterr().err
+  # --outpaint: the grid shows the input on its canvas | outpaintings.
+  assert sample.main(["--workdir", str(workdir), "--outpaint", str(tmp_path / "me.png"),
+                      "--canvas", "2,3", "--at", "0,1", "--num", "2", "--steps", "2",
+                      "--out", str(tmp_path / "outp"), "--no_progress"]) == 0
+  assert Image.open(tmp_path / "outp" / "outpaint_01.png").size == (48, 32)
+  assert sample.main(["--workdir", str(workdir), "--outpaint", str(tmp_path / "me.png"),
+                      "--canvas", "2", "--out", str(tmp_path / "x")]) == 2
+  assert "ROWS,COLS" in capsys.readouterr().err
+  # --model: an existing file wins over a shipped name, and the command says which.
+  shutil.copy(tmp_path / "m.rissole", tmp_path / "mnist")
+  capsys.readouterr()
+  from rissole_jax import pretrained
+  args = sample.parse(["--model", str(tmp_path / "mnist"), "--out", "x"])
+  assert sample.load_model(args)[1] == f"the model file {tmp_path / 'mnist'}"
+  cwd = os.getcwd()
+  try:
+    os.chdir(tmp_path)
+    assert sample.load_model(sample.parse(["--model", "mnist", "--out", "x"]))[1] == (
+        "the model file mnist")
+    os.chdir(tmp_path / "out")
+    assert "shipped model 'mnist'" in sample.load_model(
+        sample.parse(["--model", "mnist", "--out", "x"]))[1]
+  finally:
+    os.chdir(cwd)
+  assert pretrained.path("mnist").is_file()
+  assert sample.main(["--model", "nosuch", "--out", str(tmp_path / "x")]) == 2
+  assert "no shipped model of that name (shipped: mnist)" in capsys.readouterr().err
   help_text = subprocess.run([sys.executable, "-m", "rissole_jax.sample", "--help"], cwd=ROOT,
                              capture_output=True, text=True, timeout=60).stdout
   for flag in ("--workdir", "--model", "--num", "--seed", "--sampler", "--steps", "--eta",
-               "--guidance", "--database", "--variations", "--inpaint", "--keep"):
+               "--guidance", "--database", "--variations", "--inpaint", "--keep", "--outpaint",
+               "--canvas", "--at"):
     assert flag in help_text
 
 
@@ -364,9 +458,10 @@ def test_eight_devices_make_the_images_of_one(sampler, model_file):
   assert np.abs(eight - one).max() <= 2 and np.mean(eight != one) < 0.01
 
 
-def test_notebook_runs_top_to_bottom(model_file, tmp_path, monkeypatch):
-  """notebooks/sampling.ipynb, committed without outputs, executed on a model
-  file (the smoke model); its jupytext twin holds the same code."""
+def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+  """notebooks/sampling.ipynb, committed without outputs, executed as a user
+  opens it: on the shipped pretrained model. Its jupytext twin holds the
+  same code."""
   import nbformat
   from nbclient import NotebookClient
   path = os.path.join(ROOT, "notebooks", "sampling.ipynb")
@@ -375,14 +470,15 @@ def test_notebook_runs_top_to_bottom(model_file, tmp_path, monkeypatch):
   assert not any(c.get("outputs") or c.get("execution_count") for c in code)
   twin = open(os.path.join(ROOT, "notebooks", "sampling.py")).read()
   assert all(c.source in twin for c in code), "notebook and sampling.py differ: jupytext --sync"
-  monkeypatch.setenv("RISSOLE_MODEL", str(model_file))
-  monkeypatch.setenv("RISSOLE_NOTEBOOK_STEPS", "2,3")
+  monkeypatch.delenv("RISSOLE_MODEL", raising=False)
   monkeypatch.setenv("RISSOLE_NOTEBOOK_DIR", str(tmp_path / "work"))
   monkeypatch.setenv("RISSOLE_CACHE", str(tmp_path / "cache"))
   NotebookClient(nb, timeout=600, kernel_name="python3",
                  resources={"metadata": {"path": str(tmp_path)}}).execute()
+  text = "".join(o.get("text", "") for c in code for o in c.outputs)
+  assert "nothing was installed" in text and "python -m rissole_jax.pretrained.remake" in text
   images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
-  assert len(images) >= 5          # grid, figure, swapped figure, variations, timing plot
+  assert len(images) >= 6   # grid, figure, variations, inpainting, outpainting, swapped figure
   assert not [o for c in code for o in c.outputs if o.output_type == "error"]
 
 

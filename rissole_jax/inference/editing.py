@@ -1,5 +1,6 @@
-"""Editing by blocks: which blocks of an image to keep, and neighbours found
-from the kept blocks alone (numpy only; `Sampler.inpaint` uses them).
+"""Editing by blocks: which blocks of an image to keep, neighbours found
+from the kept blocks alone, and the order outpainting fills a larger canvas
+in (numpy only; `Sampler.inpaint` and `Sampler.outpaint` use them).
 
 A block mask is bool (gh, gw) over the latent's block grid (blocks.py), True
 where the user's image is kept. `block_mask` accepts:
@@ -87,3 +88,42 @@ def masked_neighbours(db_latents: np.ndarray, latents: np.ndarray, mask: np.ndar
   ids = np.argpartition(d, k - 1, axis=1)[:, :k]
   order = np.take_along_axis(d, ids, 1).argsort(1, kind="stable")
   return np.take_along_axis(ids, order, 1)
+
+
+def check_canvas(canvas, at, grid) -> tuple[tuple[int, int], tuple[int, int]]:
+  """(canvas, at) as int pairs, or ConfigError: the canvas (rows, cols) in
+  blocks is at least the block grid, and the image placed at block (row, col)
+  lies inside it."""
+  (rows, cols), (r, c), (gh, gw) = canvas, at, grid
+  rows, cols, r, c, gh, gw = (int(v) for v in (rows, cols, r, c, gh, gw))
+  if rows < gh or cols < gw:
+    raise ConfigError(f"canvas {(rows, cols)} (in blocks) is smaller than the image's block "
+                      f"grid {(gh, gw)}. Fix: a canvas of at least {(gh, gw)} blocks.")
+  if not (0 <= r <= rows - gh and 0 <= c <= cols - gw):
+    raise ConfigError(f"at={(r, c)}: an image of {(gh, gw)} blocks placed there does not fit "
+                      f"a canvas of {(rows, cols)}. Fix: 0 <= row <= {rows - gh}, "
+                      f"0 <= col <= {cols - gw}.")
+  if (rows, cols) == (gh, gw):
+    raise ConfigError(f"canvas {(rows, cols)} is the image itself: nothing to generate. Fix: a "
+                      "larger canvas, e.g. one more column of blocks.")
+  return (rows, cols), (r, c)
+
+
+def next_window(known: np.ndarray, grid, at) -> tuple[int, int] | None:
+  """The top-left block of the next training-size window to complete on a
+  canvas (known: bool (rows, cols) of blocks already there), or None when
+  the canvas is full: among windows with a missing block, the one with the
+  most known blocks (the most context; at least one), then the nearest to
+  the image's window `at`, then the first in row-major order."""
+  gh, gw = grid
+  rows, cols = known.shape
+  best, best_key = None, None
+  for r in range(rows - gh + 1):
+    for c in range(cols - gw + 1):
+      w = known[r:r + gh, c:c + gw]
+      if w.all() or not w.any():
+        continue
+      key = (-int(w.sum()), max(abs(r - at[0]), abs(c - at[1])), r, c)
+      if best_key is None or key < best_key:
+        best, best_key = (r, c), key
+  return best

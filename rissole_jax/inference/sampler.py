@@ -149,12 +149,16 @@ class Sampler:
 
   def generate(self, neighbour_ids: np.ndarray, *, seed: int = 0, settings: Settings | None = None,
                batch_size: int | None = None, progress: bool = True,
-               desc: str = "sample", keep=None, return_latents: bool = False):
+               desc: str = "sample", keep=None, return_latents: bool = False,
+               decode: bool = True):
     """One image per row of database ids (num, k): image i denoised with those
     neighbours and noise from fold_in(PRNGKey(seed), i). uint8 (num, H, W, C).
     keep: (latents (num, h, w, c), bool (h, w)): where the mask is True, image
     i's latent is replaced by latents[i] before decoding (inpainting).
-    With return_latents, also the latents decoded (num, h, w, c)."""
+    With return_latents, also the latents decoded (num, h, w, c); with
+    decode=False (and keep given) the images are not made (None)."""
+    if not decode and (keep is None or not return_latents):
+      raise ValueError("decode=False is for keep=... with return_latents=True.")
     settings = settings or self.settings()
     ids = np.asarray(neighbour_ids, np.int64)
     num = len(ids)
@@ -185,11 +189,15 @@ class Sampler:
                     parallel.put_replicated(np.int32(start), self.mesh))
         if keep is not None:   # the user's blocks, exactly, then one decode of the whole latent
           rows = np.arange(start, start + bs).clip(max=num - 1)
-          z, img = merge_decode(self.decoder_params, z, kept[rows], where)
+          if decode:
+            z, img = merge_decode(self.decoder_params, z, kept[rows], where)
+          else:
+            z = img = np.where(where, kept[rows], parallel.to_host(z))
         img = parallel.to_host(img)
         times.append(time.perf_counter() - t0)
         m = min(bs, num - start)
-        out[start:start + m] = to_uint8(img[:m])
+        if decode:
+          out[start:start + m] = to_uint8(img[:m])
         if z_out is not None:
           z_out[start:start + m] = parallel.to_host(z)[:m]
         bar.update(m)
@@ -200,6 +208,8 @@ class Sampler:
                          "seconds_per_batch": float(np.median(steady)),
                          "samples_per_sec": bs / float(np.median(steady)),
                          "nfe_per_sample": nfe(settings, self.config, self.model)}
+    if not decode:
+      out = None
     return (out, z_out) if return_latents else out
 
   def _merge_decode(self):
@@ -319,27 +329,92 @@ class Sampler:
     blocks (prev_block, LEGO bricks over the whole canvas) are completed the
     same way: the kept blocks do not follow the trajectory (RePaint-style)."""
     from rissole_jax.inference import editing
-    if num_per_image < 1:
-      raise ConfigError(f"num_per_image={num_per_image}: ask for at least one.")
-    if not unet.uses_retrieval(self.model.variant):
-      raise ConfigError(f"inpainting needs a model that retrieves (variant "
-                        f"{self.model.variant!r} does not): the kept blocks reach the rest "
-                        "through the neighbours they select. Fix: use a rissole, full or rdm model.")
+    self._check_editing(num_per_image)
     mask = editing.block_mask(keep, self.config.blocks.grid, self.config.data.image_size)
     z = self.encode_images(images)
     exclude = [np.flatnonzero(m) for m in self._copies_of(z)]
-    ids = editing.masked_neighbours(self.db.latents, z, mask, int(self.stats["k"]), exclude)
-    settings = self.settings(**{k: kw.pop(k, None) for k in
-                                ("sampler", "steps", "eta", "guidance", "order", "spacing",
-                                 "t_break")})
+    settings = self._settings_from(kw)
     rep = lambda a: np.repeat(a, num_per_image, 0)
-    lm = editing.latent_mask(mask, z.shape[1:3])
-    out = self.generate(rep(ids), seed=seed, settings=settings, desc="inpaint",
-                        keep=(rep(z), lm), return_latents=return_latents, **kw)
+    out, lat = self._complete(rep(z), mask, rep(np.arange(len(z))), exclude, seed, settings,
+                              desc="inpaint", **kw)
     shape = (len(z), num_per_image)
-    if return_latents:
-      return out[0].reshape(*shape, *out[0].shape[1:]), out[1].reshape(*shape, *z.shape[1:])
-    return out.reshape(*shape, *out.shape[1:])
+    out = out.reshape(*shape, *out.shape[1:])
+    return (out, lat.reshape(*shape, *z.shape[1:])) if return_latents else out
+
+  def outpaint(self, image, canvas, at=(0, 0), num_per_image: int = 4, *, seed: int = 0,
+               return_latents: bool = False, **kw):
+    """The image placed at block `at` (row, col) of a larger canvas of
+    `canvas` (rows, cols) blocks, and the rest generated: uint8
+    (num_per_image, rows*bh, cols*bw, C) images of the whole canvas (bh, bw:
+    a block's size in pixels), and their latents with return_latents.
+
+    The canvas is filled one training-size window at a time
+    (editing.next_window: the window with the most blocks already there):
+    each window is an inpainting whose kept blocks are the canvas's known
+    blocks in it, so the denoiser only ever sees a canvas of the size and
+    block positions it was trained on, whatever its backbone (the U-Net's
+    learned position has one entry per training block). The user's blocks
+    stay exactly as encoded; the canvas is decoded as one latent.
+    Keyword arguments as for `sample`."""
+    from rissole_jax.inference import editing
+    self._check_editing(num_per_image)
+    grid = tuple(int(g) for g in self.config.blocks.grid)
+    (rows, cols), at = editing.check_canvas(canvas, at, grid)
+    z = self.encode_images([image])                                   # (1, h, w, c)
+    h, w, ch = z.shape[1:]
+    bh, bw = h // grid[0], w // grid[1]
+    exclude = [np.flatnonzero(m) for m in self._copies_of(z)] * num_per_image
+    settings = self._settings_from(kw)
+    Z = np.zeros((num_per_image, rows * bh, cols * bw, ch), np.float32)
+    Z[:, at[0] * bh:at[0] * bh + h, at[1] * bw:at[1] * bw + w] = z[0]
+    known = np.zeros((rows, cols), bool)
+    known[at[0]:at[0] + grid[0], at[1]:at[1] + grid[1]] = True
+    step = 0
+    while (win := editing.next_window(known, grid, at)) is not None:
+      r, c = win
+      rs, cs = slice(r * bh, r * bh + h), slice(c * bw, c * bw + w)
+      mask = known[r:r + grid[0], c:c + grid[1]].copy()
+      # each window its own noise, a pure function of (seed, window number)
+      wseed = int(np.random.SeedSequence([seed, step]).generate_state(1)[0] >> 1)
+      _, lat = self._complete(Z[:, rs, cs], mask, np.arange(num_per_image), exclude, wseed,
+                              settings, desc=f"outpaint {step + 1}", decode=False, **kw)
+      Z[:, rs, cs] = lat
+      known[r:r + grid[0], c:c + grid[1]] = True
+      step += 1
+    images = to_uint8(parallel.to_host(self._decode_canvas()(self.decoder_params, Z)))
+    return (images, Z) if return_latents else images
+
+  def _check_editing(self, num_per_image: int) -> None:
+    if num_per_image < 1:
+      raise ConfigError(f"num_per_image={num_per_image}: ask for at least one.")
+    if not unet.uses_retrieval(self.model.variant):
+      raise ConfigError(f"editing needs a model that retrieves (variant {self.model.variant!r} "
+                        "does not): the kept blocks reach the rest through the neighbours they "
+                        "select. Fix: use a rissole, full or rdm model.")
+
+  def _settings_from(self, kw: dict) -> Settings:
+    """The sampling settings named in `kw` (removed from it)."""
+    return self.settings(**{k: kw.pop(k, None) for k in
+                            ("sampler", "steps", "eta", "guidance", "order", "spacing", "t_break")})
+
+  def _complete(self, z, mask, rows, exclude, seed, settings, decode: bool = True, **kw):
+    """(images or None, latents) completing each latent z[i] (training size)
+    from its blocks where `mask` (gh, gw) is True; exclude[rows[i]]: database
+    ids its neighbours never are (copies of the user's image)."""
+    from rissole_jax.inference import editing
+    ids = editing.masked_neighbours(self.db.latents, z, mask, int(self.stats["k"]),
+                                    [exclude[i] for i in rows])
+    lm = editing.latent_mask(mask, z.shape[1:3])
+    out, lat = self.generate(ids, seed=seed, settings=settings, keep=(z, lm),
+                             return_latents=True, decode=decode, **kw)
+    return out, lat
+
+  def _decode_canvas(self):
+    """jit(decode) for latents of any size (the VQ-GAN is convolutional)."""
+    if "decode_canvas" not in self._fns:
+      decode = self.decode_fn
+      self._fns["decode_canvas"] = jax.jit(lambda p, z: decode(p, jnp.asarray(z)))
+    return self._fns["decode_canvas"]
 
   # -- another database ------------------------------------------------------------
 
