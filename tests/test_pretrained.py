@@ -51,8 +51,11 @@ def test_remake_verdict_and_table():
                         "int8": 9.1, "diff": 0.1, "lo": lo, "hi": hi}
   same = {"fd": row(-0.5, 0.7), "recall": row(-0.01, 0.02)}
   assert remake.verdict(same).startswith("no measurable difference")
-  worse = {**same, "recall": row(0.01, 0.03)}
-  assert remake.verdict(worse) == "differs from the float model beyond the noise in recall"
+  better = {**same, "fd": {**row(-0.3, -0.1), "diff": -0.2}}
+  assert remake.verdict(better).startswith("no loss against the float model: beyond the noise, "
+                                           "fd -0.2 [-0.3, -0.1]; no measurable difference in recall")
+  worse = {**same, "recall": {**row(-0.03, -0.01), "diff": -0.02}}
+  assert remake.verdict(worse).startswith("worse than the float model beyond the noise in recall")
   text = remake.table({"int8_vs_float": same, "verdict": remake.verdict(same), "n_samples": 2000,
                        "seed": 0})
   assert "| fd | 2.5 | 9 [8, 10] | 9.1 | +0.1 [-0.5, +0.7] |" in text
