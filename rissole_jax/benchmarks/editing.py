@@ -4,6 +4,11 @@ completion is still the same digit.
 
   python -m rissole_jax.benchmarks.editing --workdir W [--num 500] [--keep top,left] \
       [--out runs/editing.json] [--picture runs/editing.png]
+  python -m rissole_jax.benchmarks.editing --model mnist --outpaint_picture runs/outpaint.png
+
+--outpaint_picture draws, for the first 6 held-out digits, the digit on a
+canvas one block column wider on each side (grey: to generate) and three
+outpaintings (Sampler.outpaint), and measures nothing else.
 
 For each `keep` (inference/editing.block_mask), the first --num held-out
 digits are completed once each (seed 0) and scored:
@@ -78,16 +83,46 @@ def _picture(path, originals, grids) -> None:
   Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST).save(path)
 
 
+def outpaint_picture(s, path, num: int = 6, per: int = 3, seed: int = 0) -> None:
+  """Rows: a held-out digit on its canvas (grey: generated), then `per` outpaintings."""
+  from PIL import Image
+  from rissole_jax.data import HELDOUT, load_source
+  gh, gw = s.config.blocks.grid
+  canvas, at = (gh, gw + 2), (0, 1)
+  held = load_source(s.config.data, HELDOUT).get(np.arange(num))[0]
+  size = s.image_shape[0]
+  bw = size // gw
+  rows = []
+  for img in held:
+    placed = np.full((size, size + 2 * bw, img.shape[-1]), 128, np.uint8)
+    placed[:, bw:bw + size] = img
+    wide = s.outpaint(img, canvas, at, num_per_image=per, seed=seed, progress=False)
+    gap = np.full((size, 4, img.shape[-1]), 255, np.uint8)
+    rows.append(np.concatenate([placed, gap] + [x for w in wide for x in (w, gap)][:-1], 1))
+  out = np.concatenate(rows, 0)[..., 0]
+  Image.fromarray(out).resize((out.shape[1] * 2, out.shape[0] * 2), Image.NEAREST).save(path)
+
+
 def main(argv=None) -> None:
   import argparse
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--workdir", required=True)
+  src = ap.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir")
+  src.add_argument("--model", help="a model file or a shipped name (with --outpaint_picture)")
+  ap.add_argument("--outpaint_picture", default=None)
   ap.add_argument("--num", type=int, default=500)
   ap.add_argument("--keep", default="top,left")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default=None)
   ap.add_argument("--picture", default=None)
   a = ap.parse_args(argv)
+  if a.outpaint_picture:
+    from rissole_jax import pretrained
+    from rissole_jax.inference.sampler import Sampler
+    s = (Sampler.from_workdir(a.workdir) if a.workdir else Sampler.pretrained(a.model)
+         if a.model in pretrained.MODELS and not Path(a.model).exists() else Sampler.load(a.model))
+    outpaint_picture(s, a.outpaint_picture, seed=a.seed)
+    return
   result = run(Path(a.workdir), a.num, [k.strip() for k in a.keep.split(",") if k.strip()],
                a.seed, a.picture)
   text = json.dumps(result, indent=1)
