@@ -5,12 +5,14 @@ enough for DDIM eta=0 at 20 steps and DPM-Solver++ 2M at 10 steps?
   python -m rissole_jax.benchmark --config configs/bench/ode.py \
       --out runs/ode.json --config.base.evaluate.inception=off
 
-Each prediction target (eps: the default; v; x0; v on the cosine schedule)
+Each prediction target (eps: the default until this benchmark; v: the
+default since; x0; v on the cosine schedule)
 trains one denoiser, sampled three ways: DDIM eta=1 at 20 steps (the default
 sampler), DDIM eta=0 at 20 steps and DPM-Solver++ 2M at 10 steps. The rows
 that share a target share its trained denoiser (the runner links it); the
-VQ-GAN, latents and index are the main job's. Link the main job's workdir as
-`<out>.d/eps_ddim1` (the baseline row is the main job). The per-timestep x0
+VQ-GAN, latents and index are the main job's. The baseline is the eps model
+sampled as the default sampled it (DDIM eta=1, 20 steps): issue 26's
+yardstick. The per-timestep x0
 error behind the findings: `python -m rissole_jax.benchmarks.x0_error`.
 """
 import ml_collections as mlc
@@ -19,7 +21,7 @@ from rissole_jax.defaults import apply_variants, base_config
 
 DDIM0 = {"sample.eta": 0.0}
 DPM10 = {"sample.sampler": "dpmpp", "sample.order": 2, "sample.eta": 0.0, "sample.steps": 10}
-TARGETS = {"eps": {}, "v": {"diffusion.prediction": "v"},
+TARGETS = {"eps": {"diffusion.prediction": "eps"}, "v": {"diffusion.prediction": "v"},
            "cosv": {"diffusion.prediction": "v", "diffusion.schedule": "cosine"},
            "x0": {"diffusion.prediction": "x0"}}
 
