@@ -201,8 +201,9 @@ def base_config() -> mlc.ConfigDict:
   s.sampler = "ddim"            # ddpm | ddim | dpmpp (DPM-Solver++, multistep)
   # DDIM / DPM-Solver++ steps (network evaluations). 20: 5x faster than 100
   # with no measurable difference in quality (configs/bench/sampling.py,
-  # docs/RESULTS.md "Sampling the default model each way": FD 9.2 [7.9, 11.0]
-  # at 20 steps, 9.5 [8.1, 11.4] at 100). 10 steps scored better on one seed
+  # docs/RESULTS.md "Sampling the default model each way", on the earlier
+  # eps-predicting default: FD 9.2 [7.9, 11.0] at 20 steps, 9.5 [8.1, 11.4]
+  # at 100). 10 steps scored better on one seed
   # (FD 7.6), a gain of the size of a reseed: not yet a default.
   s.steps = 20
   # DPM-Solver++: order 1 (= DDIM with eta=0), 2 or 3 (needs steps >= order + 1).
