@@ -58,14 +58,19 @@ COLUMNS = [
 # Sample-quality columns: each has a 95% interval, a real-data floor and
 # bootstrap replicates (DIR/evaluate/bootstrap.npz), so rows can be compared
 # with the baseline row beyond the noise. (column, metric key, lower is better)
+# (column, metric key, which way is better): "lower" (distances), "higher"
+# (recall and coverage: the share of the real data the samples reach; more is
+# never a fault), "floor" (precision and density: fidelity, which a model of
+# prototypes pushes above real data's own; nearer the real-data floor is
+# better, and without a floor higher is).
 QUALITY = [
-    ("FID (Inception)", "inception/fid", True),
-    ("FD (classifier)", "classifier/fd", True),
-    ("KID (classifier)", "classifier/kid", True),
-    ("precision", "classifier/precision", False),
-    ("recall", "classifier/recall", False),
-    ("density", "classifier/density", False),
-    ("coverage", "classifier/coverage", False),
+    ("FID (Inception)", "inception/fid", "lower"),
+    ("FD (classifier)", "classifier/fd", "lower"),
+    ("KID (classifier)", "classifier/kid", "lower"),
+    ("precision", "classifier/precision", "floor"),
+    ("recall", "classifier/recall", "higher"),
+    ("density", "classifier/density", "floor"),
+    ("coverage", "classifier/coverage", "higher"),
 ]
 FAMILY_LEVEL = 0.95  # family-wise over the quality metrics compared in a row
 
@@ -177,9 +182,9 @@ def compare(rows: list[dict], replicates: dict[str, dict], baseline: str | None 
   (`replicates[name][metric key]`, scores.difference_interval): normal, from
   the bootstrap standard error of the difference, at a family-wise `level` over the metrics compared
   (Bonferroni), so an identical model is called "within noise" at least 95% of
-  the time. A difference whose interval excludes 0 is "worse" when the row is
-  farther from the real-data floor than the baseline (for FD and KID: higher),
-  "better" when nearer. row["vs_baseline"] = {column: {diff, lo, hi, mark}};
+  the time. A difference whose interval excludes 0 is "better" or "worse" by
+  QUALITY's direction: FD and KID lower, recall and coverage higher,
+  precision and density nearer the real-data floor. row["vs_baseline"] = {column: {diff, lo, hi, mark}};
   row["verdict"]: baseline | within noise | worse | better | mixed | not compared."""
   if not rows:
     return
@@ -191,7 +196,7 @@ def compare(rows: list[dict], replicates: dict[str, dict], baseline: str | None 
       row["verdict"] = "baseline"
       continue
     reps = replicates.get(row["name"], {})
-    cols = [(c, k, low) for c, k, low in QUALITY
+    cols = [(c, k, way) for c, k, way in QUALITY
             if k in reps and k in base_reps and c in row and c in base
             and np.isfinite(reps[k]).sum() > 1 and np.isfinite(base_reps[k]).sum() > 1]
     if not cols:
@@ -199,16 +204,16 @@ def compare(rows: list[dict], replicates: dict[str, dict], baseline: str | None 
       continue
     each = 1 - (1 - level) / len(cols)  # Bonferroni: family-wise `level` over the row
     marks = {}
-    for col, key, lower_better in cols:
+    for col, key, way in cols:
       diff = float(row[col]) - float(base[col])
       lo, hi = scores_lib.difference_interval(reps[key], base_reps[key], diff, each)
       mark = "within noise"
       if lo > 0 or hi < 0:
         floor = base.get("floor", {}).get(col)
-        if floor is not None:
+        if way == "floor" and floor is not None:
           worse = abs(float(row[col]) - floor[0]) > abs(float(base[col]) - floor[0])
         else:
-          worse = (diff > 0) == lower_better
+          worse = (diff > 0) == (way == "lower")
         mark = "worse" if worse else "better"
       marks[col] = {"diff": diff, "lo": lo, "hi": hi, "mark": mark}
     row["vs_baseline"] = marks
@@ -318,7 +323,8 @@ def notes(rows: list[dict]) -> list[str]:
   out.append(f"Each row is compared with the baseline row `{base['name']}`: a metric marked "
              "**worse** or **better** differs beyond the noise (the bootstrap interval on the "
              "difference, 95% family-wise over the metrics compared, excludes 0; better means "
-             "nearer the real-data floor). Anything unmarked shows no measurable difference: "
+             "lower FD and KID, higher recall and coverage, precision and density nearer the "
+             "real-data floor). Anything unmarked shows no measurable difference: "
              "it is not a tie, only not resolved at this n.")
   for r in rows:
     if r is base:

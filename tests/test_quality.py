@@ -206,6 +206,27 @@ def test_benchmark_marks_a_reseeded_model_within_noise_and_a_worse_one_worse():
   assert rows[-1]["verdict"] == "not compared"
 
 
+def test_benchmark_directions_coverage_past_the_floor_is_not_worse():
+  """recall and coverage: higher is better, even past the floor; precision and
+  density: nearer the floor; FD lower."""
+  from rissole_jax import benchmark
+  rng = np.random.default_rng(0)
+  cols = {"FD (classifier)": ("classifier/fd", 9.0, 6.0, 2.5),
+          "precision": ("classifier/precision", 0.97, 0.98, 0.895),
+          "coverage": ("classifier/coverage", 0.954, 0.971, 0.945),
+          "recall": ("classifier/recall", 0.65, 0.69, 0.895)}
+  base, row, reps = {"name": "base"}, {"name": "v"}, {"base": {}, "v": {}}
+  base["floor"] = {}
+  for col, (key, a, b, floor) in cols.items():
+    base[col], row[col], base["floor"][col] = a, b, [floor, 0.0, 0.0]
+    noise = rng.normal(0, 1e-3, 200)
+    reps["base"][key], reps["v"][key] = a + noise, b + noise
+  benchmark.compare([base, row], reps)
+  marks = {c: m["mark"] for c, m in row["vs_baseline"].items()}
+  assert marks == {"FD (classifier)": "better", "precision": "worse", "coverage": "better",
+                   "recall": "better"}
+
+
 def test_benchmark_reads_the_evaluate_stage_files(tmp_path):
   """collect/load_replicates read what the evaluate stage writes (metrics.json
   with intervals and floors, bootstrap.npz) and compare marks from them."""
