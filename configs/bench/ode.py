@@ -32,6 +32,13 @@ def get_config(arg: str = ""):
   c.baseline = "eps_ddim1"
   c.runs = [(f"{name}_{how}", {**target, **extra}) for name, target in TARGETS.items()
             for how, extra in (("ddim1", {}), ("ddim0", DDIM0), ("dpm10", DPM10))]
+  # DPM-Solver++ 2M at 10 steps lost fidelity (KID): uniform-in-logSNR steps
+  # (the DPM-Solver authors' advice for unguided sampling) and 15 steps.
+  c.runs += [
+      ("v_dpm10_logsnr", {**TARGETS["v"], **DPM10, "sample.spacing": "logsnr"}),
+      ("cosv_dpm10_logsnr", {**TARGETS["cosv"], **DPM10, "sample.spacing": "logsnr"}),
+      ("v_dpm15", {**TARGETS["v"], **DPM10, "sample.steps": 15}),
+  ]
   c.samplers = ()      # quality rows: no separate timing runs
   c.timing_batch = 32
   c.timing_batches = 1
