@@ -176,6 +176,23 @@ def test_sample_fn_shapes_and_block_dependencies(variant, kw, sampler):
   assert z.shape == (2, *SHAPE) and z.dtype == jnp.float32
   assert img.shape == (2, 32, 32, 1) and img.dtype == jnp.float32
   assert np.all(np.isfinite(z)) and np.abs(z).max() < 100
+  # Inpainting's kept blocks (the top row): a whole-canvas model sees them at
+  # every step, a previous-block model conditions the next block on them,
+  # blocks denoised on their own are unchanged.
+  follow = jax.jit(functools.partial(program.make_sample_fn(
+      model, make_schedule(c.diffusion), c.diffusion.prediction,
+      program.Settings.from_config(c.sample), fake_decode, stats, follow=True), start=0))
+  kept = jnp.asarray(rng.normal(size=(2, *SHAPE)), jnp.float32)
+  mask = jnp.zeros(SHAPE[:2], bool).at[:4].set(True)
+  zf, _ = follow(params, {"scale": 1.0}, nb, key, kept=kept, mask=mask)
+  assert program.couples_blocks(model) == (not model.blocks or model.prev_block)
+  if not program.couples_blocks(model):
+    np.testing.assert_array_equal(zf, z)
+  elif model.prev_block:
+    np.testing.assert_allclose(zf[:, :4], kept[:, :4], atol=1e-5)     # kept blocks: the user's
+    assert float(jnp.abs(zf[:, 4:, :4] - z[:, 4:, :4]).max()) > 1e-4   # block 2 follows block 1
+  else:
+    assert float(jnp.abs(zf[:, 4:] - z[:, 4:]).max()) > 1e-4 and np.all(np.isfinite(zf))
   if not model.blocks:
     return
   # Change the neighbours' block 1 only: without previous-block conditioning

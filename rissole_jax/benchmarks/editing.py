@@ -25,7 +25,10 @@ digits are completed once each (seed 0) and scored:
   mask_seam_score        metrics/seams.mask_seam_score: the seam where kept
                          meets generated blocks, over the real digits' at the
                          same line (1.0: as in real data), and the same for
-                         the plain reconstructions (the decoder's own share).
+                         the plain reconstructions (the decoder's own share);
+  *_retrieval_only       for a model that couples blocks (program.couples_blocks),
+                         label agreement and seam when the kept blocks do not
+                         enter the trajectory (Sampler.inpaint(follow=False)).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import numpy as np
 def run(workdir, num: int, keeps, seed: int = 0, picture=None) -> dict:
   from rissole_jax.data import to_float, to_uint8
   from rissole_jax.inference import editing
+  from rissole_jax.inference.program import couples_blocks
   from rissole_jax.inference.sampler import Sampler
   from rissole_jax.metrics import seams
   from rissole_jax.metrics.protocol import Protocol
@@ -69,6 +73,12 @@ def run(workdir, num: int, keeps, seed: int = 0, picture=None) -> dict:
         "mask_seam_score_reconstruction": seams.mask_seam_score(recon, held,
                                                                 s.config.blocks.grid, mask),
     }
+    if couples_blocks(s.model):   # the same without following the kept blocks
+      r = s.inpaint(held, keep, num_per_image=1, seed=seed, progress=False, follow=False)[:, 0]
+      out[keep].update({
+          "label_agreement_retrieval_only": float((clf.probs(r).argmax(-1) == labels).mean()),
+          "mask_seam_score_retrieval_only": seams.mask_seam_score(r, held, s.config.blocks.grid,
+                                                                  mask)})
     grids.append((keep, a[:8]))
   if picture:
     _picture(picture, held[:8], grids)

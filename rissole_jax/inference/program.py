@@ -99,14 +99,41 @@ def skip_plan(model, config, settings: Settings):
   return lego.skip_plan(model, c)
 
 
+def couples_blocks(model) -> bool:
+  """Does the denoiser see other blocks while it makes one (a whole-canvas
+  model, or one conditioned on the previous block)? Then an inpainting's kept
+  blocks are followed through the trajectory (`known` in sample_latents)."""
+  return not model.blocks or bool(model.prev_block)
+
+
+def following(fn, schedule, z, mask, row_keys):
+  """model_fn that sees the user's latent z where `mask` (h, w) is True,
+  forward-noised to each step's t with fresh noise (RePaint-style), and its
+  own trajectory elsewhere."""
+  m = mask[None, :, :, None]
+
+  def f(x, t):
+    noise = jax.vmap(lambda k: solvers.normal(jax.random.fold_in(
+        jax.random.fold_in(k, 2), t[0]), x.shape[1:], x.dtype))(row_keys)
+    return fn(jnp.where(m, schedule.q_sample(z, t, noise), x), t)
+  return f
+
+
 def sample_latents(model, params, schedule, prediction: str, settings: Settings, nb, keys,
-                   plan=None):
+                   plan=None, known=None):
   """Normalised latents (B, h, w, c) for neighbours' normalised latents nb
   (B, k, h, w, c) and one key per image (B, 2); every block of every image at
   once (or block by block in raster order with use_prev_block). Each row's
   starting noise and step noise come from its own key. plan: LEGO bricks
-  skipped over part of the trajectory (skip_plan), None for all bricks."""
+  skipped over part of the trajectory (skip_plan), None for all bricks.
+  known: (normalised latents (B, h, w, c), bool (h, w) block-aligned mask):
+  an inpainting's kept blocks, followed by models that couple blocks
+  (couples_blocks): a whole-canvas model sees them forward-noised at every
+  step (`following`); a previous-block model conditions the next block on
+  the kept block itself (as it trained: on clean previous blocks). Blocks
+  denoised on their own ignore it (their kept rows are replaced after)."""
   B, shape = nb.shape[0], nb.shape[2:]
+  follow = known is not None and not model.blocks
 
   def run(cond, row_keys, row_shape, model=model, params=params):
     def model_fn(active=None):
@@ -114,7 +141,8 @@ def sample_latents(model, params, schedule, prediction: str, settings: Settings,
         return model.apply({"params": params}, x, t, **cond,
                            keep=keep if model.learn_null else None,
                            **({} if active is None else {"active": active}))
-      return solvers.guided(pred_fn, schedule, prediction, settings.guidance)
+      fn = solvers.guided(pred_fn, schedule, prediction, settings.guidance)
+      return following(fn, schedule, known[0], known[1], row_keys) if follow else fn
     # The low-noise part of the trajectory runs another stack: two loops.
     split = {} if plan is None else {"model_fn_low": model_fn(plan[1]), "t_switch": plan[2]}
     x_T = jax.vmap(lambda k: solvers.normal(jax.random.fold_in(k, 0), row_shape))(row_keys)
@@ -132,17 +160,23 @@ def sample_latents(model, params, schedule, prediction: str, settings: Settings,
     return blk.merge(unet.unfold(x, n), model.grid)
   # Raster order: block i starts once block i-1 is finished and conditions on it.
   nbb = jnp.moveaxis(blk.split(nb, model.grid), 2, 0) if model.retrieval else None  # (n, B, k, ...)
+  if known is not None:   # the kept blocks (n, B, ...) and whether each is kept (n,)
+    kb = jnp.moveaxis(blk.split(known[0], model.grid), 1, 0)
+    kept = blk.split(known[1][None, :, :, None], model.grid)[0].reshape(n, -1).all(-1)
+  else:
+    kb, kept = jnp.zeros((n, B, *bshape), nb.dtype), jnp.zeros((n,), bool)
 
   def one_block(prev, inputs):
-    i, nb_i = inputs
+    i, nb_i, kb_i, kept_i = inputs
     cond = {"pos": jnp.full((B,), i, jnp.int32), "neighbours": nb_i, "prev": prev}
     # Rows of one block: the per-block model (block i's weights, if not shared).
     m_i, p_i = mapped.for_rows(model, params, i)
     x = run(cond, jax.vmap(lambda k: jax.random.fold_in(k, i))(keys), bshape, m_i, p_i)
+    x = jnp.where(kept_i, kb_i, x)    # a kept block: the user's, for the next one to follow
     return x, x
 
   _, xs = jax.lax.scan(one_block, jnp.zeros((B, *bshape), nb.dtype),
-                       (jnp.arange(n, dtype=jnp.int32), nbb))
+                       (jnp.arange(n, dtype=jnp.int32), nbb, kb, kept))
   return blk.merge(jnp.moveaxis(xs, 0, 1), model.grid)
 
 
@@ -161,14 +195,18 @@ def latents_fn(model, schedule, config):
 
 
 def make_sample_fn(model, schedule, prediction: str, settings: Settings, decode_fn, stats,
-                   plan=None):
+                   plan=None, follow: bool = False):
   """fn(params, ae_params, nb, key, start) -> (latents, images in [-1, 1]) for
   one jit: image i of the batch is image start + i of the request, and its
-  key is fold_in(key, start + i)."""
+  key is fold_in(key, start + i). follow: fn takes two more arguments, the
+  kept latents (B, h, w, c) (not normalised) and their mask (h, w), for
+  sample_latents' `known`."""
   mean, std = jnp.asarray(stats["mean"]), jnp.asarray(stats["std"])
 
-  def fn(params, ae_params, nb, key, start):
+  def fn(params, ae_params, nb, key, start, kept=None, mask=None):
     keys = jax.vmap(lambda i: jax.random.fold_in(key, start + i))(jnp.arange(nb.shape[0]))
-    z = sample_latents(model, params, schedule, prediction, settings, nb, keys, plan) * std + mean
+    known = None if not follow else ((kept - mean) / std, mask)
+    z = sample_latents(model, params, schedule, prediction, settings, nb, keys, plan,
+                       known) * std + mean
     return z, decode_fn(ae_params, z)
   return fn

@@ -39,7 +39,8 @@ from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError, DataError
 from rissole_jax.inference import loading, pictures, sources
 from rissole_jax.inference.database import SamplingDatabase
-from rissole_jax.inference.program import Settings, check_settings, make_sample_fn, nfe, skip_plan
+from rissole_jax.inference.program import (Settings, check_settings, couples_blocks,
+                                           make_sample_fn, nfe, skip_plan)
 from rissole_jax.inference.queries import pseudo_queries, query_neighbours
 from rissole_jax.models import unet
 from rissole_jax.runtime import parallel
@@ -150,13 +151,15 @@ class Sampler:
   def generate(self, neighbour_ids: np.ndarray, *, seed: int = 0, settings: Settings | None = None,
                batch_size: int | None = None, progress: bool = True,
                desc: str = "sample", keep=None, return_latents: bool = False,
-               decode: bool = True):
+               decode: bool = True, follow: bool = False):
     """One image per row of database ids (num, k): image i denoised with those
     neighbours and noise from fold_in(PRNGKey(seed), i). uint8 (num, H, W, C).
     keep: (latents (num, h, w, c), bool (h, w)): where the mask is True, image
     i's latent is replaced by latents[i] before decoding (inpainting).
     With return_latents, also the latents decoded (num, h, w, c); with
-    decode=False (and keep given) the images are not made (None)."""
+    decode=False (and keep given) the images are not made (None). follow
+    (with keep, in a model that couples blocks): the kept latents also enter
+    the trajectory (program.sample_latents' `known`)."""
     if not decode and (keep is None or not return_latents):
       raise ValueError("decode=False is for keep=... with return_latents=True.")
     settings = settings or self.settings()
@@ -165,7 +168,8 @@ class Sampler:
     if num == 0:
       return np.zeros((0, *self.image_shape), np.uint8)
     bs = self._batch_size(settings, num, batch_size or self.config.sample.batch_size)
-    fn = self._compiled(settings, decode=keep is None)
+    follow = bool(follow and keep is not None and couples_blocks(self.model))
+    fn = self._compiled(settings, decode=keep is None, follow=follow)
     pidx, pcount = parallel.process_info()
     sl = local_slice(bs, pidx, pcount)
     key = parallel.put_replicated(jax.random.PRNGKey(seed), self.mesh)
@@ -185,10 +189,16 @@ class Sampler:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk), 0)])  # static shape
         nb = parallel.put_batch(lat[chunk][sl], self.mesh, self._rules)
         t0 = time.perf_counter()
-        z, img = fn(self.params, self.decoder_params, nb, key,
-                    parallel.put_replicated(np.int32(start), self.mesh))
-        if keep is not None:   # the user's blocks, exactly, then one decode of the whole latent
+        start_arr = parallel.put_replicated(np.int32(start), self.mesh)
+        if keep is not None:
           rows = np.arange(start, start + bs).clip(max=num - 1)
+        if follow:
+          z, img = fn(self.params, self.decoder_params, nb, key, start_arr,
+                      parallel.put_batch(kept[rows][sl], self.mesh, self._rules),
+                      parallel.put_replicated(where[..., 0], self.mesh))
+        else:
+          z, img = fn(self.params, self.decoder_params, nb, key, start_arr)
+        if keep is not None:   # the user's blocks, exactly, then one decode of the whole latent
           if decode:
             z, img = merge_decode(self.decoder_params, z, kept[rows], where)
           else:
@@ -241,24 +251,28 @@ class Sampler:
     compiled = [b for (s, b) in self.trace_counts if s == settings and want <= b <= cap]
     return min(compiled) if compiled else want
 
-  def _compiled(self, settings: Settings, decode: bool = True):
+  def _compiled(self, settings: Settings, decode: bool = True, follow: bool = False):
     """The jitted sampler for `settings` (jit keeps one executable per batch
     size); decode=False: the same program returning the latents twice, not
-    decoded (inpainting merges the kept blocks first, then decodes once)."""
-    key = settings if decode else (settings, "latents")
+    decoded (inpainting merges the kept blocks first, then decodes once);
+    follow: it takes the kept latents and their mask too (inpainting a model
+    that couples blocks)."""
+    key = (settings, "latents" if not decode else "images", "follow" if follow else "")
+    key = settings if key[1:] == ("images", "") else key
     if key not in self._fns:
       fn = make_sample_fn(self.model, self.schedule, self.config.diffusion.prediction, settings,
                           self.decode_fn if decode else (lambda _, z: z), self.stats,
-                          skip_plan(self.model, self.config, settings))
+                          skip_plan(self.model, self.config, settings), follow)
 
-      def counted(params, ae_params, nb, key, start):
+      def counted(params, ae_params, nb, key, start, *known):
         if decode:   # trace_counts: the sampling program's traces
           self.trace_counts[(settings, nb.shape[0])] += 1  # runs once per trace
-        return fn(params, ae_params, nb, key, start)
+        return fn(params, ae_params, nb, key, start, *known)
 
       repl = parallel.replicated(self.mesh)
       bsh = lambda nd: parallel.batch_sharding(self.mesh, self._rules, nd)
-      self._fns[key] = jax.jit(counted, in_shardings=(None, repl, bsh(5), repl, repl),
+      extra = (bsh(4), repl) if follow else ()
+      self._fns[key] = jax.jit(counted, in_shardings=(None, repl, bsh(5), repl, repl, *extra),
                                out_shardings=(bsh(4), bsh(4)))
     return self._fns[key]
 
@@ -314,7 +328,7 @@ class Sampler:
     return out.reshape(len(ids), num_per_image, *out.shape[1:])
 
   def inpaint(self, images, keep, num_per_image: int = 4, *, seed: int = 0,
-              return_latents: bool = False, **kw):
+              return_latents: bool = False, follow: bool = True, **kw):
     """Completions of each image from the blocks `keep` says to keep
     (inference/editing.block_mask: "top", "bottom", "left", "right", a bool
     (gh, gw) block mask, or an (H, W) pixel mask rounded to blocks). The
@@ -325,9 +339,12 @@ class Sampler:
     (and the latents with return_latents). Keyword arguments as for `sample`.
 
     In a model that denoises every block on its own (the default), the kept
-    blocks reach the others through retrieval alone. Models that couple
-    blocks (prev_block, LEGO bricks over the whole canvas) are completed the
-    same way: the kept blocks do not follow the trajectory (RePaint-style)."""
+    blocks reach the others through retrieval alone. In models that couple
+    blocks (program.couples_blocks: a whole-canvas model, or prev_block), with
+    `follow` (default) the kept blocks also enter the trajectory: a
+    whole-canvas model sees them forward-noised at every step (RePaint-style),
+    a prev_block model conditions each next block on the kept one;
+    follow=False leaves them to retrieval alone (docs/RESULTS.md compares)."""
     from rissole_jax.inference import editing
     self._check_editing(num_per_image)
     mask = editing.block_mask(keep, self.config.blocks.grid, self.config.data.image_size)
@@ -336,7 +353,7 @@ class Sampler:
     settings = self._settings_from(kw)
     rep = lambda a: np.repeat(a, num_per_image, 0)
     out, lat = self._complete(rep(z), mask, rep(np.arange(len(z))), exclude, seed, settings,
-                              desc="inpaint", **kw)
+                              desc="inpaint", follow=follow, **kw)
     shape = (len(z), num_per_image)
     out = out.reshape(*shape, *out.shape[1:])
     return (out, lat.reshape(*shape, *z.shape[1:])) if return_latents else out
@@ -397,7 +414,8 @@ class Sampler:
     return self.settings(**{k: kw.pop(k, None) for k in
                             ("sampler", "steps", "eta", "guidance", "order", "spacing", "t_break")})
 
-  def _complete(self, z, mask, rows, exclude, seed, settings, decode: bool = True, **kw):
+  def _complete(self, z, mask, rows, exclude, seed, settings, decode: bool = True,
+                follow: bool = True, **kw):
     """(images or None, latents) completing each latent z[i] (training size)
     from its blocks where `mask` (gh, gw) is True; exclude[rows[i]]: database
     ids its neighbours never are (copies of the user's image)."""
@@ -406,7 +424,7 @@ class Sampler:
                                     [exclude[i] for i in rows])
     lm = editing.latent_mask(mask, z.shape[1:3])
     out, lat = self.generate(ids, seed=seed, settings=settings, keep=(z, lm),
-                             return_latents=True, decode=decode, **kw)
+                             return_latents=True, decode=decode, follow=follow, **kw)
     return out, lat
 
   def _decode_canvas(self):
