@@ -194,7 +194,8 @@ def test_every_brick_learns():
     noise = jax.random.normal(kn, x0.shape)
     out = model.apply({"params": params}, schedule.q_sample(x0, t, noise), t, **cond,
                       all_bricks=True)
-    return jnp.mean(jnp.square(out - noise), axis=(1, 2, 3, 4))
+    target = schedule.target(c.diffusion.prediction, x0, noise, t)   # v by default
+    return jnp.mean(jnp.square(out - target), axis=(1, 2, 3, 4))
 
   key = jax.random.PRNGKey(3)
   before = np.asarray(brick_losses(state["params"], key))
