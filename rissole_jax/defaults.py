@@ -190,6 +190,27 @@ def base_config() -> mlc.ConfigDict:
   # with steps_per_call: keep that small (2-8) when this is on.
   t.unroll_steps = False
 
+  # Progressive distillation (train/distill.py; python -m rissole_jax.distill
+  # --workdir W, not in the default main job): each round halves the steps,
+  # teacher_steps -> teacher_steps/2 -> ... -> min_steps, a student per
+  # round (sample.sampler="distilled", sample.steps=its count).
+  c.distill = d = mlc.ConfigDict()
+  d.teacher_steps = 16          # the diffusion model's DDIM (eta=0, trailing grid) steps
+  d.min_steps = 1
+  d.train = dt = mlc.ConfigDict()
+  dt.steps = 300                # per round
+  dt.batch_size = 64
+  dt.lr = 1e-4
+  dt.warmup_steps = 20
+  dt.schedule = "cosine"
+  dt.grad_clip = 1.0
+  dt.ema_decay = 0.99           # the student kept is the EMA (with diffusion's warm-up)
+  dt.log_every = 100
+  dt.ckpt_every = 100
+  dt.keep_checkpoints = 2
+  dt.nan_policy = "stop"        # stop | skip_step
+  dt.max_skipped_steps = 10
+
   # ---- sampling and evaluation ----------------------------------------------
   c.sample = s = mlc.ConfigDict()
   # Samples scored by the evaluate stage. 2,000: at 256 the classifier FD of
@@ -198,7 +219,9 @@ def base_config() -> mlc.ConfigDict:
   # default model is told from real data. The grid picture shows the first 256.
   s.num = 2000
   s.batch_size = 128
-  s.sampler = "ddim"            # ddpm | ddim | dpmpp (DPM-Solver++, multistep)
+  # ddpm | ddim | dpmpp (DPM-Solver++, multistep) | distilled (the distill
+  # stage's student of sample.steps steps)
+  s.sampler = "ddim"
   # DDIM / DPM-Solver++ steps (network evaluations). 20: 5x faster than 100
   # with no measurable difference in quality (configs/bench/sampling.py,
   # docs/RESULTS.md "Sampling the default model each way", on the earlier
@@ -343,6 +366,8 @@ def smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
   c.diffusion.train.update(steps=4, batch_size=8, warmup_steps=1, log_every=2,
                            ckpt_every=2, steps_per_call=2)
   c.sample.update(num=8, batch_size=8, steps=5, show=2)
+  c.distill.update(teacher_steps=4, min_steps=2)
+  c.distill.train.update(steps=4, batch_size=8, warmup_steps=1, log_every=2, ckpt_every=2)
   c.evaluate.update(classifier_steps=5, classifier_batch=32, inception="off", kid_subsets=5,
                     reference_size=500, floor_draws=2, bootstrap=20)
   return c

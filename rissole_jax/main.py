@@ -51,6 +51,9 @@ def check_config(config) -> None:
   if "diffusion" in config.stages or "sample" in config.stages:
     from rissole_jax.train import diffusion
     diffusion.check_config(config, diffusion.expected_latent_shape(config))
+  if "distill" in config.stages:
+    from rissole_jax.train import distill
+    distill.check_config(config)
 
 
 def run(config, root: Path, overwrite: bool = False, only=(), progress: bool = True) -> dict:

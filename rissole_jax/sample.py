@@ -2,6 +2,7 @@
 
   python -m rissole_jax.sample --workdir DIR --num 64 --out OUT
   python -m rissole_jax.sample --model FILE --num 64 --out OUT --sampler ddim --steps 50
+  python -m rissole_jax.sample --workdir DIR --sampler distilled --steps 4 --out OUT   (after python -m rissole_jax.distill)
   python -m rissole_jax.sample --model FILE --variations me.png cat.jpg --num 8 --out OUT
   python -m rissole_jax.sample --model FILE --database folder:~/photos --out OUT
   python -m rissole_jax.sample --model FILE --inpaint digit.png --keep top --num 8 --out OUT
@@ -38,15 +39,18 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--num", type=int, default=64,
                  help="images to make; with --variations, per input image (default 64)")
   p.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
-  p.add_argument("--sampler", help="ddpm, ddim or dpmpp (DPM-Solver++) (default: the model's config)")
-  p.add_argument("--steps", type=int, help="sampling steps (DDIM; default: the config's)")
+  p.add_argument("--sampler", help="ddpm, ddim, dpmpp (DPM-Solver++) or distilled (a student "
+                                   "of python -m rissole_jax.distill) (default: the model's config)")
+  p.add_argument("--steps", type=int, help="sampling steps (DDIM, DPM-Solver++, a distilled "
+                                           "student's count; default: the config's)")
   p.add_argument("--eta", type=float,
                  help="DDIM noise: 0 deterministic, 1 ancestral (default: the config's)")
   p.add_argument("--guidance", type=float,
                  help="classifier-free guidance scale; 1 is none (needs a model trained "
                       "with diffusion.cond_dropout > 0)")
   p.add_argument("--order", type=int, help="DPM-Solver++ order (1-3; default: the config's)")
-  p.add_argument("--spacing", help="timestep spacing: time_uniform, logsnr or time_quadratic")
+  p.add_argument("--spacing", help="timestep spacing: time_uniform, logsnr, time_quadratic or "
+                                   "trailing")
   p.add_argument("--quantize", choices=("none", "int8_weights", "int8"), default=None,
                  help="int8 denoiser and decoder (default: the config's sample.quantize)")
   p.add_argument("--t_break", type=float,

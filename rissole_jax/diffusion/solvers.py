@@ -22,12 +22,17 @@ import numpy as np
 from rissole_jax.diffusion.schedule import Schedule
 from rissole_jax.errors import ConfigError, check_choice
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp")
+SAMPLERS = ("ddpm", "ddim", "dpmpp", "distilled")
+# "distilled": a progressively distilled student (train/distill.py) run as it
+# was trained: DDIM with eta=0 on the trailing grid of its step count.
+DISTILLED = "distilled"
 # Timestep spacings (Lu et al. 2022): "time_uniform" is DDIM's evenly spread
 # timesteps (the authors' advice for guided sampling); "logsnr" is uniform in
 # log-SNR (their advice for unguided sampling); "time_quadratic" crowds steps
-# near t=0 (DDIM's alternative spacing).
-SPACINGS = ("time_uniform", "logsnr", "time_quadratic")
+# near t=0 (DDIM's alternative spacing); "trailing" is t_i = round(i T / n) - 1,
+# i = 1..n (Lin et al. 2024): it starts at t = T-1 and its grid for n steps is
+# every other point of its grid for 2n, which progressive distillation needs.
+SPACINGS = ("time_uniform", "logsnr", "time_quadratic", "trailing")
 ORDERS = (1, 2, 3)
 # diffusers' rule: below this many steps, DPM-Solver++ lowers its order over
 # the final steps (its higher-order corrections are unstable there).
@@ -88,6 +93,8 @@ def timesteps(alphas_cumprod, steps: int, spacing: str = "time_uniform") -> np.n
   steps = min(int(steps), T)
   if steps < 1:
     raise ConfigError(f"sample.steps must be at least 1, got {steps}.")
+  if spacing == "trailing":
+    return trailing_timesteps(T, steps)
   if steps == 1:
     return np.array([T - 1], np.int32)
   if spacing == "time_quadratic":
@@ -99,6 +106,15 @@ def timesteps(alphas_cumprod, steps: int, spacing: str = "time_uniform") -> np.n
   else:
     check_choice("sample.spacing", spacing, SPACINGS)
   return _distinct(np.round(ts), T)
+
+
+def trailing_timesteps(T: int, n: int) -> np.ndarray:
+  """round(i T / n) - 1 for i = 1..n, ascending: the last is T-1, and the grid
+  for n is the even-numbered points of the grid for 2n."""
+  if not 1 <= n <= T:
+    raise ConfigError(f"{n} trailing steps: need 1 to {T} (the schedule's timesteps).")
+  i = np.arange(1, n + 1, dtype=np.int64)
+  return ((2 * i * T + n) // (2 * n) - 1).astype(np.int32)   # exact integer rounding
 
 
 def _split_point(ts_desc, t_switch) -> int:
@@ -295,6 +311,8 @@ def run_sampler(name: str, schedule: Schedule, model_fn, x_T, key, steps: int = 
   if name == "dpmpp":
     return dpmpp(schedule, model_fn, x_T, key, steps, order, spacing, lower_order_final, **switch,
                  eta=eta)
+  if name == DISTILLED:   # model_fn is the student's
+    return ddim(schedule, model_fn, x_T, key, steps, 0.0, "trailing", **switch)
   check_choice("sample.sampler", name, SAMPLERS)
 
 
@@ -335,6 +353,9 @@ def check_config(sample_cfg, timesteps_T: int) -> None:
   if s.steps < 1:
     raise ConfigError(f"sample.steps={s.steps}: {s.sampler} needs at least one step.")
   check_choice("sample.spacing", opt["spacing"], SPACINGS)
+  if s.sampler == DISTILLED and s.steps > timesteps_T:
+    raise ConfigError(f"sample.steps={s.steps} is more than the model's "
+                      f"diffusion.timesteps={timesteps_T}.")
   if s.sampler == "dpmpp":
     order = opt["order"]
     if order not in ORDERS:

@@ -20,7 +20,12 @@ def config_file(spec: str, overrides=()):
   mod_spec = importlib.util.spec_from_file_location("rissole_config", path)
   mod = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(mod)
-  config = mod.get_config(arg)
+  return apply_overrides(mod.get_config(arg), overrides)
+
+
+def apply_overrides(config, overrides=()):
+  """KEY=VALUE overrides (dotted keys; values as Python literals, else
+  strings) set into `config`, which is returned."""
   for item in overrides:
     key, _, value = item.partition("=")
     *parents, last = key.strip().split(".")

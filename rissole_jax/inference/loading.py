@@ -36,6 +36,7 @@ class Parts:
   db: SamplingDatabase
   mesh: Any = None
   manifest: dict | None = None
+  students: dict = dataclasses.field(default_factory=dict)  # steps -> distilled params
 
   @property
   def schedule(self):
@@ -125,4 +126,58 @@ def load_workdir(path, config=None, mesh=None) -> Parts:
   model, params, stats = load_denoiser(config, root, mesh)
   db = retrieval.load_database(config, root, ae.fingerprint)
   db = SamplingDatabase.from_retrieval(db, codes_lib.codebook_of(ae.params))
-  return Parts(config, ae, model, params, stats, db, mesh)
+  return Parts(config, ae, model, params, stats, db, mesh,
+               students=load_students(config, root, mesh))
+
+
+# ---------------------------------------------------------------------------
+# Distilled students (the distill stage's; train/distill.py).
+
+STUDENTS_INDEX = "students.json"
+
+
+def student_path(stage_dir: Path, n: int) -> Path:
+  return Path(stage_dir) / "students" / f"{int(n)}.msgpack"
+
+
+def read_students_index(stage_dir: Path) -> dict:
+  """{str(steps): sha256} of the students written so far ({} if none)."""
+  path = Path(stage_dir) / STUDENTS_INDEX
+  if not path.exists():
+    return {}
+  index = files.read_json(path)
+  if not isinstance(index, dict):
+    raise DataError(f"{path} is damaged. Fix: delete {Path(stage_dir)} and rerun "
+                    "python -m rissole_jax.distill --workdir ...")
+  return index
+
+
+def write_students_index(stage_dir: Path, index: dict) -> None:
+  files.atomic_write_json(Path(stage_dir) / STUDENTS_INDEX, index)
+
+
+def read_student(stage_dir: Path, n: int, sha256: str, mesh):
+  """The student of n steps, checked against its recorded sha256, replicated on `mesh`."""
+  from flax import serialization
+  path = student_path(stage_dir, n)
+  try:
+    data = path.read_bytes()
+  except OSError as e:
+    raise DataError(f"{path} is missing ({e.strerror}). Fix: rerun python -m "
+                    f"rissole_jax.distill --workdir {Path(stage_dir).parent}.") from None
+  if files.sha256_bytes(data) != sha256:
+    raise DataError(f"{path} differs from its checksum in {STUDENTS_INDEX} (damaged). Fix: "
+                    f"delete it and rerun python -m rissole_jax.distill --workdir "
+                    f"{Path(stage_dir).parent}.")
+  return parallel.put_replicated(serialization.msgpack_restore(data), mesh)
+
+
+def load_students(config, root: Path, mesh) -> dict:
+  """{steps: params} of the workdir's finished distill stage made from this
+  model ({} when it has not run, or ran on another model or settings)."""
+  from rissole_jax.stages import distill_record
+  rec = distill_record(config, Path(root))
+  if not rec.is_done():
+    return {}
+  index = read_students_index(rec.directory)
+  return {int(n): read_student(rec.directory, int(n), sha, mesh) for n, sha in index.items()}

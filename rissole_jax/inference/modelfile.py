@@ -10,12 +10,14 @@ A zip archive (stored, not compressed: the arrays are read straight back) of
   database/codes.npy     the database as code indices (uint8/uint16 per latent
                          position: the latents are quantized, so nothing is lost)
   database/neighbours.npy, database/labels.npy, database/info.json
+  students/<n>.msgpack   distilled students (python -m rissole_jax.distill), one
+                         per step count; the manifest lists the counts
   manifest.json          written last: format name and version, the weights'
                          storage, the model's fingerprint (its config's diffusion
                          stage fingerprint), where it came from (provenance, if
                          given), and the size and sha256 of every other member
 
-Format versions: 1 holds float32 weights; 2 adds `weights` to the manifest:
+Format versions: 1 holds float32 weights; 2 adds `weights` and `students` to the manifest:
 "float32" as in 1, or "int8", where every conv/dense kernel of both networks
 is int8 with a float32 scale per output channel (inference/quantize.py,
 kernels_to_int8: a quarter of the bytes) and is read back as float32 (the
@@ -91,7 +93,10 @@ def members(parts, weights: str = "float32") -> dict[str, bytes]:
            "latent_shape": list(parts.stats["latent_shape"])}
   info = {"name": db.name, "n": len(db), "code_dtype": str(arrays["codes"].dtype),
           "codebook_size": len(codebook)}
+  students = {f"students/{n}.msgpack": _msgpack(p, weights)
+              for n, p in sorted((getattr(parts, "students", None) or {}).items())}
   return {
+      **students,
       "config.json": parts.config.to_json(sort_keys=True).encode(),
       "stats.json": json.dumps(stats).encode(),
       "autoencoder.msgpack": _msgpack(parts.ae.params, weights),
@@ -135,6 +140,9 @@ def save(sampler, path, weights: str = "float32", provenance: dict | None = None
               "model_fingerprint": earlier.get("model_fingerprint") or
               model_fingerprint(sampler.config),
               "provenance": provenance if provenance is not None else earlier.get("provenance"),
+              # the distilled students' step counts (sampler="distilled")
+              "students": sorted((int(n) for n in getattr(sampler, "students", {}) or {}),
+                                 reverse=True),
               "files": {n: {"size": len(b), "sha256": sha256_bytes(b)} for n, b in parts.items()}}
   if parallel.process_info()[0] == 0:
     buf = io.BytesIO()   # the members are in memory already; the file is their sum
@@ -227,4 +235,11 @@ def load(path, mesh=None):
   info = json.loads(data["database/info.json"])
   db = SamplingDatabase.from_codes(arr["codes"], codes_lib.codebook_of(ae.params),
                                    arr["neighbours"], arr["labels"], info["name"])
-  return Parts(config, ae, model, params, stats, db, mesh, manifest)
+  students = {}
+  for n in manifest.get("students", []):
+    name = f"students/{int(n)}.msgpack"
+    if name not in data:
+      raise DataError(f"{path} lists a distilled student of {n} steps but does not hold "
+                      f"{name} (a damaged or edited file). Fix: export it again.")
+    students[int(n)] = parallel.put_replicated(_unmsgpack(data[name], weights), mesh)
+  return Parts(config, ae, model, params, stats, db, mesh, manifest, students)

@@ -54,6 +54,10 @@ def check_settings(settings: Settings, config) -> None:
   if settings.t_break > 0 and config.model.get("backbone", "unet") != "lego":
     raise ConfigError(f"sample.skip.t_break={settings.t_break} skips LEGO bricks, but this "
                       f"model's backbone is {config.model.get('backbone', 'unet')!r}. Fix: set it to 0.")
+  if settings.sampler == solvers.DISTILLED and (settings.guidance != 1.0 or settings.t_break):
+    raise ConfigError("sample.sampler='distilled': the student is the conditional model, whole "
+                      f"(guidance {settings.guidance}, t_break {settings.t_break} asked). Fix: "
+                      "sample.guidance_scale=1 and sample.skip.t_break=0.")
   if settings.guidance != 1.0:
     if not unet.uses_retrieval(v):
       raise ConfigError(f"sample.guidance_scale={settings.guidance}: variant {v!r} has no "
@@ -74,6 +78,24 @@ def check_config(config) -> None:
   check_choice("sample.pseudo_query", s.pseudo_query, queries.PSEUDO_QUERIES)
   if s.num < 1 or s.batch_size < 1:
     raise ConfigError("sample.num and sample.batch_size must be positive.")
+
+
+def params_for(parts, settings: Settings):
+  """The denoiser params that run `settings`: a distilled student of
+  settings.steps steps (parts.students), else parts.params. ConfigError
+  naming the counts there are, or the command that makes them."""
+  if settings.sampler != solvers.DISTILLED:
+    return parts.params
+  students = getattr(parts, "students", None) or {}
+  if settings.steps in students:
+    return students[settings.steps]
+  if not students:
+    raise ConfigError("sample.sampler='distilled', but this model has no distilled student. "
+                      "Fix: python -m rissole_jax.distill --workdir W (then sample from W, or "
+                      "export it again), or another sampler (ddim, dpmpp).")
+  raise ConfigError(f"sample.steps={settings.steps}: this model's distilled students take "
+                    f"{', '.join(map(str, sorted(students, reverse=True)))} steps. Fix: one of "
+                    "those.")
 
 
 def nfe(settings: Settings, config, model) -> int:

@@ -40,7 +40,7 @@ from rissole_jax.errors import ConfigError, DataError
 from rissole_jax.inference import loading, pictures, sources
 from rissole_jax.inference.database import SamplingDatabase
 from rissole_jax.inference.program import (Settings, check_settings, couples_blocks,
-                                           make_sample_fn, nfe, skip_plan)
+                                           make_sample_fn, nfe, params_for, skip_plan)
 from rissole_jax.inference.queries import pseudo_queries, query_neighbours
 from rissole_jax.models import unet
 from rissole_jax.runtime import parallel
@@ -53,8 +53,11 @@ class Sampler:
   """A trained RISSOLE model with its database: sample, make variations of
   user images, swap the database, show figures. See the module docstring."""
 
-  def __init__(self, config, ae, model, params, stats: dict, db: SamplingDatabase, mesh=None):
+  def __init__(self, config, ae, model, params, stats: dict, db: SamplingDatabase, mesh=None,
+               students: dict | None = None):
     self.config, self.ae, self.model, self.params = config, ae, model, params
+    # Distilled students (the distill stage's), steps -> params: sampler="distilled".
+    self.students = dict(students or {})
     self.stats, self.db = stats, db
     self.mesh = mesh or parallel.make_mesh(config.mesh)
     self.schedule = make_schedule(config.diffusion)
@@ -81,7 +84,7 @@ class Sampler:
   @classmethod
   def from_parts(cls, parts: loading.Parts) -> "Sampler":
     out = cls(parts.config, parts.ae, parts.model, parts.params, parts.stats, parts.db,
-              parts.mesh)
+              parts.mesh, parts.students)
     out.manifest = parts.manifest
     return out
 
@@ -125,6 +128,7 @@ class Sampler:
     """The config's sampling settings with `overrides` (None: keep)."""
     s = Settings.from_config(self.config.sample, **overrides)
     check_settings(s, self.config)
+    params_for(self, s)   # a distilled sampler needs a student of its steps
     return s
 
   # -- sampling ----------------------------------------------------------------
@@ -173,6 +177,7 @@ class Sampler:
     pidx, pcount = parallel.process_info()
     sl = local_slice(bs, pidx, pcount)
     key = parallel.put_replicated(jax.random.PRNGKey(seed), self.mesh)
+    params = params_for(self, settings)
     lat = self._normalised()
     out = np.empty((num, *self.image_shape), np.uint8)
     z_out = np.empty((num, *self.stats["latent_shape"]), np.float32) if return_latents else None
@@ -193,11 +198,11 @@ class Sampler:
         if keep is not None:
           rows = np.arange(start, start + bs).clip(max=num - 1)
         if follow:
-          z, img = fn(self.params, self.decoder_params, nb, key, start_arr,
+          z, img = fn(params, self.decoder_params, nb, key, start_arr,
                       parallel.put_batch(kept[rows][sl], self.mesh, self._rules),
                       parallel.put_replicated(where[..., 0], self.mesh))
         else:
-          z, img = fn(self.params, self.decoder_params, nb, key, start_arr)
+          z, img = fn(params, self.decoder_params, nb, key, start_arr)
         if keep is not None:   # the user's blocks, exactly, then one decode of the whole latent
           if decode:
             z, img = merge_decode(self.decoder_params, z, kept[rows], where)
@@ -434,6 +439,12 @@ class Sampler:
       self._fns["decode_canvas"] = jax.jit(lambda p, z: decode(p, jnp.asarray(z)))
     return self._fns["decode_canvas"]
 
+  def with_params(self, params) -> "Sampler":
+    """This sampler with other denoiser params of the same model (a student's)."""
+    out = copy.copy(self)
+    out.params, out._fns, out.trace_counts = params, {}, collections.Counter()
+    return out
+
   # -- another database ------------------------------------------------------------
 
   def with_database(self, source, *, directory=None, progress: bool = True) -> "Sampler":
@@ -475,6 +486,8 @@ class Sampler:
     q = quantize.quantize_parts(self, mode)
     out = copy.copy(self)
     out.model, out.params, out.quantization = q.model, q.params, mode
+    out.students = {n: quantize.quantize_parts(self.with_params(p), mode).params
+                    for n, p in self.students.items()}
     out.decode_fn, out.decoder_params = q.decode_fn, q.ae_params
     out._fns, out.trace_counts = {}, collections.Counter()   # another program
     return out

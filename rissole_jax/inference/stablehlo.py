@@ -26,6 +26,7 @@ window), and always refuses a calling-convention version its jax cannot read.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import jax
@@ -38,7 +39,8 @@ from rissole_jax.files import atomic_save_npz, atomic_write_bytes, atomic_write_
 from rissole_jax.inference import export_runner as runner
 from rissole_jax.inference import quantize as qz
 from rissole_jax.inference.database import stored_arrays
-from rissole_jax.inference.program import Settings, nfe, sample_latents, skip_plan
+from rissole_jax.inference.program import (Settings, nfe, params_for, sample_latents,
+                                           skip_plan)
 from rissole_jax.store import codes as codes_lib
 
 PLATFORMS = ("cpu", "cuda", "tpu")   # tried when no platforms are given
@@ -69,6 +71,10 @@ def build(sampler, quantize: str | None = None):
   config = sampler.config
   solvers.check_config(config.sample, config.diffusion.timesteps)
   mode = quantize if quantize is not None else config.sample.get("quantize", "none")
+  settings = Settings.from_config(config.sample)
+  if settings.sampler == solvers.DISTILLED:   # the program runs the student
+    sampler = copy.copy(sampler)
+    sampler.params = params_for(sampler, settings)
   q = qz.quantize_parts(sampler, mode)
   if q.mode == "none":   # the decoder's parameters only: the encoder is not in the sampler
     q.ae_params = qz.decoder_params(q.ae_params)

@@ -7,8 +7,6 @@ back (`load_denoiser`) is inference/loading.py's.
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import numpy as np
 
@@ -20,6 +18,7 @@ from rissole_jax.train import checkpoints, guard, loop
 from rissole_jax import files
 from rissole_jax.train.diffusion import (abstract_state, build, check_config,
                                          check_database, database_stats,
+                                         training_rows,
                                          expected_latent_shape, load_database,
                                          make_train_call, normalise, parts)
 
@@ -33,12 +32,7 @@ def run(ctx) -> dict:
   check_config(config, latent_shape, k)   # the grid et al., before any work
   check_database(db)
   stats = database_stats(db.rows, db.codebook)
-  # Codes stay codes: the codebook is normalised instead of the database (the
-  # same numbers: a lookup commutes with the per-channel affine map).
-  if db.codebook is None:
-    rows, codebook = normalise(np.asarray(db.rows), stats).astype(np.float32), None
-  else:
-    rows, codebook = db.rows, normalise(db.codebook, stats).astype(np.float32)
+  rows, codebook = training_rows(db, stats)
   ctx.log("database: %d %s of %s, k=%d; grid %s -> blocks %s; latent std %s",
           len(rows), "latents" if codebook is None else f"code rows ({rows.dtype})",
           latent_shape, k, tuple(config.blocks.grid),
@@ -80,43 +74,10 @@ def run(ctx) -> dict:
   hints = {f"diffusion.train.{n}": t[n] for n in ("lr", "warmup_steps", "grad_clip", "batch_size")}
   hints["diffusion.prediction"] = config.diffusion.prediction
   nan_guard = guard.Guard("diffusion", t, hints, ckpt_dir)
-  window, last, t_first, timed_from = [], {}, None, start
-  first_step_seconds, t_start = 0.0, time.time()
-  crossed = lambda a, b, every: b // max(every, 1) > a // max(every, 1)
-  with loop.ending(mngr, t.steps, nan_guard, bar, writer) as end:
-    s = start
-    while s < t.steps:
-      # steps_per_call steps per jitted call (the last call may be shorter);
-      # the host looks, logs and saves between calls only, so a multiple of
-      # log_every/ckpt_every inside a call is acted on at the call's end.
-      n = min(t.steps_per_call, t.steps - s)
-      state, m = train_call(state, s, n)
-      window.append(m)
-      nan_guard.add(s + n, m)
-      if s == start:  # the first call compiles: time the rest
-        jax.block_until_ready(m)
-        t_first, timed_from = time.time(), s + n
-        first_step_seconds = t_first - t_start
-      s0, s = s, s + n
-      # The steps since the last look are checked first: a broken state is never saved.
-      if crossed(s0, s, t.ckpt_every):
-        nan_guard.check(mngr.latest_step())
-        checkpoints.save(mngr, s, state, force=True)  # also off the interval's multiples
-      if crossed(s0, s, t.log_every) or s == t.steps:
-        nan_guard.check(mngr.latest_step())
-        last = guard.mean_finite(window)
-        window = []
-        writer.scalars(s, last)
-        ctx.log("step %d/%d: loss %.4f, grad norm %.3f", s, t.steps, last["loss"],
-                last["grad_norm"])
-        bar.set_postfix(loss=f"{last['loss']:.4f}")
-      bar.update(n)
-    end.state = state = jax.block_until_ready(state)
-    elapsed = time.time() - t_first if t_first else 0.0
-    steps_timed = t.steps - timed_from
-    rate = steps_timed / elapsed if elapsed > 0 and steps_timed else 0.0
-  if not last:  # resumed at the very end: nothing new to report
-    last = {"loss": float("nan")}
+  ran = loop.run_steps(train_call, state, start, t, mngr, nan_guard, bar, writer, ctx.log,
+                       "diffusion")
+  state, last, rate = ran.state, ran.last, ran.steps_per_sec
+  first_step_seconds = ran.first_call_seconds
   heldout = heldout_loss(fns.eval_loss, state["ema"], db, stats, rows, codebook)
   if heldout is not None:
     ctx.log("held-out loss (EMA weights): %.4f", heldout)

@@ -81,6 +81,15 @@ def database_stats(rows: np.ndarray, codebook: np.ndarray | None) -> dict:
   return {"mean": mean.astype(np.float32), "std": np.maximum(np.sqrt(var), 1e-6).astype(np.float32)}
 
 
+def training_rows(db, stats: dict):
+  """(rows, codebook) as the train step reads them, normalised by `stats`.
+  Codes stay codes: the codebook is normalised instead of the database (the
+  same numbers: a lookup commutes with the per-channel affine map)."""
+  if db.codebook is None:
+    return normalise(np.asarray(db.rows), stats).astype(np.float32), None
+  return db.rows, normalise(db.codebook, stats).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------
 # Config checks, model, state.
 

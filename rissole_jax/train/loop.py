@@ -41,3 +41,59 @@ def ending(mngr, steps: int, nan_guard, *closing):
   checkpoints.finish(mngr, steps, end.state)
   for c in closing:
     c.close()
+
+
+@dataclasses.dataclass
+class Ran:
+  """What `run_steps` reports: the trained state, the mean metrics of the
+  last log window, the steps per second after the first call (which
+  compiles) and that first call's seconds."""
+  state: Any
+  last: dict
+  steps_per_sec: float
+  first_call_seconds: float
+
+
+def run_steps(call, state, start: int, t, mngr, nan_guard, bar, writer, log, name: str) -> Ran:
+  """Steps start..t.steps-1 of `call(state, s, n) -> (state, metrics)`,
+  t.steps_per_call at a time (the last call may be shorter): the host looks,
+  logs and saves between calls only, so a multiple of t.log_every or
+  t.ckpt_every inside a call is acted on at the call's end. The steps since
+  the last look are checked before every save: a broken state is never saved."""
+  import time
+
+  import jax
+
+  from rissole_jax.train import guard
+  crossed = lambda a, b, every: b // max(every, 1) > a // max(every, 1)
+  window, last, t_first, timed_from = [], {}, None, start
+  first_seconds, t_start = 0.0, time.time()
+  with ending(mngr, t.steps, nan_guard, bar, writer) as end:
+    s = start
+    while s < t.steps:
+      n = min(t.get("steps_per_call", 1), t.steps - s)
+      state, m = call(state, s, n)
+      window.append(m)
+      nan_guard.add(s + n, m)
+      if s == start:  # the first call compiles: time the rest
+        jax.block_until_ready(m)
+        t_first, timed_from = time.time(), s + n
+        first_seconds = t_first - t_start
+      s0, s = s, s + n
+      if crossed(s0, s, t.ckpt_every):
+        nan_guard.check(mngr.latest_step())
+        checkpoints.save(mngr, s, state, force=True)  # also off the interval's multiples
+      if crossed(s0, s, t.log_every) or s == t.steps:
+        nan_guard.check(mngr.latest_step())
+        last = guard.mean_finite(window)
+        window = []
+        writer.scalars(s, last)
+        log("%s step %d/%d: %s", name, s, t.steps,
+            ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != guard.FLAG))
+        bar.set_postfix(loss=f"{last['loss']:.4f}")
+      bar.update(n)
+    end.state = state = jax.block_until_ready(state)
+    elapsed = time.time() - t_first if t_first else 0.0
+    steps_timed = t.steps - timed_from
+    rate = steps_timed / elapsed if elapsed > 0 and steps_timed else 0.0
+  return Ran(state, last or {"loss": float("nan")}, rate, first_seconds)
