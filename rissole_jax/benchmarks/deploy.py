@@ -6,6 +6,10 @@ runner on ONE CPU thread at batch 1, for each quantization mode.
       --workdir /work/runs/default --out docs/solvers/deploy.json \
       --set sampler=ddim --set steps=10 --set eta=1 [--baseline full]
 
+--versus "sampler=distilled,steps=4" (repeatable) also measures the same
+model with those sample settings, in the same sitting, interleaved with the
+--set ones (a distilled student beside the default sampler: issue 26).
+
 --baseline VARIANT also measures that denoiser variant (e.g. `full`, with the
 architecture of the benchmark's `full` run: configs/bench/default.py) with the
 same sampler, decoder and database; its weights are random (time and memory
@@ -99,11 +103,27 @@ def random_variant(parts, variant: str):
   return dataclasses.replace(parts, config=c, model=model, params=params)
 
 
-def run(parts, out: Path, modes, repeats: int, baseline: str | None, say=print) -> dict:
+def set_sample(config, items) -> None:
+  """KEY=VALUE sample settings into config.sample, typed as the defaults are."""
+  with config.unlocked():
+    for item in items:
+      key, _, value = item.partition("=")
+      old = config.sample[key]
+      config.sample[key] = (value.lower() == "true") if isinstance(old, bool) else type(old)(value)
+
+
+def run(parts, out: Path, modes, repeats: int, baseline: str | None, say=print,
+        versus=()) -> dict:
   from rissole_jax.inference import quantize as qz
   from rissole_jax.inference import stablehlo
   rows = []
-  todo = [(parts.config.model.variant, parts, m) for m in modes]
+  others = []
+  for v in versus:
+    c = parts.config.copy_and_resolve_references()
+    set_sample(c, [x for x in v.split(",") if x])
+    others.append(dataclasses.replace(parts, config=c))
+  # interleaved: each mode for the --set settings, then for each --versus
+  todo = [(parts.config.model.variant, p, m) for m in modes for p in (parts, *others)]
   if baseline:
     todo.append((baseline, random_variant(parts, baseline), "none"))
   for name, p, mode in todo:
@@ -135,13 +155,13 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--baseline", default=None)
   p.add_argument("--set", action="append", default=[])
+  p.add_argument("--versus", action="append", default=[],
+                 help="other sample settings measured beside, e.g. sampler=distilled,steps=4")
   a = p.parse_args(argv)
   config = load_config(a.workdir, a.config)
-  for item in a.set:
-    key, _, value = item.partition("=")
-    old = config.sample[key]
-    config.sample[key] = (value.lower() == "true") if isinstance(old, bool) else type(old)(value)
-  run(load_workdir(a.workdir, config), Path(a.out), a.modes.split(","), a.repeats, a.baseline)
+  set_sample(config, a.set)
+  run(load_workdir(a.workdir, config), Path(a.out), a.modes.split(","), a.repeats, a.baseline,
+      versus=a.versus)
   return 0
 
 

@@ -23,8 +23,8 @@ from rissole_jax.diffusion.schedule import Schedule
 from rissole_jax.errors import ConfigError, check_choice
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "distilled")
-# "distilled": a progressively distilled student (train/distill.py) run as it
-# was trained: DDIM with eta=0 on the trailing grid of its step count.
+# "distilled": a progressively distilled student (train/distill.py) run on
+# the trailing grid of its step count by DDIM (eta=0: as it was trained).
 DISTILLED = "distilled"
 # Timestep spacings (Lu et al. 2022): "time_uniform" is DDIM's evenly spread
 # timesteps (the authors' advice for guided sampling); "logsnr" is uniform in
@@ -311,8 +311,8 @@ def run_sampler(name: str, schedule: Schedule, model_fn, x_T, key, steps: int = 
   if name == "dpmpp":
     return dpmpp(schedule, model_fn, x_T, key, steps, order, spacing, lower_order_final, **switch,
                  eta=eta)
-  if name == DISTILLED:   # model_fn is the student's
-    return ddim(schedule, model_fn, x_T, key, steps, 0.0, "trailing", **switch)
+  if name == DISTILLED:   # model_fn is the student's; eta=0 is how it was trained
+    return ddim(schedule, model_fn, x_T, key, steps, eta, "trailing", **switch)
   check_choice("sample.sampler", name, SAMPLERS)
 
 
