@@ -75,6 +75,9 @@ def test_one_round_student_matches_its_teacher_better(distilled):
   a = s.sample(4, seed=0, sampler="distilled", steps=2, progress=False)
   assert a.shape == (4, 32, 32, 1)
   assert s.last_timings["nfe_per_sample"] == 2
+  b = s.sample(4, seed=0, sampler="distilled", steps=2, eta=0.0, progress=False)
+  assert np.array_equal(a, s.sample(4, seed=0, sampler="distilled", steps=2, progress=False))
+  assert not np.array_equal(a, b)    # sample.eta acts (the config's 1: stochastic steps)
   with pytest.raises(ConfigError, match="take 2 steps"):
     s.sample(4, sampler="distilled", steps=4, progress=False)
   with pytest.raises(ConfigError, match="no distilled student"):
