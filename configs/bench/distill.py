@@ -43,6 +43,7 @@ def get_config(arg: str = ""):
   # The student's x-estimate in an ancestral step (eta=1), as the default
   # sampler runs the teacher: the ODE's KID gap is the teacher's.
   c.runs += [(f"distilled_{n}_eta1", student(n, 1.0)) for n in (8, 4, 2)]
+  c.runs += [("distilled_4_eta0.5", student(4, 0.5))]
   c.samplers = ()      # quality rows: no separate timing runs
   c.timing_batch = 32
   c.timing_batches = 1
