@@ -3,7 +3,8 @@
   python -m rissole_jax.pretrained.remake mnist --workdir runs/pretrained_mnist
 
 1. runs the main job of the model's config in WORKDIR (resumes; finished
-   stages are kept);
+   stages are kept), then its distill stage (python -m rissole_jax.distill);
+   the file keeps the students of SHIPPED_STUDENTS steps;
 2. writes the model file with int8 kernels (format 2), then samples it as the
    sample stage sampled the float model (same n, settings and seed) and
    scores both with the evaluate stage's protocol, paired (same noise, same
@@ -28,6 +29,10 @@ import numpy as np
 from rissole_jax import pretrained
 
 METRICS = ("fd", "kid", "precision", "recall", "density", "coverage")
+# The distilled students the shipped file keeps (sampler="distilled"): 4 steps
+# is within the noise of the 20-step default on five of six metrics
+# (docs/RESULTS.md, "Four steps, then one"); each more costs a denoiser's bytes.
+SHIPPED_STUDENTS = (4,)
 
 
 def _commit() -> str | None:
@@ -99,7 +104,10 @@ def table(prov: dict) -> str:
     rows.append(f"| {m} | {r['floor']:.3g} | {r['float']:.3g} [{r['float_lo']:.3g}, "
                 f"{r['float_hi']:.3g}] | {r['int8']:.3g} | {r['diff']:+.3g} "
                 f"[{r['lo']:+.3g}, {r['hi']:+.3g}] |")
-  return "\n".join(rows) + f"\n\n{prov['verdict']} (n = {prov['n_samples']}, seed {prov['seed']})."
+  text = "\n".join(rows) + f"\n\n{prov['verdict']} (n = {prov['n_samples']}, seed {prov['seed']})."
+  for n, d in prov.get("distilled", {}).get("students", {}).items():
+    text += f"\n\nThe {n}-step distilled student, int8 against float: {d['verdict']}."
+  return text
 
 
 def remake(name: str, workdir: Path, out: Path | None = None, command: str | None = None) -> dict:
@@ -110,14 +118,28 @@ def remake(name: str, workdir: Path, out: Path | None = None, command: str | Non
   from rissole_jax.metrics.protocol import Protocol
   config = pretrained.config(name)
   out = Path(out) if out else Path(pretrained.__file__).with_name(pretrained.MODELS[name][0])
+  from rissole_jax.stages import distill_stages
   main.run(config, workdir)
+  dconf = config.copy_and_resolve_references()
+  with dconf.unlocked():
+    dconf.stages = distill_stages(config)
+  main.run(dconf, workdir, only=("distill",))
   float_sampler = Sampler.from_workdir(workdir, config)
+  float_sampler.students = {n: p for n, p in float_sampler.students.items()
+                            if n in SHIPPED_STUDENTS}
   tmp = Path(workdir) / f"{name}.int8.rissole"
   float_sampler.save(tmp, weights="int8")
   int8_sampler = Sampler.load(tmp)
   float_images = np.load(Path(workdir) / "sample" / "samples.npy")
   int8_images = int8_sampler.sample(len(float_images), seed=config.seed)
-  cmp = compare(Protocol(config), float_images, int8_images, config.seed)
+  proto = Protocol(config)
+  cmp = compare(proto, float_images, int8_images, config.seed)
+  # The students too: float against int8, paired, as the default sampler runs them.
+  students = {}
+  for n in SHIPPED_STUDENTS:
+    draw = lambda s: s.sample(len(float_images), seed=config.seed, sampler="distilled", steps=n)
+    c = compare(proto, draw(float_sampler), draw(int8_sampler), config.seed)
+    students[str(n)] = {"int8_vs_float": c, "verdict": verdict(c)}
   evaluate = json.loads((Path(workdir) / "evaluate" / "metrics.json").read_text())
   prov = {"name": name, "made": datetime.datetime.now(datetime.timezone.utc).isoformat(
               timespec="seconds"),
@@ -129,7 +151,9 @@ def remake(name: str, workdir: Path, out: Path | None = None, command: str | Non
           "float_evaluate": {k: v for k, v in evaluate.items() if k.startswith(
               ("memorization/", "classifier/confident", "classifier/heldout")) or k in (
               "seam_score", "n_samples", "n_reference")},
-          "int8_vs_float": cmp, "verdict": verdict(cmp)}
+          "int8_vs_float": cmp, "verdict": verdict(cmp),
+          "distilled": {"command": f"python -m rissole_jax.distill --workdir {workdir}",
+                        "students": students}}
   float_sampler.save(tmp, weights="int8", provenance=prov)
   atomic_write_bytes(out, tmp.read_bytes())
   tmp.unlink()
