@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 from rissole_jax import files
+from rissole_jax.runtime import host
 
 def define_flags() -> None:
   """This CLI's flags, defined when it runs (not on import: other benchmark
@@ -361,7 +362,7 @@ def main(argv):
     result = real_recall(FLAGS.real_encode)
   else:
     result = {"latent": FLAGS.latent, "codebook": FLAGS.codebook, "k": FLAGS.k,
-              "pin": FLAGS.pin, "cpu": _cpu_name(), "rows": []}
+              "pin": FLAGS.pin, "cpu": f"{host.cpu_name()} x{os.cpu_count()}", "rows": []}
     base = Path(FLAGS.root or tempfile.mkdtemp(prefix="data_scale."))
     for n in (int(s) for s in FLAGS.items):
       tables, roots = {}, []
@@ -407,16 +408,6 @@ def _summary(r):
     if "assemble" in w:
       print(f"  assemble: {w['assemble']}", flush=True)
   print(f"  tables identical to 1 process: {r['same_tables_as_1']}", flush=True)
-
-
-def _cpu_name() -> str:
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip() + f" x{os.cpu_count()}"
-  except OSError:
-    pass
-  return "unknown"
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rissole_jax.files import atomic_write_bytes, atomic_write_json
+from rissole_jax.runtime import host
 
 DEFAULT_SOLVERS = ("ddim:eta=0", "ddim:eta=1", "dpmpp:order=2;spacing=logsnr",
                    "dpmpp:order=2;spacing=time_uniform", "dpmpp:order=3;spacing=logsnr")
@@ -273,9 +274,8 @@ def run(config, workdir, out: Path, solvers, steps_list, quant_modes, num: int, 
   nb_lat = latents[nb_ids]
   key = jax.random.PRNGKey(config.seed + 2)   # the sample stage's
   scorer = Scorer(config, inception)
-  import platform
   meta = {"num": num, "batch": batch, "devices": str(jax.devices()[0].platform),
-          "cpu": _cpu_name() or platform.processor(), "workdir": str(workdir)}
+          "cpu": host.cpu_name(), "workdir": str(workdir)}
   for spec in solvers:
     for steps in steps_list:
       for q in quant_modes:
@@ -296,16 +296,6 @@ def run(config, workdir, out: Path, solvers, steps_list, quant_modes, num: int, 
   atomic_write_bytes(out / "solvers.md", markdown(rows, meta).encode())
   plot(rows, out / "solvers.png")
   return rows
-
-
-def _cpu_name() -> str | None:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return None
 
 
 def main(argv):

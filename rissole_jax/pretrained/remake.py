@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from rissole_jax import pretrained
+from rissole_jax.runtime import host
 
 METRICS = ("fd", "kid", "precision", "recall", "density", "coverage")
 # The distilled students the shipped file keeps (sampler="distilled"). None:
@@ -49,16 +50,6 @@ def _commit() -> str | None:
   except (OSError, subprocess.CalledProcessError):
     return None
   return head + ("+dirty" if dirty else "")
-
-
-def _cpu() -> str:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def compare(proto, float_images: np.ndarray, int8_images: np.ndarray, seed: int) -> dict:
@@ -148,7 +139,7 @@ def remake(name: str, workdir: Path, out: Path | None = None, command: str | Non
               timespec="seconds"),
           "commit": _commit(), "command": command or pretrained.remake_command(name),
           "config": f"rissole_jax.defaults.{pretrained.MODELS[name][1]}() (configs/mnist.py)",
-          "machine": f"{_cpu()}, {platform.system()} {platform.machine()}",
+          "machine": f"{host.cpu_name()}, {platform.system()} {platform.machine()}",
           "n_samples": int(len(float_images)), "seed": int(config.seed),
           # what the evaluate stage measured of the float model besides the metrics above
           "float_evaluate": {k: v for k, v in evaluate.items() if k.startswith(
