@@ -10,7 +10,8 @@ with e.g. --config.diffusion.train.ckpt_every=200
 EMA denoiser samples `num` images with the workdir's own sampling settings
 (the Sampler, same seed for every checkpoint) and the evaluate stage's
 classifier scores them against its reference (metrics/protocol.py; with the
-real-data floor's FD at that n): classifier FD, KID, precision, recall per step,
+real-data floor's FD at that n): classifier FD, KID, precision, recall,
+density and coverage per step, each with its 95% bootstrap interval,
 with the memorisation figures (median nearest-training-image distance
 ratio, near-copy fraction), since fast convergence can also mean copying.
 Rows already in --out are kept, so an interrupted run resumes. `--losses`
@@ -55,12 +56,10 @@ def fd_curve(name: str, root: Path, num: int, seed: int, done: set) -> list[dict
   from rissole_jax.inference import loading
   from rissole_jax.inference.sampler import Sampler
   from rissole_jax.metrics import memorization
-  from rissole_jax.stages import evaluate as ev_stage
   from rissole_jax.store import checkpoints
   root = Path(root)
   s = Sampler.from_workdir(root)      # checks the stages; holds the final EMA
   proto = instrument(s.config)
-  f_ref = proto.clf.features(proto.reference_images)
   n = proto.scored_n(num)
   floor_fd = proto.floor(n)["fd"]["mean"]
   like = loading.abstract_denoiser_params(s.model, s.config, s.stats["latent_shape"],
@@ -71,12 +70,13 @@ def fd_curve(name: str, root: Path, num: int, seed: int, done: set) -> list[dict
       continue
     s.params = checkpoints.restore_final(root / "diffusion", "diffusion", step, like, only="ema")
     images = s.sample(num, seed=seed, progress=False)
-    m = ev_stage.feature_metrics(f_ref, proto.clf.features(images[:n]), s.config.evaluate)
+    m, _ = proto.score(images, seed)   # with 95% bootstrap intervals
     row = {"name": name, "run": str(root), "step": step, "num": num, "seed": seed,
            "sampler": s.config.sample.sampler, "steps": int(s.config.sample.steps),
-           "n_scored": n, "floor_fd": floor_fd,
-           "classifier_fd": m["fd"], "kid": m["kid"], "precision": m["precision"],
-           "recall": m["recall"]}
+           "n_scored": n, "floor_fd": floor_fd, "classifier_fd": m["fd"],
+           "classifier_fd_lo": m["fd_lo"], "classifier_fd_hi": m["fd_hi"]}
+    for k in ("kid", "precision", "recall", "density", "coverage"):
+      row.update({k: m[k], f"{k}_lo": m[f"{k}_lo"], f"{k}_hi": m[f"{k}_hi"]})
     # Fast convergence could also mean copying the neighbours: say how close
     # the samples sit to their nearest training images.
     mem = memorization.memorization_metrics(images, proto.train, proto.held,
@@ -90,9 +90,9 @@ def fd_curve(name: str, root: Path, num: int, seed: int, done: set) -> list[dict
 
 
 def loss_curve(log: Path) -> tuple[list[int], list[float]]:
-  """(steps, losses) from a diffusion stage's log.txt ("step N/M: loss X")."""
+  """(steps, losses) from a diffusion stage's log.txt ("step N/M: ... loss X")."""
   pts = [(int(m[1]), float(m[2])) for m in
-         re.finditer(r"step (\d+)/\d+: loss ([0-9.]+)", Path(log).read_text())]
+         re.finditer(r"step (\d+)/\d+: (?:[^\n]*? )?loss ([0-9.]+)", Path(log).read_text())]
   return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -117,7 +117,7 @@ def plot(rows: list[dict], out: str, losses: dict[str, Path] | None = None) -> N
     for name, log in losses.items():
       ax.plot(*loss_curve(log), "-", lw=1, label=name)
     ax.set_xlabel("training step (64 images)")
-    ax.set_ylabel("training loss (eps MSE; LEGO: mean over bricks)")
+    ax.set_ylabel("training loss (the target's MSE; LEGO: mean over bricks)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()

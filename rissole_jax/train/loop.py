@@ -89,7 +89,8 @@ def run_steps(call, state, start: int, t, mngr, nan_guard, bar, writer, log, nam
         window = []
         writer.scalars(s, last)
         log("%s step %d/%d: %s", name, s, t.steps,
-            ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != guard.FLAG))
+            ", ".join(f"{k} {v:.4g}" for k, v in sorted(last.items(), key=lambda kv: kv[0] != "loss")
+                      if k != guard.FLAG))
         bar.set_postfix(loss=f"{last['loss']:.4f}")
       bar.update(n)
     end.state = state = jax.block_until_ready(state)
