@@ -318,3 +318,25 @@ def test_lego_skip_bench_rows_reuse_the_trained_lego_model(tmp_path, preset):
   for name, row in rows.items():
     assert all(row[s] == trained[s] for s in ("vqgan", "encode", "index", "diffusion")), name
   assert len({row["sample"] for row in rows.values()}) == len(rows)
+
+
+def test_distill_bench_rows_share_one_model_and_one_distill_stage(tmp_path):
+  """configs/bench/distill.py: every row samples the baseline's trained model;
+  the student rows of the default distill settings share one distill stage,
+  the longer-round rows another; every row's sample stage differs."""
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+  from configs.bench import distill as distill_bench
+  from rissole_jax.benchmark import with_overrides
+  from rissole_jax.stages import stage_records
+  bench = distill_bench.get_config()
+  fps = {name: {r.directory.name: r.fingerprint for r in stage_records(
+      with_overrides(bench.base, dict(o)), tmp_path)} for name, o in bench.runs}
+  base = fps[bench.baseline]
+  for name, row in fps.items():
+    assert all(row[s] == base[s] for s in ("vqgan", "encode", "index", "diffusion")), name
+  students = [n for n in fps if n.startswith("distilled_")]
+  assert len({fps[n]["distill"] for n in students if "long" not in n}) == 1
+  assert len({fps[n]["distill"] for n in students}) == 2
+  assert len({row["sample"] for row in fps.values()}) == len(fps)
