@@ -121,6 +121,7 @@ def test_student_through_model_file_and_export(distilled, tmp_path):
     back.config.sample.update(sampler="distilled", steps=2)
   m = stablehlo.export_stablehlo(back, tmp_path / "exp", platforms=("cpu",), say=lambda *a: None)
   assert m["sampler"]["name"] == "distilled" and m["nfe_per_image"] == 2
+  assert m["sampler"]["spacing"] == "trailing"   # the grid the student was trained on
   _, leaves, _, _ = stablehlo.build(back, "none")
   student = jax.tree.leaves(jax.device_get(back.students[2]))
   assert all(np.array_equal(x, y) for x, y in zip(leaves, student))   # the student's, not the teacher's

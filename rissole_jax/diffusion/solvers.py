@@ -332,7 +332,9 @@ def clipped(schedule: Schedule, model_fn, c: float):
 def options(sample_cfg) -> dict:
   """run_sampler's solver keywords from a config's `sample` section."""
   get = lambda k, d: sample_cfg.get(k, d) if hasattr(sample_cfg, "get") else getattr(sample_cfg, k, d)
-  return {"order": int(get("order", 2)), "spacing": get("spacing", "time_uniform"),
+  # a distilled student runs on the grid it was trained on, whatever sample.spacing says
+  spacing = "trailing" if get("sampler", "") == DISTILLED else get("spacing", "time_uniform")
+  return {"order": int(get("order", 2)), "spacing": spacing,
           "lower_order_final": bool(get("lower_order_final", True)),
           "clip_x0": float(get("clip_x0", 0.0) or 0.0)}
 
