@@ -2,6 +2,7 @@
 the "distilled" sampler): the target, the grid, one round on the smoke model
 that makes its student match its teacher better, exact resume, and the
 student through the model file and the StableHLO export."""
+import copy
 import json
 import shutil
 
@@ -85,7 +86,7 @@ def test_one_round_student_matches_its_teacher_better(distilled):
 
 
 def _without_students(s):
-  out = s.with_params(s.params)
+  out = copy.copy(s)
   out.students = {}
   return out
 
@@ -125,3 +126,29 @@ def test_student_through_model_file_and_export(distilled, tmp_path):
   _, leaves, _, _ = stablehlo.build(back, "none")
   student = jax.tree.leaves(jax.device_get(back.students[2]))
   assert all(np.array_equal(x, y) for x, y in zip(leaves, student))   # the student's, not the teacher's
+
+
+def test_ema_decay_acts(monkeypatch):
+  """distill.train.ema_decay reaches the round's EMA update (traced, not
+  compiled: dtrain.ema_update's own behaviour is the diffusion stage's)."""
+  import flax.linen as nn
+  from rissole_jax.defaults import smoke
+  from rissole_jax.models import make_denoiser
+  from rissole_jax.models import rows as model_rows
+  from rissole_jax.train import diffusion as dtrain
+  c = smoke(base_config())
+  shape, k = (8, 8, 4), c.retrieval.k
+  model, sch = make_denoiser(c, shape), make_schedule(c.diffusion)
+  x, t, cond = model_rows.init_inputs(model, shape, k)
+  p = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), x, t, **cond)["params"]))
+  seen = []
+  real = dtrain.ema_update
+  monkeypatch.setattr(dtrain, "ema_update", lambda e, q, s, d: seen.append(d) or real(e, q, s, d))
+  for decay in (0.0, 0.5):
+    c.distill.train.ema_decay = decay
+    fns = distill.parts(c, model, sch, 2)
+    state = {"step": jnp.zeros((), jnp.int32), "params": p, "ema": p,
+             "opt": jax.eval_shape(fns.tx.init, p), "teacher": p}
+    jax.eval_shape(fns.step, state, jax.random.PRNGKey(3), jnp.zeros((2, *shape)),
+                   jnp.zeros((2, k, *shape)))
+  assert seen == [0.0, 0.5]

@@ -276,19 +276,24 @@ def test_sampling_bench_rows_reuse_the_baseline_model(tmp_path):
     assert row["sample"] != base["sample"], name
 
 
+def _bench_fingerprints(name: str, tmp_path):
+  """(configs/bench/<name>.py's config, {row: {stage: fingerprint}})."""
+  import importlib
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+  from rissole_jax.benchmark import with_overrides
+  from rissole_jax.stages import stage_records
+  bench = importlib.import_module(f"configs.bench.{name}").get_config()
+  return bench, {row: {r.directory.name: r.fingerprint for r in stage_records(
+      with_overrides(bench.base, dict(o)), tmp_path)} for row, o in bench.runs}
+
+
 def test_variety_bench_rows_share_what_they_can(tmp_path):
   """configs/bench/variety.py: every row reuses the baseline's VQ-GAN, latents
   and index; the guided rows reuse the `dropout` row's denoiser; every
   override acts (each row's last stage differs from every other row's)."""
-  import sys
-  from pathlib import Path
-  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-  from configs.bench import variety
-  from rissole_jax.benchmark import with_overrides
-  from rissole_jax.stages import stage_records
-  bench = variety.get_config()
-  fps = {name: {r.directory.name: r.fingerprint for r in stage_records(
-      with_overrides(bench.base, dict(o)), tmp_path)} for name, o in bench.runs}
+  bench, fps = _bench_fingerprints("variety", tmp_path)
   base = fps[bench.baseline]
   for name, row in fps.items():
     assert all(row[s] == base[s] for s in ("vqgan", "encode", "index")), name
@@ -324,15 +329,7 @@ def test_distill_bench_rows_share_one_model_and_one_distill_stage(tmp_path):
   """configs/bench/distill.py: every row samples the baseline's trained model;
   the student rows of the default distill settings share one distill stage,
   the longer-round rows another; every row's sample stage differs."""
-  import sys
-  from pathlib import Path
-  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-  from configs.bench import distill as distill_bench
-  from rissole_jax.benchmark import with_overrides
-  from rissole_jax.stages import stage_records
-  bench = distill_bench.get_config()
-  fps = {name: {r.directory.name: r.fingerprint for r in stage_records(
-      with_overrides(bench.base, dict(o)), tmp_path)} for name, o in bench.runs}
+  bench, fps = _bench_fingerprints("distill", tmp_path)
   base = fps[bench.baseline]
   for name, row in fps.items():
     assert all(row[s] == base[s] for s in ("vqgan", "encode", "index", "diffusion")), name

@@ -302,21 +302,25 @@ class Quantized:
   decode_fn: Callable
   ae_params: Any
   keep_float: tuple = ()
+  students: dict = dataclasses.field(default_factory=dict)   # steps -> distilled params, as `params`
 
   def sizes(self) -> dict:
     return {"denoiser_bytes": param_bytes(self.params), "decoder_bytes": param_bytes(self.ae_params)}
 
 
 def quantize_parts(parts, mode: str, keep_float=None, num_calib: int = 64, seed: int = 0) -> Quantized:
-  """The denoiser and decoder of `parts` (config, model, params, ae, stats,
-  db, schedule: a rissole_jax.Sampler or the like) in `mode`, calibrated on
-  the database's latents and neighbours."""
+  """The denoiser (and its distilled students, if `parts` has any) and the
+  decoder of `parts` (config, model, params, ae, stats, db, schedule: a
+  rissole_jax.Sampler or the like) in `mode`, calibrated on the database's
+  latents and neighbours."""
   from rissole_jax.diffusion.latents import normalise
   check_mode(mode)
   if keep_float is None:
     keep_float = tuple(parts.config.sample.get("quantize_keep_float", ()) or ())
+  students = getattr(parts, "students", None) or {}
   if mode == "none":
-    return Quantized(mode, parts.model, parts.params, parts.ae.decode_fn, parts.ae.params)
+    return Quantized(mode, parts.model, parts.params, parts.ae.decode_fn, parts.ae.params,
+                     students=dict(students))
   calib = dec_calib = None
   if mode == "int8":
     lat = normalise(np.asarray(parts.db.latents, np.float32), parts.stats).astype(np.float32)
@@ -325,7 +329,10 @@ def quantize_parts(parts, mode: str, keep_float=None, num_calib: int = 64, seed:
     dec_calib = decoder_calibration(parts.db.latents, num_calib, seed=seed)
   model_q, params_q = quantize_denoiser(parts.model, parts.params, mode, calib, keep_float)
   decode_q, ae_q = quantize_decoder(parts.ae, mode, dec_calib, keep_float)
-  return Quantized(mode, model_q, params_q, decode_q, ae_q, tuple(keep_float))
+  # Distilled students: the same network, the same calibration inputs.
+  students_q = {n: quantize_denoiser(parts.model, p, mode, calib, keep_float)[1]
+                for n, p in students.items()}
+  return Quantized(mode, model_q, params_q, decode_q, ae_q, tuple(keep_float), students_q)
 
 
 # ---------------------------------------------------------------------------

@@ -439,12 +439,6 @@ class Sampler:
       self._fns["decode_canvas"] = jax.jit(lambda p, z: decode(p, jnp.asarray(z)))
     return self._fns["decode_canvas"]
 
-  def with_params(self, params) -> "Sampler":
-    """This sampler with other denoiser params of the same model (a student's)."""
-    out = copy.copy(self)
-    out.params, out._fns, out.trace_counts = params, {}, collections.Counter()
-    return out
-
   # -- another database ------------------------------------------------------------
 
   def with_database(self, source, *, directory=None, progress: bool = True) -> "Sampler":
@@ -485,9 +479,7 @@ class Sampler:
                         "float one.")
     q = quantize.quantize_parts(self, mode)
     out = copy.copy(self)
-    out.model, out.params, out.quantization = q.model, q.params, mode
-    out.students = {n: quantize.quantize_parts(self.with_params(p), mode).params
-                    for n, p in self.students.items()}
+    out.model, out.params, out.quantization, out.students = q.model, q.params, mode, q.students
     out.decode_fn, out.decoder_params = q.decode_fn, q.ae_params
     out._fns, out.trace_counts = {}, collections.Counter()   # another program
     return out

@@ -72,9 +72,9 @@ def build(sampler, quantize: str | None = None):
   solvers.check_config(config.sample, config.diffusion.timesteps)
   mode = quantize if quantize is not None else config.sample.get("quantize", "none")
   settings = Settings.from_config(config.sample)
-  if settings.sampler == solvers.DISTILLED:   # the program runs the student
+  if settings.sampler == solvers.DISTILLED:   # the program runs the student, alone
     sampler = copy.copy(sampler)
-    sampler.params = params_for(sampler, settings)
+    sampler.params, sampler.students = params_for(sampler, settings), {}
   q = qz.quantize_parts(sampler, mode)
   if q.mode == "none":   # the decoder's parameters only: the encoder is not in the sampler
     q.ae_params = qz.decoder_params(q.ae_params)

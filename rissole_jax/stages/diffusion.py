@@ -20,7 +20,7 @@ from rissole_jax.train.diffusion import (abstract_state, build, check_config,
                                          check_database, database_stats,
                                          training_rows,
                                          expected_latent_shape, load_database,
-                                         make_train_call, normalise, parts)
+                                         lookup, make_train_call, normalise, parts)
 
 
 def run(ctx) -> dict:
@@ -105,7 +105,7 @@ def heldout_loss(eval_loss, params, db, stats, rows, codebook=None, batch: int =
   key, values = jax.random.PRNGKey(seed), []
   for b, start in enumerate(range(0, len(held), batch)):
     idx = np.arange(start, start + batch) % len(held)   # static shape; the tail wraps
-    nb = rows[nbr[idx]] if codebook is None else codebook[rows[nbr[idx]].astype(np.int64)]
+    nb = lookup(rows[nbr[idx]], codebook)
     v = loss(params, held[idx], nb, jax.random.fold_in(key, b))
     values.append(np.asarray(v)[:min(batch, len(held) - start)])
   return float(np.mean(np.concatenate(values)))

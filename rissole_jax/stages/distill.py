@@ -22,11 +22,16 @@ from rissole_jax import files
 from rissole_jax.errors import DataError
 from rissole_jax.inference import loading
 from rissole_jax.data.pipeline import RowCount, TrainStream
+from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.runtime import parallel
 from rissole_jax.stages import workdir as wd
 from rissole_jax.train import checkpoints, guard, loop
 from rissole_jax.train import diffusion as dtrain
 from rissole_jax.train import distill
+
+# Held-out items each round's match check reads (a fixed subset: the check
+# holds their neighbours' latents in memory at once).
+HELDOUT_CHECK = 512
 
 
 def run(ctx) -> dict:
@@ -41,6 +46,7 @@ def run(ctx) -> dict:
   latent_shape, k = tuple(stats["latent_shape"]), int(stats["k"])
   held_z, held_nb = _heldout(db, stats, rows, codebook)
   counts = distill.student_counts(config.distill)
+  schedule = make_schedule(config.diffusion)
   done = loading.read_students_index(ctx.stage_dir)
   ctx.log("distilling %d -> %s steps, %d train steps a round of %d images",
           config.distill.teacher_steps, counts, t.steps, t.batch_size)
@@ -51,7 +57,7 @@ def run(ctx) -> dict:
       teacher = loading.read_student(ctx.stage_dir, n, done[str(n)], mesh)
       rounds[n] = wd.read_metrics(ctx.stage_dir / f"round_{n}")
       continue
-    fns = distill.parts(config, model, _schedule(config), n)
+    fns = distill.parts(config, model, schedule, n)
     like, sh = distill.state_target(model, fns.tx, latent_shape, k, mesh, rules)
     mngr = checkpoints.manager(ctx.stage_dir / f"round_{n}" / "checkpoints",
                                t.keep_checkpoints, t.ckpt_every)
@@ -94,18 +100,13 @@ def run(ctx) -> dict:
   return out
 
 
-def _schedule(config):
-  from rissole_jax.diffusion.schedule import make_schedule
-  return make_schedule(config.diffusion)
-
-
-def _heldout(db, stats, rows, codebook):
+def _heldout(db, stats, rows, codebook, cap: int = HELDOUT_CHECK):
+  """The first `cap` held-out latents and their neighbours' (normalised), or Nones."""
   held = getattr(db, "heldout_latents", None)
   if held is None or len(held) == 0:
     return None, None
-  z = dtrain.normalise(np.asarray(held, np.float32), stats).astype(np.float32)
-  nbr = np.asarray(db.heldout_neighbours)
-  nb = rows[nbr] if codebook is None else codebook[np.asarray(rows[nbr]).astype(np.int64)]
+  z = dtrain.normalise(np.asarray(held[:cap], np.float32), stats).astype(np.float32)
+  nb = dtrain.lookup(rows[np.asarray(db.heldout_neighbours[:cap])], codebook)
   return z, np.asarray(nb, np.float32)
 
 

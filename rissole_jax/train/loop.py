@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from typing import Any
 
-from rissole_jax.train import checkpoints
+import jax
+
+from rissole_jax.train import checkpoints, guard
 
 
 @dataclasses.dataclass
@@ -60,11 +63,6 @@ def run_steps(call, state, start: int, t, mngr, nan_guard, bar, writer, log, nam
   logs and saves between calls only, so a multiple of t.log_every or
   t.ckpt_every inside a call is acted on at the call's end. The steps since
   the last look are checked before every save: a broken state is never saved."""
-  import time
-
-  import jax
-
-  from rissole_jax.train import guard
   crossed = lambda a, b, every: b // max(every, 1) > a // max(every, 1)
   window, last, t_first, timed_from = [], {}, None, start
   first_seconds, t_start = 0.0, time.time()
