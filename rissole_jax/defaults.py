@@ -9,6 +9,11 @@ from __future__ import annotations
 import ml_collections as mlc
 
 
+def _auto() -> mlc.FieldReference:
+  """A setting that is "auto" or a value of another type (a count, a bool)."""
+  return mlc.FieldReference("auto", field_type=object)
+
+
 def base_config() -> mlc.ConfigDict:
   c = mlc.ConfigDict()
   c.seed = 0
@@ -24,6 +29,16 @@ def base_config() -> mlc.ConfigDict:
   # any training, naming the first and the count; "skip" leaves them out
   # (logged, counted in the vqgan stage's metrics as bad_images).
   d.bad_images = "error"        # error | skip
+  # The training stages' loader (data/loader.py): Grain worker processes that
+  # decode ahead of the step, and batches buffered per worker. They change no
+  # result (not in the stage fingerprints). "auto" workers: none for data held
+  # in memory, else one per CPU core but one; docs/performance.md measures them.
+  d.workers = _auto()           # auto | count (0: a thread of the training process)
+  d.prefetch = _auto()          # auto (2) | batches buffered per worker
+  # Keep the decoded training split in memory: "auto" keeps the embedded
+  # digits only (small); a folder or tfds dataset is streamed through the
+  # workers. True suits a small folder read many times.
+  d.cache = _auto()             # auto | True | False
   d.classes = ()                # label subset for catalogue datasets (imagenet100)
   d.image_size = 32
   d.channels = 1

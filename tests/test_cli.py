@@ -45,6 +45,11 @@ def test_every_stage_writes_its_outputs(smoke_run):
     assert m and all(isinstance(v, (int, float)) for v in m.values()), s
     assert (wd / s / "log.txt").exists() and json.loads((wd / s / "stage.json").read_text())["done"]
   assert {"psnr", "codebook_usage", "perplexity"} <= set(json.loads((wd / "vqgan/metrics.json").read_text()))
+  # The input's share of the step's wall time and its rate (data/loader.py).
+  for stage, prefix in (("vqgan", ""), ("encode", "train_"), ("encode", "heldout_")):
+    m = json.loads((wd / stage / "metrics.json").read_text())
+    assert 0.0 <= m[f"{prefix}input_wait_share"] <= 1.0, (stage, m)
+    assert m[f"{prefix}input_images_per_second"] > 0 and m[f"{prefix}input_workers"] == 0
   train = np.load(wd / "encode" / "train-00000.npy")   # code indices, one shard
   assert train.dtype == np.uint8 and train.shape == (4500, 8, 8)
   nb = np.load(wd / "index" / "neighbours_train.npy")

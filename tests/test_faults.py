@@ -161,6 +161,7 @@ def test_vqgan_stage_skips_and_counts_bad_images(image_folder, data_dir, tmp_pat
   cfg.data.bad_images = "skip"
   res = main.run(cfg, tmp_path / "w2", progress=False)
   assert res["vqgan"]["bad_images"] == 3
+  assert res["vqgan"]["input_workers"] >= 1  # a folder is decoded by the loader's workers
   log = (tmp_path / "w2" / "vqgan" / "log.txt").read_text()
   for bad in ("x_empty.jpg", "x_text.png", "x_truncated.png"):  # each logged once
     assert len([line for line in log.splitlines() if bad in line]) == 1, log

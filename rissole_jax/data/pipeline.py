@@ -66,6 +66,10 @@ class TrainStream:
     if self.cache:
       self._images, self._labels = self.source.get(np.arange(self._n))
 
+  @property
+  def cached(self) -> bool:
+    return self._images is not None
+
   def _perm(self, epoch: int) -> np.ndarray:
     if epoch not in self._perms:
       if len(self._perms) > 4:

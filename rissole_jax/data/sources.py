@@ -5,6 +5,7 @@ resized and cropped to the config's size, plus an integer label (-1 if none).
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Protocol
@@ -90,7 +91,9 @@ def _cache_dir(data_dir: str | None) -> Path:
 
 
 class TfdsSource:
-  """A prepared tfds dataset read with `tfds.data_source` (array_record)."""
+  """A prepared tfds dataset read with `tfds.data_source` (array_record).
+  Images are read as their stored bytes and decoded here, as image files
+  are: a full-size JPEG is decoded at the scale the config needs."""
 
   def __init__(self, name, split, data_dir, image_size, channels, label_key="label",
                image_key="image", crop=None, keep_labels=None):
@@ -100,7 +103,8 @@ class TfdsSource:
     self.label_key, self.image_key, self.crop = label_key, image_key, crop
     data_dir = resolve_data_dir(data_dir)
     try:
-      self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+      self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                  decoders={image_key: tfds.decode.SkipDecoding()})
     except Exception as e:  # tfds raises several types here; all mean "not usable".
       raise DataError(_missing_message(name, data_dir, e)) from e
     self._rows = None
@@ -122,12 +126,15 @@ class TfdsSource:
           f"({type(e).__name__}: {str(e)[:300]}). Its prepared files are damaged. Fix: "
           "prepare it again (tfds build ... --file_format=array_record into a new --data_dir; "
           "for mnist_embedded delete its folder under data_dir and it is rebuilt).") from None
-    for ex in examples:
-      img = np.asarray(ex[self.image_key])
-      if self.crop is not None:  # (top, left, height, width), e.g. CelebA's face crop.
-        t, l, h, w = self.crop
-        img = img[t:t + h, l:l + w]
-      images.append(center_crop_resize(img, self.image_size, self.channels))
+    for row, ex in zip(rows, examples):
+      try:
+        images.append(decode_image(io.BytesIO(ex[self.image_key]), self.image_size,
+                                   self.channels, self.crop))
+      except Exception as e:  # PIL raises many types for a damaged image
+        raise DataError(
+            f"Dataset '{self.name}' row {int(row)} holds an image that does not decode "
+            f"({type(e).__name__}: {str(e)[:200]}). Its prepared files are damaged. Fix: "
+            "prepare it again (tfds build ... --file_format=array_record into a new --data_dir).") from None
       labels.append(int(ex[self.label_key]) if self.label_key in ex else -1)
     return np.stack(images), np.asarray(labels, np.int32)
 
@@ -198,15 +205,20 @@ def pil_to_array(im, channels: int) -> np.ndarray:
   return np.asarray(im.convert("L" if channels == 1 else "RGB"))
 
 
-def decode_image(path, size: int, channels: int) -> np.ndarray:
-  """uint8 (size, size, channels) of an image file. JPEGs are decoded at the
-  smallest scale at least `size` (PIL's draft): a huge photo is not loaded
-  at full size."""
+def decode_image(path, size: int, channels: int, crop=None) -> np.ndarray:
+  """uint8 (size, size, channels) of an image file (a path or a file object).
+  Without a crop, JPEGs are decoded at the smallest scale at least `size`
+  (PIL's draft): a huge photo is not loaded at full size. A crop (top, left,
+  height, width) is in full-size pixels, taken before the resize."""
   from PIL import Image
   with Image.open(path) as im:
-    if im.format == "JPEG":
+    if im.format == "JPEG" and crop is None:
       im.draft("L" if channels == 1 else "RGB", (size, size))
-    return center_crop_resize(pil_to_array(im, channels), size, channels)
+    img = pil_to_array(im, channels)
+  if crop is not None:  # e.g. CelebA's face crop
+    t, l, h, w = crop
+    img = img[t:t + h, l:l + w]
+  return center_crop_resize(img, size, channels)
 
 
 def image_problem(path: Path, size: int = 8) -> str | None:

@@ -20,10 +20,10 @@ import time
 import numpy as np
 
 from rissole_jax.store import codes as codes_lib
-from rissole_jax import retrieval
 from rissole_jax.runtime import parallel
 from rissole_jax.store import shards
-from rissole_jax.data import HELDOUT, TRAIN, load_source, to_float
+from rissole_jax.data import HELDOUT, TRAIN, load_source
+from rissole_jax.data import loader
 
 
 def load_autoencoder(config, vqgan_dir):
@@ -44,25 +44,34 @@ def local_autoencoder(ae):
   return Autoencoder(ae.config, jax.tree.map(parallel.to_host, ae.params), mesh)
 
 
-def encode_rows(ae, source, start: int, stop: int, batch_size: int,
-                codebook: np.ndarray | None, bar=None) -> tuple[np.ndarray, np.ndarray]:
-  """Rows [start, stop) as code indices (float latents without a codebook),
-  converted a few batches at a time: the shard never exists as float32."""
+def chunks_of(start: int, stop: int, batch_size: int) -> list[tuple[int, int]]:
+  """Rows [start, stop) as the reads the encoder takes (a few batches each)."""
+  step = batch_size * 8
+  return [(s, min(s + step, stop)) for s in range(start, stop, step)]
+
+
+def encode_rows(ae, chunks, n: int, batch_size: int, codebook: np.ndarray | None,
+                bar=None) -> tuple[np.ndarray, np.ndarray]:
+  """The next `n` rows of `chunks` (an iterator of {"image": float, "label"}
+  reads) as code indices (float latents without a codebook), converted a few
+  batches at a time: the shard never exists as float32."""
   shape = tuple(ae.latent_shape) if codebook is None else tuple(ae.latent_shape[:-1])
   dtype = np.float32 if codebook is None else codes_lib.code_dtype(len(codebook))
-  rows, labels = np.empty((stop - start, *shape), dtype), np.empty((stop - start,), np.int32)
-  step = batch_size * 8
+  rows, labels = np.empty((n, *shape), dtype), np.empty((n,), np.int32)
   direct = codebook is not None and hasattr(ae, "encode_codes")
-  for s in range(start, stop, step):
-    e = min(s + step, stop)
+  done = 0
+  while done < n:
+    chunk = next(chunks)
+    e = done + len(chunk["image"])
+    labels[done:e] = chunk["label"]
     if direct:  # the quantizer's indices: exact, and no nearest-code search
-      images, labels[s - start:e - start] = source.get(np.arange(s, e))
-      rows[s - start:e - start] = ae.encode_codes(to_float(images), batch_size=batch_size)
-      if bar is not None:
-        bar.update(e - s)
-      continue
-    z, labels[s - start:e - start] = retrieval.encode_source(ae, source, batch_size, bar, s, e)
-    rows[s - start:e - start] = z if codebook is None else codes_lib.to_codes(z, codebook)
+      rows[done:e] = ae.encode_codes(chunk["image"], batch_size=batch_size)
+    else:
+      z = ae.encode(chunk["image"], batch_size=batch_size)
+      rows[done:e] = z if codebook is None else codes_lib.to_codes(z, codebook)
+    if bar is not None:
+      bar.update(e - done)
+    done = e
   return rows, labels
 
 
@@ -79,14 +88,20 @@ def run(ctx) -> dict:
     ranges = shards.ranges(len(source), shard_rows)
     mine = shards.mine(len(ranges), ctx.process_index, ctx.process_count)
     t0, done = time.perf_counter(), 0
-    with ctx.progress(total=sum(ranges[i][1] - ranges[i][0] for i in mine),
-                      desc=f"encode {split}") as bar:
-      for i in mine:
+    todo = [i for i in mine
+            if not shards.shard_done(ctx.stage_dir, split, i, *ranges[i], ae.fingerprint)]
+    # One loader over every read of this process's remaining shards, in order:
+    # its workers start once per split and decode ahead across shard ends.
+    reads = [c for i in todo for c in chunks_of(*ranges[i], cfg.encode.batch_size)]
+    workers = loader.workers_for(cfg.data.workers, loader.cache_for(cfg.data.cache, source))
+    chunks = loader.Loader(loader.SourceChunks(source, reads), len(reads), workers,
+                           loader.prefetch_for(cfg.data.prefetch))
+    with chunks, ctx.progress(total=sum(ranges[i][1] - ranges[i][0] for i in mine),
+                              desc=f"encode {split}") as bar:
+      bar.update(sum(ranges[i][1] - ranges[i][0] for i in mine if i not in todo))
+      for i in todo:
         start, stop = ranges[i]
-        if shards.shard_done(ctx.stage_dir, split, i, start, stop, ae.fingerprint):
-          bar.update(stop - start)
-          continue
-        rows, labels = encode_rows(local, source, start, stop, cfg.encode.batch_size,
+        rows, labels = encode_rows(local, chunks, stop - start, cfg.encode.batch_size,
                                    codebook, bar)
         shards.write_shard(ctx.stage_dir, split, i, start, rows, labels, ae.fingerprint)
         done += stop - start
@@ -98,6 +113,7 @@ def run(ctx) -> dict:
     if split == TRAIN:  # data.bad_images=skip: the files left out (both splits)
       metrics["bad_images"] = len(getattr(source, "bad_files", ()))
     metrics[f"{split}_images_per_second"] = done / max(seconds, 1e-9)
+    metrics.update({f"{split}_{k}": v for k, v in chunks.stats().items()})
   parallel.sync(f"encoded:{ctx.stage_dir}")
   if not ctx.is_main:
     return metrics

@@ -17,11 +17,15 @@ import numpy as np
 
 from rissole_jax.runtime import parallel
 from rissole_jax.data import TrainStream, eval_batches, load_source, to_uint8
+from rissole_jax.data import loader
 from rissole_jax.models import vqgan as vq
 from rissole_jax.train import checkpoints, guard, loop
 from rissole_jax.models.autoencoder import Autoencoder
 from rissole_jax.train.vqgan import Trainer, build, check_batch, keys
 from rissole_jax.files import atomic_write_bytes
+
+
+INPUT_METRICS = ("input_wait_share", "input_images_per_second", "input_workers")
 
 
 def run(ctx) -> dict:
@@ -44,7 +48,8 @@ def run(ctx) -> dict:
   return {**metrics, "generator_params": n_params, "discriminator_params": n_disc,
           "skipped_steps": last["skipped_steps"], "bad_images": last["bad_images"],
           "steps_per_sec": last.get("steps_per_sec", 0.0),
-          "train_seconds": last.get("train_seconds", 0.0), "devices": jax.device_count()}
+          "train_seconds": last.get("train_seconds", 0.0), "devices": jax.device_count(),
+          **{k: last[k] for k in INPUT_METRICS if k in last}}
 
 
 def train(ctx, trainer: Trainer, init_key, step_key) -> tuple[Any, dict]:
@@ -61,16 +66,20 @@ def train(ctx, trainer: Trainer, init_key, step_key) -> tuple[Any, dict]:
   state, start = checkpoints.restore_latest(mngr, state, ctx.log)
   if start:
     ctx.log("resumed from step %d", start)
-  stream = TrainStream(source, t.batch_size, config.seed, ctx.process_index, ctx.process_count)
+  stream = TrainStream(source, t.batch_size, config.seed, ctx.process_index, ctx.process_count,
+                       cache=loader.cache_for(config.data.cache, source))
+  workers = loader.workers_for(config.data.workers, stream.cached)
+  batches = loader.Loader(loader.StreamBatches(stream, start), t.steps - start, workers,
+                          loader.prefetch_for(config.data.prefetch),
+                          put=lambda el: parallel.put_batch(el["image"], mesh, rules))
   step_key = parallel.put_replicated(step_key, mesh)
   writer, bar = ctx.writer(), ctx.progress(t.steps, start, "vqgan")
   hints = {f"vqgan.train.{k}": t[k] for k in ("lr", "disc_lr", "warmup_steps", "grad_clip")}
   hints["vqgan.disc_weight"] = config.vqgan.disc_weight
   nan_guard = guard.Guard("vqgan", t, hints, ckpt_dir)
   window, last, t0, timed_from = [], {}, None, start
-  with loop.ending(mngr, t.steps, nan_guard, bar, writer) as end:
-    for s in range(start, t.steps):
-      images = parallel.put_batch(stream.batch(s)["image"], mesh, rules)
+  with batches, loop.ending(mngr, t.steps, nan_guard, bar, writer) as end:
+    for s, images in zip(range(start, t.steps), batches):
       state, m = trainer.step(state, step_key, images)
       window.append(m)
       nan_guard.add(s + 1, m)
@@ -98,6 +107,7 @@ def train(ctx, trainer: Trainer, init_key, step_key) -> tuple[Any, dict]:
   last["train_seconds"] = elapsed
   last["skipped_steps"] = nan_guard.skipped
   last["bad_images"] = len(getattr(source, "bad_files", ()))
+  last.update(batches.stats())
   return state, last
 
 

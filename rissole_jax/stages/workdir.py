@@ -44,13 +44,17 @@ INERT = {
 }
 
 
+LOADER_KEYS = ("workers", "prefetch", "cache")
+
+
 def _without_inert(sections: dict) -> dict:
   """Leaves out keys that change nothing at their values, so that workdirs made
   before the keys existed keep their fingerprints: INERT, the U-Net's keys at
   their first layout's values (defaults.LEGACY_MODEL), the LEGO settings of a
   U-Net model and the U-Net's layout knobs (LEGACY_MODEL's keys) of a LEGO
-  model, whatever their values, LEGO brick skipping over no part of the trajectory, and the
-  encode shard size (the files' layout, not their content)."""
+  model, whatever their values, LEGO brick skipping over no part of the trajectory, the
+  encode shard size (the files' layout, not their content) and the loader's
+  knobs (LOADER_KEYS: how fast the input is read, never what)."""
   from rissole_jax.defaults import LEGACY_MODEL
   m = sections.get("model")
   if isinstance(m, dict) and m.get("backbone", "unet") == "unet":
@@ -62,6 +66,10 @@ def _without_inert(sections: dict) -> dict:
   e = sections.get("encode")
   if isinstance(e, dict):
     e.pop("shard_rows", None)
+  d = sections.get("data")
+  if isinstance(d, dict):  # how fast the input is read, never what (data/loader.py)
+    for k in LOADER_KEYS:
+      d.pop(k, None)
   legacy = {f"model.{k}": v for k, v in LEGACY_MODEL.items()}
   for dotted, value in {**INERT, **legacy}.items():
     *path, key = dotted.split(".")

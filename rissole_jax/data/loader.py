@@ -1,0 +1,190 @@
+"""The training stages' input, through Grain: element k of a list of reads
+(batch `step` of a TrainStream, or a chunk of rows for the encode stage) is
+decoded in background worker processes, prefetched, and put on the devices
+one batch ahead of the step that uses it.
+
+What an element holds depends only on k (batches stay a pure function of
+(seed, step), so a resumed run starts the list at its step and needs no
+iterator state), and Grain's workers take elements round-robin and hand them
+back in order: the batches are the synchronous stream's for any number of
+workers. `data.workers`, `data.prefetch` and `data.cache` change how fast,
+never what: they are left out of the stage fingerprints (stages/workdir.py).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from rissole_jax.data.pipeline import TrainStream, to_float
+from rissole_jax.errors import ConfigError
+
+MAX_AUTO_WORKERS = 16  # MaxText's hosts use about this many; more is rarely faster
+WARMUP = 3             # reads left out of input_wait_share: worker start-up, the first compile
+
+
+def workers_for(setting, in_memory: bool) -> int:
+  """data.workers as a count. "auto": none for data already in memory (a
+  gather needs no decode), else one per CPU core but one (the step and the
+  host's own work keep a core), at least one."""
+  if setting == "auto":
+    return 0 if in_memory else max(1, min(MAX_AUTO_WORKERS, (os.cpu_count() or 2) - 1))
+  if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+    raise ConfigError(f"data.workers must be 'auto' or a count >= 0, got {setting!r}. "
+                      "Fix: --config.data.workers=auto (or 0 to decode in the training process).")
+  return setting
+
+
+def prefetch_for(setting) -> int:
+  """data.prefetch as batches buffered per worker ("auto": 2, as MaxText)."""
+  if setting == "auto":
+    return 2
+  if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+    raise ConfigError(f"data.prefetch must be 'auto' or a count >= 1, got {setting!r}. "
+                      "Fix: --config.data.prefetch=auto.")
+  return setting
+
+
+def cache_for(setting, source) -> bool:
+  """data.cache: keep the decoded split in memory. "auto" keeps only the
+  embedded digits (5,000 small images, read once); everything else is
+  streamed, decoded by the workers as it is needed."""
+  if setting == "auto":
+    return source.name.startswith("mnist_embedded")
+  if not isinstance(setting, bool):
+    raise ConfigError(f"data.cache must be 'auto', True or False, got {setting!r}.")
+  return setting
+
+
+class StreamBatches:
+  """Element k: batch `first + k` of a TrainStream as float images (picklable:
+  it is what each worker runs)."""
+
+  def __init__(self, stream: TrainStream, first: int = 0):
+    self.stream, self.first = stream, first
+
+  def __call__(self, k: int) -> dict:
+    return {"image": self.stream.batch(self.first + int(k))["image"]}
+
+
+class SourceChunks:
+  """Element k: rows chunks[k] = (start, stop) of a source, in order, as float
+  images and labels (the encode stage's reads)."""
+
+  def __init__(self, source, chunks):
+    self.source, self.chunks = source, list(chunks)
+
+  def __call__(self, k: int) -> dict:
+    start, stop = self.chunks[int(k)]
+    images, labels = self.source.get(np.arange(start, stop))
+    return {"image": to_float(images), "label": labels}
+
+
+class Timed:
+  """Wraps a read: each element also says how long it took to make (the
+  loader's own images/s, measured where the work happens)."""
+
+  def __init__(self, read):
+    self.read = read
+
+  def __call__(self, k):
+    t0 = time.perf_counter()
+    out = self.read(k)
+    out["read_seconds"] = np.float64(time.perf_counter() - t0)
+    return out
+
+
+def _parse_absl_flags() -> None:
+  # Grain's workers read absl flags and fail when they were never parsed
+  # (google/grain#1355); `app.run` parses them, pytest and notebooks do not.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+class Loader:
+  """Iterates read(0), ..., read(count - 1), each passed through `put` (e.g.
+  onto the devices) one element ahead of its use, with `workers` background
+  processes (0: one background thread) and `prefetch` elements buffered each.
+
+  A context manager: leaving it stops the workers. `stats()` gives the share
+  of wall time the consumer waited for input and the loader's images/s."""
+
+  def __init__(self, read: Callable[[int], dict], count: int, workers: int = 0,
+               prefetch: int = 2, put: Callable[[Any], Any] | None = None):
+    import grain
+    self.count, self.workers = int(count), int(workers)
+    ds = grain.MapDataset.range(self.count).map(Timed(read))
+    if self.workers:
+      _parse_absl_flags()
+      it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=prefetch))
+    else:  # decode in a thread of this process (PIL releases the GIL while decoding)
+      it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+    self._it = iter(it)
+    self._put = put or (lambda x: x)
+    self._ahead: collections.deque = collections.deque()
+    self._waits: list[float] = []
+    self._reads: list[float] = []
+    self._images = 0
+    self._times: list[float] = []
+    self._given = 0
+
+  def _fetch(self) -> None:
+    t0 = time.perf_counter()
+    el = next(self._it)
+    # Grain hands worker results over in shared memory: copied out here, so
+    # the segment is freed now and nothing downstream aliases it.
+    el = {k: np.array(v) for k, v in el.items()}
+    self._reads.append(float(el.pop("read_seconds")))
+    self._images += len(el["image"])
+    self._ahead.append(self._put(el))
+    self._waits.append(time.perf_counter() - t0)  # the copy to the devices counts as input
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._given >= self.count:
+      raise StopIteration
+    while len(self._ahead) < 2 and self._given + len(self._ahead) < self.count:
+      self._fetch()
+    self._given += 1
+    self._times.append(time.perf_counter())
+    return self._ahead.popleft()
+
+  def close(self) -> None:
+    self._ahead.clear()
+    it, self._it = self._it, None
+    if it is not None:
+      it.close()  # stops the workers now, not at garbage collection
+      del it
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def stats(self) -> dict[str, float]:
+    """input_wait_share: time spent waiting for input over wall time, from
+    the element after the first WARMUP to the last handed out (0 when too
+    few); input_images_per_second: images per second the loader can make
+    (per-element read time, times the workers reading in parallel)."""
+    out = {"input_wait_share": 0.0, "input_images_per_second": 0.0,
+           "input_workers": float(self.workers)}
+    n = len(self._times)
+    if n > WARMUP + 1:
+      wall = self._times[-1] - self._times[WARMUP]
+      # Handing out element j first fetches j + 1, so the fetches between
+      # those two times are of elements WARMUP + 2 .. n.
+      waited = sum(self._waits[WARMUP + 2:n + 1])
+      out["input_wait_share"] = float(min(1.0, waited / wall)) if wall > 0 else 0.0
+    reads = self._reads[WARMUP:] or self._reads
+    if reads and self._images:
+      per_image = np.median(reads) / (self._images / max(len(self._reads), 1))
+      out["input_images_per_second"] = float(max(self.workers, 1) / per_image) if per_image > 0 else 0.0
+    return out
