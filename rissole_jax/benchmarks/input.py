@@ -110,6 +110,20 @@ def measure_step(setup, stream: TrainStream, workers, batches: int, mesh, rules,
           "input_wait_share": float(stats(span)["input_wait_share"])}
 
 
+def measure_ceiling(setup, batches: int) -> float:
+  """Images/s of the step fed one device batch over and over: no input at
+  all, the most any loader can give."""
+  import jax
+  state = setup.state
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    state, _ = setup.trainer.step(state, setup.key, setup.images)
+  jax.block_until_ready(state)
+  setup.state = state
+  return batches * setup.batch / (time.perf_counter() - t0)
+
+
 def decode_rates(cfg, where: dict) -> dict:
   """Images/s one core decodes at the paper-scale configs' 64x64x3: each
   photo size as the config reads it (CelebA's face crop, then resize;
@@ -200,8 +214,10 @@ def run(cfg, out: Path | None = None) -> dict:
   for name in cfg.datasets:
     src = train_source(cfg, name, where)
     streams[name] = TrainStream(src, b, cfg.base.seed, cache=loader.cache_for("auto", src))
-  raw = {}
+  raw, ceiling = {}, []
   for r in range(cfg.rounds):
+    ceiling.append(measure_ceiling(mesh_setup, cfg.step_batches))
+    print(f"round {r + 1}/{cfg.rounds} no input: {ceiling[-1]:.0f} images/s", flush=True)
     for name, stream in streams.items():
       for w in cfg.workers:
         if stream.cached and w not in ("sync", 0):
@@ -212,6 +228,9 @@ def run(cfg, out: Path | None = None) -> dict:
         raw.setdefault(key, []).append({"loader": a["images_per_second"],
                                         "step": s["images_per_second"],
                                         "wait": s["input_wait_share"]})
+        print(f"round {r + 1}/{cfg.rounds} {key}: loader {a['images_per_second']:.0f} images/s, "
+              f"with the step {s['images_per_second']:.0f} images/s, "
+              f"wait share {s['input_wait_share']:.3f}", flush=True)
   rows = []
   for key, runs in raw.items():
     name, w = key.split("|")
@@ -220,15 +239,18 @@ def run(cfg, out: Path | None = None) -> dict:
                  "step_images_per_second": statistics.median(x["step"] for x in runs),
                  "input_wait_share": statistics.median(x["wait"] for x in runs),
                  "runs": runs})
-  for row in rows:  # against one synchronous reader of the same data
+  top = statistics.median(ceiling)
+  for row in rows:  # against one synchronous reader of the same data, and no input
     sync = next((x for x in rows if x["dataset"] == row["dataset"] and x["workers"] == "sync"), None)
     if sync:
       row["loader_vs_sync"] = row["loader_images_per_second"] / sync["loader_images_per_second"]
+    row["step_vs_no_input"] = row["step_images_per_second"] / top
   rates = decode_rates(cfg, where)
   result = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "devices": jax.device_count(),
             "device_kind": jax.devices()[0].device_kind, "jpegs": cfg.jpegs,
             "jpeg_size": cfg.jpeg_size, "image": f"{d.image_size}x{d.image_size}x{d.channels}",
-            "batch": b, "rounds": cfg.rounds, "data_made_seconds": made_s, "rows": rows,
+            "batch": b, "rounds": cfg.rounds, "data_made_seconds": made_s,
+            "no_input_images_per_second": top, "no_input_runs": ceiling, "rows": rows,
             "decode_per_core_64x64x3": rates, "estimates": estimates(cfg, rates)}
   if out is not None:
     atomic_write_json(out, result)
@@ -242,13 +264,16 @@ def table(result: dict) -> str:
   lines = [f"Input pipeline, {result['cpu']} ({result['cpu_count']} cores), "
            f"{result['devices']} {result['device_kind']} device(s); batches of "
            f"{result['batch']} at {result['image']}; medians of {result['rounds']} interleaved rounds.",
+           f"The VQ-GAN step fed one batch over and over (no input): "
+           f"{result['no_input_images_per_second']:.0f} images/s.",
            "", "| data | workers | loader images/s | × sync | with the VQ-GAN step, images/s "
-           "| input_wait_share |", "|---|---|---|---|---|---|"]
+           "| × no input | input_wait_share |", "|---|---|---|---|---|---|---|"]
   for r in result["rows"]:
     data = r["dataset"] + (" (in memory)" if r["in_memory"] else "")
     lines.append(f"| {data} | {r['workers']} | {r['loader_images_per_second']:.0f} | "
                  f"{r.get('loader_vs_sync', float('nan')):.2f} | "
-                 f"{r['step_images_per_second']:.0f} | {r['input_wait_share']:.3f} |")
+                 f"{r['step_images_per_second']:.0f} | {r['step_vs_no_input']:.2f} | "
+                 f"{r['input_wait_share']:.3f} |")
   lines += ["", "Decode, one core, to 64x64x3: " + ", ".join(
       f"{k} {v:.0f} images/s" for k, v in result["decode_per_core_64x64x3"].items())]
   if result["estimates"]:

@@ -66,8 +66,9 @@ class InputBenchJpegs(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-        {"image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg")}))
+    return tfds.core.DatasetInfo(builder=self, disable_shuffling=True,  # rows in file order
+                                 features=tfds.features.FeaturesDict({"image": tfds.features.Image(
+                                     shape=(None, None, 3), encoding_format="jpeg")}))
 
   def _split_generators(self, dl_manager):
     del dl_manager

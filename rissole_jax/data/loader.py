@@ -12,8 +12,9 @@ never what: they are left out of the stage fingerprints (stages/workdir.py).
 """
 from __future__ import annotations
 
-import collections
 import os
+import queue
+import threading
 import time
 from typing import Any, Callable
 
@@ -107,11 +108,16 @@ def _parse_absl_flags() -> None:
 
 class Loader:
   """Iterates read(0), ..., read(count - 1), each passed through `put` (e.g.
-  onto the devices) one element ahead of its use, with `workers` background
-  processes (0: one background thread) and `prefetch` elements buffered each.
+  onto the devices) ahead of its use: `workers` background processes read
+  (0: a background thread), `prefetch` elements buffered each, and a feeder
+  thread copies each element out of Grain's shared memory and puts it on the
+  devices while the step runs, keeping up to AHEAD of them ready.
 
   A context manager: leaving it stops the workers. `stats()` gives the share
-  of wall time the consumer waited for input and the loader's images/s."""
+  of wall time the consumer waited with no element ready, and the loader's
+  images/s."""
+
+  AHEAD = 2  # elements put and ready: one for the step now, one for the next
 
   def __init__(self, read: Callable[[int], dict], count: int, workers: int = 0,
                prefetch: int = 2, put: Callable[[Any], Any] | None = None):
@@ -126,38 +132,65 @@ class Loader:
       it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
     self._it = iter(it)
     self._put = put or (lambda x: x)
-    self._ahead: collections.deque = collections.deque()
+    self._ready: queue.Queue = queue.Queue(maxsize=self.AHEAD)
+    self._stop = threading.Event()
     self._waits: list[float] = []
     self._reads: list[float] = []
     self._images = 0
     self._times: list[float] = []
     self._given = 0
+    self._feeder = threading.Thread(target=self._feed, name="rissole-loader", daemon=True)
+    self._feeder.start()
 
-  def _fetch(self) -> None:
-    t0 = time.perf_counter()
-    el = next(self._it)
-    # Grain hands worker results over in shared memory: copied out here, so
-    # the segment is freed now and nothing downstream aliases it.
-    el = {k: np.array(v) for k, v in el.items()}
-    self._reads.append(float(el.pop("read_seconds")))
-    self._images += len(el["image"])
-    self._ahead.append(self._put(el))
-    self._waits.append(time.perf_counter() - t0)  # the copy to the devices counts as input
+  def _feed(self) -> None:
+    try:
+      for _ in range(self.count):
+        el = next(self._it)
+        # Grain hands worker results over in shared memory: copied out here,
+        # so the segment is freed now and nothing downstream aliases it.
+        el = {k: np.array(v) for k, v in el.items()}
+        self._reads.append(float(el.pop("read_seconds")))
+        self._images += len(el["image"])
+        if not self._offer(("ok", self._put(el))):
+          return
+    except BaseException as e:  # handed to the consumer, raised there
+      self._offer(("error", e))
+
+  def _offer(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._ready.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
 
   def __iter__(self):
     return self
 
   def __next__(self):
-    if self._given >= self.count:
+    if self._given >= self.count or self._it is None:
       raise StopIteration
-    while len(self._ahead) < 2 and self._given + len(self._ahead) < self.count:
-      self._fetch()
+    t0 = time.perf_counter()
+    kind, value = self._ready.get()
+    now = time.perf_counter()
+    self._waits.append(now - t0)
+    if kind == "error":
+      self.close()
+      raise value
     self._given += 1
-    self._times.append(time.perf_counter())
-    return self._ahead.popleft()
+    self._times.append(now)
+    return value
 
   def close(self) -> None:
-    self._ahead.clear()
+    self._stop.set()
+    while True:  # unblock the feeder
+      try:
+        self._ready.get_nowait()
+      except queue.Empty:
+        break
+    if self._feeder.is_alive() and threading.current_thread() is not self._feeder:
+      self._feeder.join(timeout=60)
     it, self._it = self._it, None
     if it is not None:
       it.close()  # stops the workers now, not at garbage collection
@@ -170,18 +203,17 @@ class Loader:
     self.close()
 
   def stats(self) -> dict[str, float]:
-    """input_wait_share: time spent waiting for input over wall time, from
-    the element after the first WARMUP to the last handed out (0 when too
-    few); input_images_per_second: images per second the loader can make
-    (per-element read time, times the workers reading in parallel)."""
+    """input_wait_share: the time the consumer waited with no element ready,
+    over the wall time, from the element after the first WARMUP to the last
+    handed out (0 when too few); input_images_per_second: images per second
+    the loader can make (per-element read time, times the workers reading
+    in parallel)."""
     out = {"input_wait_share": 0.0, "input_images_per_second": 0.0,
            "input_workers": float(self.workers)}
     n = len(self._times)
     if n > WARMUP + 1:
       wall = self._times[-1] - self._times[WARMUP]
-      # Handing out element j first fetches j + 1, so the fetches between
-      # those two times are of elements WARMUP + 2 .. n.
-      waited = sum(self._waits[WARMUP + 2:n + 1])
+      waited = sum(self._waits[WARMUP + 1:n])
       out["input_wait_share"] = float(min(1.0, waited / wall)) if wall > 0 else 0.0
     reads = self._reads[WARMUP:] or self._reads
     if reads and self._images:
