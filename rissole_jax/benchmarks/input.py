@@ -100,6 +100,8 @@ def measure_step(setup, stream: TrainStream, workers, batches: int, mesh, rules,
         jax.block_until_ready(state)
         t0 = time.perf_counter()
       state, metrics = setup.trainer.step(state, setup.key, images)
+      if closer:
+        closer.busy_until(metrics["rec_loss"])
     jax.block_until_ready(state)
     span = time.perf_counter() - t0
   finally:

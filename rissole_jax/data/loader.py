@@ -114,7 +114,7 @@ class Loader:
   devices while the step runs, keeping up to AHEAD of them ready.
 
   A context manager: leaving it stops the workers. `stats()` gives the share
-  of wall time the consumer waited with no element ready, and the loader's
+  of wall time the device waited with no element ready, and the loader's
   images/s."""
 
   AHEAD = 2  # elements put and ready: one for the step now, one for the next
@@ -139,6 +139,7 @@ class Loader:
     self._images = 0
     self._times: list[float] = []
     self._given = 0
+    self._busy = None
     self._feeder = threading.Thread(target=self._feed, name="rissole-loader", daemon=True)
     self._feeder.start()
 
@@ -168,13 +169,35 @@ class Loader:
   def __iter__(self):
     return self
 
+  def busy_until(self, output) -> None:
+    """The step just dispatched: its device is busy until `output` (a jax
+    array it returns) is ready. With async dispatch the loop runs ahead of
+    the device, so waiting for input starves the step only from then on;
+    without this, all of the consumer's waiting counts."""
+    self._busy = output
+
+  def _wait(self) -> tuple[Any, float]:
+    """The next element, and how long the device sat idle waiting for it."""
+    try:
+      return self._ready.get_nowait(), 0.0
+    except queue.Empty:
+      pass
+    busy, idle_from = self._busy, None
+    while True:
+      if idle_from is None and (busy is None or busy.is_ready()):
+        idle_from = time.perf_counter()
+      try:  # poll the device's state every millisecond until it is idle
+        item = self._ready.get(timeout=0.001 if idle_from is None else 1.0)
+        return item, (time.perf_counter() - idle_from) if idle_from is not None else 0.0
+      except queue.Empty:
+        continue
+
   def __next__(self):
     if self._given >= self.count or self._it is None:
       raise StopIteration
-    t0 = time.perf_counter()
-    kind, value = self._ready.get()
+    (kind, value), waited = self._wait()
     now = time.perf_counter()
-    self._waits.append(now - t0)
+    self._waits.append(waited)
     if kind == "error":
       self.close()
       raise value
@@ -203,8 +226,8 @@ class Loader:
     self.close()
 
   def stats(self) -> dict[str, float]:
-    """input_wait_share: the time the consumer waited with no element ready,
-    over the wall time, from the element after the first WARMUP to the last
+    """input_wait_share: the time the device sat idle waiting for an element
+    (see busy_until), over the wall time, from the element after the first WARMUP to the last
     handed out (0 when too few); input_images_per_second: images per second
     the loader can make (per-element read time, times the workers reading
     in parallel)."""

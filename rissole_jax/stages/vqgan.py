@@ -81,6 +81,7 @@ def train(ctx, trainer: Trainer, init_key, step_key) -> tuple[Any, dict]:
   with batches, loop.ending(mngr, t.steps, nan_guard, bar, writer) as end:
     for s, images in zip(range(start, t.steps), batches):
       state, m = trainer.step(state, step_key, images)
+      batches.busy_until(m["rec_loss"])
       window.append(m)
       nan_guard.add(s + 1, m)
       if s == start:  # the first call compiles: time the rest
