@@ -31,8 +31,9 @@ def base_config() -> mlc.ConfigDict:
   d.bad_images = "error"        # error | skip
   # The training stages' loader (data/loader.py): Grain worker processes that
   # decode ahead of the step, and batches buffered per worker. They change no
-  # result (not in the stage fingerprints). "auto" workers: none for data held
-  # in memory, else one per CPU core but one; docs/performance.md measures them.
+  # result (not in the stage fingerprints). "auto" workers: one per CPU core
+  # but one on accelerator hosts; a thread for data held in memory or a step
+  # on the CPU (data/loader.py says why; docs/performance.md measures them).
   d.workers = _auto()           # auto | count (0: a thread of the training process)
   d.prefetch = _auto()          # auto (2) | batches buffered per worker
   # Keep the decoded training split in memory: "auto" keeps the embedded

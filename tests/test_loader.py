@@ -93,6 +93,7 @@ def test_settings_and_their_refusals():
   other = sources.ArraySource("folder:x:train", np.zeros((4, 2, 2, 1), np.uint8))
   assert loader.workers_for("auto", in_memory=True) == 0
   assert loader.workers_for("auto", in_memory=False) >= 1
+  assert loader.workers_for("auto", in_memory=False, accelerator=False) == 0
   assert loader.workers_for(3, in_memory=True) == 3
   assert loader.prefetch_for("auto") == 2 and loader.prefetch_for(5) == 5
   assert loader.cache_for("auto", mem) and not loader.cache_for("auto", other)

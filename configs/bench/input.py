@@ -6,7 +6,7 @@ array_record; then the images/s the paper-scale configs need per host.
   python -m rissole_jax.benchmarks.input --config configs/bench/input.py \
       --out runs/input.json
 
-The generated data is made once under `data_dir` (about 1 GiB; a few minutes).
+The generated data is made once under `data_dir` (about 0.8 GiB; a minute or two).
 `:smoke` is a seconds-long run of every path (the test's).
 """
 import ml_collections as mlc

@@ -27,12 +27,16 @@ MAX_AUTO_WORKERS = 16  # MaxText's hosts use about this many; more is rarely fas
 WARMUP = 3             # reads left out of input_wait_share: worker start-up, the first compile
 
 
-def workers_for(setting, in_memory: bool) -> int:
-  """data.workers as a count. "auto": none for data already in memory (a
-  gather needs no decode), else one per CPU core but one (the step and the
-  host's own work keep a core), at least one."""
+def workers_for(setting, in_memory: bool, accelerator: bool = True) -> int:
+  """data.workers as a count. "auto": none (a background thread) for data
+  already in memory (a gather needs no decode) or when the step itself runs
+  on the host's CPU (its threads already use every core: worker processes
+  slow it down, docs/performance.md "The input pipeline"); else one per CPU
+  core but one (the training process keeps a core), at most MAX_AUTO_WORKERS."""
   if setting == "auto":
-    return 0 if in_memory else max(1, min(MAX_AUTO_WORKERS, (os.cpu_count() or 2) - 1))
+    if in_memory or not accelerator:
+      return 0
+    return max(1, min(MAX_AUTO_WORKERS, (os.cpu_count() or 2) - 1))
   if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
     raise ConfigError(f"data.workers must be 'auto' or a count >= 0, got {setting!r}. "
                       "Fix: --config.data.workers=auto (or 0 to decode in the training process).")

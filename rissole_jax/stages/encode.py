@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 
+import jax
 import numpy as np
 
 from rissole_jax.store import codes as codes_lib
@@ -93,7 +94,8 @@ def run(ctx) -> dict:
     # One loader over every read of this process's remaining shards, in order:
     # its workers start once per split and decode ahead across shard ends.
     reads = [c for i in todo for c in chunks_of(*ranges[i], cfg.encode.batch_size)]
-    workers = loader.workers_for(cfg.data.workers, loader.cache_for(cfg.data.cache, source))
+    workers = loader.workers_for(cfg.data.workers, loader.cache_for(cfg.data.cache, source),
+                                 jax.default_backend() != "cpu")
     chunks = loader.Loader(loader.SourceChunks(source, reads), len(reads), workers,
                            loader.prefetch_for(cfg.data.prefetch))
     with chunks, ctx.progress(total=sum(ranges[i][1] - ranges[i][0] for i in mine),

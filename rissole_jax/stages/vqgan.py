@@ -68,7 +68,7 @@ def train(ctx, trainer: Trainer, init_key, step_key) -> tuple[Any, dict]:
     ctx.log("resumed from step %d", start)
   stream = TrainStream(source, t.batch_size, config.seed, ctx.process_index, ctx.process_count,
                        cache=loader.cache_for(config.data.cache, source))
-  workers = loader.workers_for(config.data.workers, stream.cached)
+  workers = loader.workers_for(config.data.workers, stream.cached, jax.default_backend() != "cpu")
   batches = loader.Loader(loader.StreamBatches(stream, start), t.steps - start, workers,
                           loader.prefetch_for(config.data.prefetch),
                           put=lambda el: parallel.put_batch(el["image"], mesh, rules))
