@@ -269,6 +269,10 @@ def base_config() -> mlc.ConfigDict:
   # on the old eps default eta=0 failed (FD 82).
   s.eta = 1.0
   s.guidance_scale = 1.0        # 1: no guidance (needs cond_dropout > 0 otherwise)
+  # Guidance only where lo <= t/T <= hi (Kynkaenniemi et al. 2024 limit it to
+  # the middle noise levels); the other steps run the conditional model alone,
+  # one pass instead of two. (0, 1): every step.
+  s.guidance_interval = (0.0, 1.0)
   s.pseudo_query = "uniform"    # uniform | frequent
   # LEGO brick skipping (backbone='lego'): the bricks named here are not run
   # for a fraction t_break of the trajectory, at its low-noise end (t <

@@ -89,6 +89,11 @@ def test_ddim_timesteps_and_guidance_formula():
   np.testing.assert_allclose(x0, s.x0_from_eps(x, t, eps))
   eps1, _ = samplers.guided(pred, s, "eps", 1.0)(x, t)
   np.testing.assert_allclose(eps1, 2.0)
+  # sample.guidance_interval: guided where lo <= t/T <= hi, the conditional
+  # model alone elsewhere (every row of a step shares t).
+  for tt, want in ((2, 2.0), (5, 0.5 + 3.0 * 1.5), (8, 0.5 + 3.0 * 1.5), (9, 2.0)):
+    eps, _ = jax.jit(samplers.guided(pred, s, "eps", 3.0, (0.5, 0.8)))(x, jnp.full((3,), tt))
+    np.testing.assert_allclose(eps, want, err_msg=f"t={tt}")
 
 
 # ---------------------------------------------------------------------------
@@ -133,6 +138,19 @@ def test_sampling_config_errors():
   c.sample.sampler = "euler"
   with pytest.raises(ConfigError, match="sampler"):
     program.check_config(c)
+  c = tiny()
+  for bad in ((0.6, 0.4), (0.0, 1.5), (0.5,)):
+    c.sample.guidance_interval = bad
+    with pytest.raises(ConfigError, match="guidance_interval"):
+      program.check_config(c)
+  # The second pass runs only at the guided steps: 20 DDIM steps, 10 of them
+  # with t/T >= 0.5 (t = 0, 53, ..., 999 of T = 1000).
+  c.diffusion.update(cond_dropout=0.1, timesteps=1000)
+  c.sample.update(guidance_scale=2.0, steps=20, sampler="ddim", guidance_interval=(0.5, 1.0))
+  model = type("M", (), {"prev_block": False})()
+  settings = program.Settings.from_config(c.sample)
+  assert program.nfe(settings, c, model) == 30
+  assert program.nfe(program.Settings.from_config(c.sample, guidance_interval=(0.0, 1.0)), c, model) == 40
 
 
 # ---------------------------------------------------------------------------

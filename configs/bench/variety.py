@@ -34,6 +34,12 @@ def get_config(arg: str = ""):
       ("dropout_g1.5", {**DROPOUT, "sample.guidance_scale": 1.5}),
       ("dropout_g2", {**DROPOUT, "sample.guidance_scale": 2.0}),
       ("dropout_g3", {**DROPOUT, "sample.guidance_scale": 3.0}),
+      # Guidance in half the trajectory (sample.guidance_interval): the
+      # high-noise half (t/T >= 0.5, where the layout is decided) or the
+      # low-noise half; one pass at the other steps.
+      *[(f"dropout_g{g}_{half}", {**DROPOUT, "sample.guidance_scale": g,
+                                  "sample.guidance_interval": interval})
+        for g in (1.5, 2, 3) for half, interval in (("hi", (0.5, 1.0)), ("lo", (0.0, 0.5)))],
       ("steps2400", {"diffusion.train.steps": 2400}),
       # The two recall levers together: per-position weights and guidance 1.5.
       ("pp_dropout", {**PER_POSITION, **DROPOUT}),

@@ -376,20 +376,45 @@ def check_config(sample_cfg, timesteps_T: int) -> None:
                         f"more, or --config.sample.order={max(1, s.steps - 1)}.")
 
 
-def guided(pred_fn, schedule: Schedule, prediction: str, scale: float = 1.0):
+EVERY_STEP = (0.0, 1.0)
+
+
+def guided_at(t, T: int, interval=EVERY_STEP):
+  """Whether timestep(s) t are inside the guidance interval (lo <= t/T <= hi)."""
+  lo, hi = interval
+  frac = t / T
+  return (frac >= lo) & (frac <= hi)
+
+
+def guided(pred_fn, schedule: Schedule, prediction: str, scale: float = 1.0,
+           interval=EVERY_STEP):
   """`model_fn` for the samplers from `pred_fn(x, t, keep) -> network output`,
   where keep (B,) bool says which rows see their retrieval condition (a
   model without a learned null may ignore it: scale 1 only asks for True).
 
   scale == 1: the conditional model alone. Otherwise classifier-free guidance,
-  eps = eps_u + scale * (eps_c - eps_u) (two passes over the same batch).
+  eps = eps_u + scale * (eps_c - eps_u) (two passes over the same batch), at
+  the steps inside `interval` (fractions of T, sample.guidance_interval);
+  elsewhere the conditional model alone, one pass (a lax.cond: the second
+  pass is not run).
   """
-  def model_fn(x, t):
+  def conditional(x, t):
     B = x.shape[0]
-    eps_c, x0_c = schedule.to_eps_x0(prediction, x, t, pred_fn(x, t, jnp.ones((B,), bool)))
-    if scale == 1.0:
-      return eps_c, x0_c
+    return schedule.to_eps_x0(prediction, x, t, pred_fn(x, t, jnp.ones((B,), bool)))
+
+  def guided_fn(x, t):
+    B = x.shape[0]
+    eps_c, _ = conditional(x, t)
     eps_u, _ = schedule.to_eps_x0(prediction, x, t, pred_fn(x, t, jnp.zeros((B,), bool)))
     eps = eps_u + scale * (eps_c - eps_u)
     return eps, schedule.x0_from_eps(x, t, eps)
+
+  if scale == 1.0:
+    return conditional
+  if tuple(interval) == EVERY_STEP:
+    return guided_fn
+  T = schedule.T
+
+  def model_fn(x, t):  # every row of a sampler step shares its timestep
+    return jax.lax.cond(guided_at(t[0], T, interval), guided_fn, conditional, x, t)
   return model_fn

@@ -14,9 +14,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rissole_jax import blocks as blk
 from rissole_jax.diffusion import solvers
+from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError, check_choice
 from rissole_jax.models import lego, mapped, unet
 
@@ -28,6 +30,7 @@ class Settings:
   steps: int = 100
   eta: float = 1.0
   guidance: float = 1.0
+  guidance_interval: tuple = solvers.EVERY_STEP  # fractions of T where guidance acts
   order: int = 2                   # DPM-Solver++
   spacing: str = "time_uniform"    # DDIM, DPM-Solver++
   lower_order_final: bool = True   # DPM-Solver++
@@ -37,7 +40,10 @@ class Settings:
   @classmethod
   def from_config(cls, s, **overrides) -> "Settings":
     base = cls(sampler=s.sampler, steps=int(s.steps), eta=float(s.eta),
-               guidance=float(s.guidance_scale), t_break=float(s.skip.t_break),
+               guidance=float(s.guidance_scale),
+               guidance_interval=tuple(float(v) for v in s.get("guidance_interval",
+                                                               solvers.EVERY_STEP)),
+               t_break=float(s.skip.t_break),
                **solvers.options(s))
     given = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(base, **given)
@@ -58,6 +64,10 @@ def check_settings(settings: Settings, config) -> None:
     raise ConfigError("sample.sampler='distilled': the student is the conditional model, whole "
                       f"(guidance {settings.guidance}, t_break {settings.t_break} asked). Fix: "
                       "sample.guidance_scale=1 and sample.skip.t_break=0.")
+  lo_hi = tuple(settings.guidance_interval)
+  if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:
+    raise ConfigError(f"sample.guidance_interval={lo_hi} must be (lo, hi) with 0 <= lo < hi <= 1 "
+                      "(fractions of the diffusion time). Fix: e.g. (0.0, 1.0), every step.")
   if settings.guidance != 1.0:
     if not unet.uses_retrieval(v):
       raise ConfigError(f"sample.guidance_scale={settings.guidance}: variant {v!r} has no "
@@ -100,8 +110,16 @@ def params_for(parts, settings: Settings):
 
 def nfe(settings: Settings, config, model) -> int:
   """Network evaluations per image (each over all its blocks at once)."""
-  steps = solvers.num_steps(settings, config.diffusion.timesteps)
-  steps *= 1 if settings.guidance == 1.0 else 2
+  T = config.diffusion.timesteps
+  steps = solvers.num_steps(settings, T)
+  if settings.guidance != 1.0:  # a second pass at the guided steps
+    if tuple(settings.guidance_interval) == solvers.EVERY_STEP:
+      steps *= 2
+    else:
+      grid = (np.arange(T) if settings.sampler == "ddpm" else
+              solvers.timesteps(make_schedule(config.diffusion).alphas_cumprod, settings.steps,
+                                solvers.options(settings)["spacing"]))
+      steps += int(np.sum(solvers.guided_at(grid, T, settings.guidance_interval)))
   return steps * (blk.num_blocks(config.blocks.grid) if model.prev_block else 1)
 
 
@@ -163,7 +181,8 @@ def sample_latents(model, params, schedule, prediction: str, settings: Settings,
         return model.apply({"params": params}, x, t, **cond,
                            keep=keep if model.learn_null else None,
                            **({} if active is None else {"active": active}))
-      fn = solvers.guided(pred_fn, schedule, prediction, settings.guidance)
+      fn = solvers.guided(pred_fn, schedule, prediction, settings.guidance,
+                          settings.guidance_interval)
       return following(fn, schedule, known[0], known[1], row_keys) if follow else fn
     # The low-noise part of the trajectory runs another stack: two loops.
     split = {} if plan is None else {"model_fn_low": model_fn(plan[1]), "t_switch": plan[2]}

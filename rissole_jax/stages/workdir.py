@@ -34,6 +34,7 @@ def config_sections(config: mlc.ConfigDict, keys) -> dict:
 INERT = {
     "model.lego.neighbours": "channels",      # LEGO: neighbours as input channels
     "model.block_map": "fold",                # blocks folded into the batch
+    "sample.guidance_interval": [0.0, 1.0],   # guidance (if any) at every step
     "model.share_weights": True,
     "model.dtype": "float32",
     "diffusion.train.steps_per_call": 1,
