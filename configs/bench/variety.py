@@ -40,6 +40,10 @@ def get_config(arg: str = ""):
       *[(f"dropout_g{g}_{half}", {**DROPOUT, "sample.guidance_scale": g,
                                   "sample.guidance_interval": interval})
         for g in (1.5, 2, 3) for half, interval in (("hi", (0.5, 1.0)), ("lo", (0.0, 0.5)))],
+      # The high-noise side won: where it should start, and how strong.
+      *[(f"dropout_g{g}_from{lo}", {**DROPOUT, "sample.guidance_scale": g,
+                                    "sample.guidance_interval": (lo, 1.0)})
+        for g, lo in ((3, 0.3), (3, 0.7), (4, 0.5), (6, 0.5), (4, 0.7))],
       ("steps2400", {"diffusion.train.steps": 2400}),
       # The two recall levers together: per-position weights and guidance 1.5.
       ("pp_dropout", {**PER_POSITION, **DROPOUT}),
