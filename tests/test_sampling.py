@@ -11,7 +11,7 @@ import pytest
 
 from rissole_jax import blocks
 from rissole_jax.stages.context import Context
-from rissole_jax.defaults import base_config
+from rissole_jax.defaults import apply_variants, base_config
 from rissole_jax.diffusion import solvers as samplers
 from rissole_jax.diffusion.schedule import make_schedule
 from rissole_jax.errors import ConfigError, DataError
@@ -143,6 +143,11 @@ def test_sampling_config_errors():
     c.sample.guidance_interval = bad
     with pytest.raises(ConfigError, match="guidance_interval"):
       program.check_config(c)
+  # The `guided` variant: dropout in training, guidance on the high-noise half.
+  g = apply_variants(tiny(), "guided")
+  program.check_config(g)
+  assert g.diffusion.cond_dropout == 0.1 and g.sample.guidance_scale == 3.0
+  assert tuple(g.sample.guidance_interval) == (0.5, 1.0)
   # The second pass runs only at the guided steps: 20 DDIM steps, 10 of them
   # with t/T >= 0.5 (t = 0, 53, ..., 999 of T = 1000).
   c.diffusion.update(cond_dropout=0.1, timesteps=1000)
