@@ -116,3 +116,26 @@ def test_loader_knobs_leave_the_fingerprints_alone():
   assert workdir.config_sections(a, ["data"]) == workdir.config_sections(b, ["data"])
   b.data.image_size = 64  # what is read still counts
   assert workdir.config_sections(a, ["data"]) != workdir.config_sections(b, ["data"])
+
+
+def test_folder_scan_is_kept_and_redone_when_a_file_changes(tmp_path, monkeypatch):
+  import shutil
+  monkeypatch.setenv("RISSOLE_CACHE", str(tmp_path / "cache"))
+  folder = tmp_path / "imgs"
+  folder.mkdir()
+  from rissole_jax.benchmarks.input_data import _write_jpegs
+  _write_jpegs(folder, 4, 16, 16)
+  shutil.copy(next(folder.rglob("*.jpg")), folder / "later.jpg")
+  (folder / "zz_bad.png").write_bytes(b"not a png")
+  calls = []
+  real = sources.image_problem
+  monkeypatch.setattr(sources, "image_problem", lambda p, *a: (calls.append(p), real(p, *a))[1])
+  first = sources.FolderSource(folder, "train", 16, 3, 0.0, "skip").bad_files
+  assert [p.name for p, _ in first] == ["zz_bad.png"] and len(calls) == 6
+  sources._SCANS.clear()  # a new process: the stored scan is read, nothing decoded
+  assert sources.FolderSource(folder, "train", 16, 3, 0.0, "skip").bad_files == first
+  assert len(calls) == 6
+  (folder / "later.jpg").write_bytes(b"broken now")  # a changed file: scanned again
+  sources._SCANS.clear()
+  again = sources.FolderSource(folder, "train", 16, 3, 0.0, "skip").bad_files
+  assert [p.name for p, _ in again] == ["later.jpg", "zz_bad.png"] and len(calls) == 12
