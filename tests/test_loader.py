@@ -139,3 +139,24 @@ def test_folder_scan_is_kept_and_redone_when_a_file_changes(tmp_path, monkeypatc
   sources._SCANS.clear()
   again = sources.FolderSource(folder, "train", 16, 3, 0.0, "skip").bad_files
   assert [p.name for p, _ in again] == ["later.jpg", "zz_bad.png"] and len(calls) == 12
+
+
+def test_input_benchmark_runs_every_setting_it_names(tmp_path):
+  """configs/bench/input.py:smoke with its settings trimmed (no worker
+  processes: test_workers_give... starts those): a row per (data, setting),
+  each against the synchronous reader."""
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+  from configs.bench import input as bench_cfg
+  from rissole_jax.benchmarks import input as bench
+  cfg = bench_cfg.get_config("smoke")
+  cfg.update(datasets=("folder", "array_record"), workers=("sync", 0), data_dir=str(tmp_path))
+  out = bench.run(cfg, tmp_path / "input.json")
+  assert [(r["dataset"], r["workers"]) for r in out["rows"]] == [
+      ("folder", "sync"), ("folder", "0"), ("array_record", "sync"), ("array_record", "0")]
+  for r in out["rows"]:
+    assert r["loader_images_per_second"] > 0 and r["step_images_per_second"] > 0
+    assert 0.0 <= r["input_wait_share"] <= 1.0 and r["loader_vs_sync"] > 0
+  assert out["no_input_images_per_second"] > 0 and not out["estimates"]
+  assert (tmp_path / "input.md").read_text().count("| folder |") == 2

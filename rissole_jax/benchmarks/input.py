@@ -53,7 +53,8 @@ def train_source(cfg, name: str, where: dict):
 # Measures.
 
 def _elements(read, count: int, workers, prefetch: int, put=None):
-  """(iterator, stats function) for a setting; "sync" reads in the loop."""
+  """(iterator, stats function, loader or None) for a setting; "sync" reads
+  in the loop (the stages' loop before the loader)."""
   if workers == "sync":
     waits = []
 

@@ -128,7 +128,9 @@ class Loader:
     import grain
     self.count, self.workers = int(count), int(workers)
     ds = grain.MapDataset.range(self.count).map(Timed(read))
-    if self.workers:
+    if not self.count:  # nothing to read (a finished stage resumed): start no worker
+      it = []
+    elif self.workers:
       _parse_absl_flags()
       it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(
           grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=prefetch))
@@ -219,9 +221,17 @@ class Loader:
     if self._feeder.is_alive() and threading.current_thread() is not self._feeder:
       self._feeder.join(timeout=60)
     it, self._it = self._it, None
-    if it is not None:
+    if hasattr(it, "close"):
       it.close()  # stops the workers now, not at garbage collection
-      del it
+    del it
+
+  @classmethod
+  def for_config(cls, data_cfg, read, count: int, in_memory: bool, put=None) -> "Loader":
+    """A loader with the config's data.workers and data.prefetch, on this
+    host's backend (workers_for)."""
+    import jax
+    workers = workers_for(data_cfg.workers, in_memory, jax.default_backend() != "cpu")
+    return cls(read, count, workers, prefetch_for(data_cfg.prefetch), put)
 
   def __enter__(self):
     return self
@@ -231,10 +241,10 @@ class Loader:
 
   def stats(self) -> dict[str, float]:
     """input_wait_share: the time the device sat idle waiting for an element
-    (see busy_until), over the wall time, from the element after the first WARMUP to the last
-    handed out (0 when too few); input_images_per_second: images per second
-    the loader can make (per-element read time, times the workers reading
-    in parallel)."""
+    (see busy_until), over the wall time, from the element after the first
+    WARMUP to the last handed out (0 when too few); input_images_per_second:
+    images per second the loader can make (per-element read time, times the
+    workers reading in parallel)."""
     out = {"input_wait_share": 0.0, "input_images_per_second": 0.0,
            "input_workers": float(self.workers)}
     n = len(self._times)

@@ -264,7 +264,7 @@ def _stored_scan(key, files: list[Path]) -> dict[Path, str]:
     got = json.loads(stored.read_text())
     if got.get("key") == digest:
       return {p: got["bad"][str(p)] for p in files if str(p) in got["bad"]}  # in file order
-  except (OSError, ValueError, AttributeError, KeyError):
+  except (OSError, ValueError, AttributeError, KeyError, TypeError):
     pass  # missing or damaged: a cache, scanned again below
   from concurrent.futures import ThreadPoolExecutor
   with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 
-import jax
 import numpy as np
 
 from rissole_jax.store import codes as codes_lib
@@ -94,10 +93,9 @@ def run(ctx) -> dict:
     # One loader over every read of this process's remaining shards, in order:
     # its workers start once per split and decode ahead across shard ends.
     reads = [c for i in todo for c in chunks_of(*ranges[i], cfg.encode.batch_size)]
-    workers = loader.workers_for(cfg.data.workers, loader.cache_for(cfg.data.cache, source),
-                                 jax.default_backend() != "cpu")
-    chunks = loader.Loader(loader.SourceChunks(source, reads), len(reads), workers,
-                           loader.prefetch_for(cfg.data.prefetch))
+    # Data small enough to keep in memory (data.cache) needs no worker processes.
+    chunks = loader.Loader.for_config(cfg.data, loader.SourceChunks(source, reads), len(reads),
+                                      loader.cache_for(cfg.data.cache, source))
     with chunks, ctx.progress(total=sum(ranges[i][1] - ranges[i][0] for i in mine),
                               desc=f"encode {split}") as bar:
       bar.update(sum(ranges[i][1] - ranges[i][0] for i in mine if i not in todo))

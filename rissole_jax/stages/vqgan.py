@@ -68,10 +68,9 @@ def train(ctx, trainer: Trainer, init_key, step_key) -> tuple[Any, dict]:
     ctx.log("resumed from step %d", start)
   stream = TrainStream(source, t.batch_size, config.seed, ctx.process_index, ctx.process_count,
                        cache=loader.cache_for(config.data.cache, source))
-  workers = loader.workers_for(config.data.workers, stream.cached, jax.default_backend() != "cpu")
-  batches = loader.Loader(loader.StreamBatches(stream, start), t.steps - start, workers,
-                          loader.prefetch_for(config.data.prefetch),
-                          put=lambda el: parallel.put_batch(el["image"], mesh, rules))
+  batches = loader.Loader.for_config(
+      config.data, loader.StreamBatches(stream, start), t.steps - start, stream.cached,
+      put=lambda el: parallel.put_batch(el["image"], mesh, rules))
   step_key = parallel.put_replicated(step_key, mesh)
   writer, bar = ctx.writer(), ctx.progress(t.steps, start, "vqgan")
   hints = {f"vqgan.train.{k}": t[k] for k in ("lr", "disc_lr", "warmup_steps", "grad_clip")}
